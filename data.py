@@ -1,0 +1,663 @@
+"""Text to token ids: tokenizer, vocabulary, datasets (download, cache) and batching.
+
+Everything the old example took from torchtext lives here, in plain Python and torch.
+"""
+
+import hashlib
+import os
+import random
+import re
+import tempfile
+import urllib.request
+import zipfile
+from array import array
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+
+import torch
+
+from utils import UserError, atomic_save
+
+###############################################################################
+# Tokenizer
+###############################################################################
+
+# torchtext's basic_english, applied in the same order: lower-case, then
+#   '  -> " '  "   (its own token)          "  -> ""  (dropped, not a separator)
+#   . , ( ) ! ?  -> " x " (their own tokens)  <br />, ;, : -> " " (separators)
+_SEPARATE = str.maketrans({c: f" {c} " for c in ".,()!?"} | {"'": " '  ", ";": " ", ":": " "})
+
+
+def basic_english_normalize(text):
+    """The basic_english tokenizer: the same tokens as torchtext's, for any string."""
+    text = text.lower().replace('"', "").replace("<br />", " ")
+    return text.translate(_SEPARATE).split()
+
+
+# The same tokenizer as a scanner over the original string, so that every token keeps
+# its character span. A token is a single punctuation mark of ' . , ( ) ! ? or a run of
+# other non-space characters; `"` is skipped without splitting a word; `<br />`, ; and :
+# separate words. (Matching `<br />` on the original string, case-insensitively, is what
+# lower-casing first does.)
+_SPAN_TOKEN = re.compile(r"""(?P<separator><br />|[;:\s]+)|[.,()!?']|(?:[^.,()!?';:\s<]|<(?!br />))+""",
+                         re.IGNORECASE)
+
+
+def tokenize_with_spans(text):
+    """Returns [(token, start, end)], where text[start:end] is the token's source.
+
+    The tokens equal basic_english_normalize(text). A token's source can contain `"`
+    characters, which the tokenizer drops (`ab"c` -> `abc`)."""
+    tokens = []
+    for match in _SPAN_TOKEN.finditer(text):
+        token = match.group().replace('"', "").lower()
+        if match.group("separator") or not token:
+            continue
+        # Quotes at either end are not part of the span: `"word"` -> `word`.
+        start, end = match.start(), match.end()
+        while text[start] == '"':
+            start += 1
+        while text[end - 1] == '"':
+            end -= 1
+        tokens.append((token, start, end))
+    return tokens
+
+
+###############################################################################
+# Vocabulary
+###############################################################################
+
+SPECIALS = ("<unk>", "<pad>", "<MASK>", "<cls>", "<sep>")
+UNK_ID, PAD_ID, MASK_ID, CLS_ID, SEP_ID = range(len(SPECIALS))
+
+
+class Vocab:
+    """itos / stoi with the specials first; unknown words map to <unk>."""
+
+    def __init__(self, itos):
+        if tuple(itos[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"vocab must start with the specials {SPECIALS}")
+        self.itos = list(itos)
+        self.stoi = {word: i for i, word in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("vocab has duplicate words")
+
+    def __len__(self):
+        return len(self.itos)
+
+    def __getitem__(self, word):
+        return self.stoi.get(word, UNK_ID)
+
+    def lookup_indices(self, words):
+        return list(map(self.stoi.get, words, repeat(UNK_ID)))
+
+    def fingerprint(self):
+        """Short hash of the word list: keys the token-id caches."""
+        return hashlib.sha1("\n".join(self.itos).encode()).hexdigest()[:16]
+
+    @classmethod
+    def build(cls, counter, min_freq=1):
+        """Words with count >= min_freq, most frequent first (ties alphabetical)."""
+        words = sorted(
+            (w for w, c in counter.items() if c >= min_freq and w not in SPECIALS),
+            key=lambda w: (-counter[w], w),
+        )
+        return cls(list(SPECIALS) + words)
+
+
+def save_vocab(vocab, path, **meta):
+    """Plain data (a list of str and a dict), loadable with torch.load(weights_only=True)."""
+    atomic_save({"itos": vocab.itos, "meta": meta}, path)
+
+
+def load_vocab(path):
+    """Returns (vocab, meta). Raises DataError with a clear message if unusable."""
+    try:
+        obj = torch.load(path, weights_only=True)
+        return Vocab(obj["itos"]), obj.get("meta", {})
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path} is not a vocab file written by this project ({e})") from None
+
+
+###############################################################################
+# Datasets: where the files are, how to download them
+###############################################################################
+
+
+class DataError(UserError):
+    """A problem with the input data, reported as one line (no traceback)."""
+
+
+@dataclass
+class Archive:
+    filename: str
+    md5: str
+    urls: tuple  # tried in order
+    extract_to: str = ""  # folder under --data-dir the archive members are relative to
+
+
+@dataclass
+class DatasetSpec:
+    folder: str  # under --data-dir
+    splits: dict  # split -> file names inside folder (None: split files by seed)
+    archive: Archive = None
+    split_by: str = "files"  # how to make train/valid/test when there are no split files
+
+
+DATASETS = {
+    "WikiText2": DatasetSpec(
+        "wikitext-2",
+        {s: [f"wiki.{s}.tokens"] for s in ("train", "valid", "test")},
+        Archive(
+            "wikitext-2-v1.zip",
+            "542ccefacc6c27f945fb54453812b3cd",
+            (
+                "https://wikitext.smerity.com/wikitext-2-v1.zip",
+                "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+            ),
+        ),
+    ),
+    "WikiText103": DatasetSpec(
+        "wikitext-103",
+        {s: [f"wiki.{s}.tokens"] for s in ("train", "valid", "test")},
+        Archive(
+            "wikitext-103-v1.zip",
+            "9ddaacaf6af0710eda8c456decff7832",
+            (
+                "https://wikitext.smerity.com/wikitext-103-v1.zip",
+                "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+            ),
+        ),
+    ),
+    # One file of 13M lines; split by lines 80/10/10 as the old example did.
+    "EnWik9": DatasetSpec(
+        "enwik9",
+        None,
+        Archive(
+            "enwik9.zip",
+            "3e773f8a1577fda2e27f871ca17f31fd",
+            ("http://mattmahoney.net/dc/enwik9.zip",),
+            extract_to="enwik9",
+        ),
+        split_by="lines",
+    ),
+    "BookCorpus": DatasetSpec("bookcorpus", None),
+}
+
+SPLITS = ("train", "valid", "test")
+
+
+def download_archive(archive, data_dir, log=print):
+    """Fetch `archive` into data_dir, verify its MD5, extract it and remove it if a zip.
+
+    Hosts are tried in order. The download goes to a temporary name and is only renamed
+    once the checksum matches; a failure leaves no file behind."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    target = data_dir / archive.filename
+    errors = []
+    for url in archive.urls:
+        log(f"downloading {url}")
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{archive.filename}.", suffix=".part")
+        try:
+            md5 = hashlib.md5()
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                while chunk := response.read(1 << 20):
+                    md5.update(chunk)
+                    out.write(chunk)
+            if md5.hexdigest() != archive.md5:
+                raise DataError(f"MD5 mismatch (got {md5.hexdigest()}, expected {archive.md5})")
+            os.replace(tmp, target)
+            break
+        except (OSError, DataError) as e:
+            errors.append(f"{url}: {e}")
+            log(f"download failed: {url}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        raise DataError(
+            f"could not download {archive.filename} ({'; '.join(errors)}); to work offline, "
+            f"place {archive.filename} (MD5 {archive.md5}) in {data_dir}/ and run again"
+        )
+    if not archive.filename.endswith(".zip"):
+        return  # a plain file (SQuAD's JSON) is used as downloaded
+    try:
+        safe_extract(target, data_dir / archive.extract_to)
+    finally:
+        target.unlink()
+
+
+def safe_extract(zip_path, dest):
+    """Extract a zip, refusing any member whose path would land outside `dest`."""
+    dest = Path(dest).resolve()
+    with zipfile.ZipFile(zip_path) as zf:
+        members = zf.infolist()
+        for member in members:
+            path = (dest / member.filename).resolve()
+            if not path.is_relative_to(dest):
+                raise DataError(f"refusing to extract {member.filename!r} from {zip_path}: "
+                                f"it would be written outside {dest}")
+        for member in members:
+            zf.extract(member, dest)
+
+
+def dataset_files(dataset, data_dir, download=True, log=print):
+    """Returns {split: [paths]} for a dataset name or a folder of text files."""
+    if dataset in DATASETS:
+        spec = DATASETS[dataset]
+        folder = Path(data_dir) / spec.folder
+    elif os.path.isdir(dataset):
+        spec, folder = DatasetSpec("", None), Path(dataset)
+    else:
+        names = ", ".join(DATASETS)
+        raise DataError(f"unknown --dataset {dataset!r}: use one of {names} or a folder of text files")
+
+    if spec.splits is not None:
+        files = {s: [folder / f for f in names] for s, names in spec.splits.items()}
+        missing = [p for paths in files.values() for p in paths if not p.exists()]
+        if missing and download and spec.archive is not None:
+            download_archive(spec.archive, data_dir, log)
+            missing = [p for p in missing if not p.exists()]
+        if missing:
+            raise DataError(f"missing {', '.join(map(str, missing))}")
+        return files
+
+    if spec.archive is not None and not folder.exists() and download:
+        download_archive(spec.archive, data_dir, log)
+    if not folder.is_dir():
+        raise DataError(f"dataset folder {folder} does not exist (put the {dataset} text files there)")
+    # A folder with wiki.{split}.tokens or {split}.txt files uses them as the splits.
+    for pattern in ("wiki.{}.tokens", "{}.txt"):
+        if all((folder / pattern.format(s)).is_file() for s in SPLITS):
+            return {s: [folder / pattern.format(s)] for s in SPLITS}
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if spec.split_by == "files":
+        paths = [p for p in paths if p.suffix == ".txt"] or paths
+    if not paths:
+        raise DataError(f"no text files in {folder}")
+    if spec.split_by == "files" and len(paths) >= 20:
+        # BookCorpus and large folders: shuffle the files with a fixed seed, 85% train,
+        # then 5% test, then 10% valid (the old example's split).
+        random.Random(1000).shuffle(paths)
+        a, b = len(paths) * 17 // 20, len(paths) * 18 // 20
+        return {"train": paths[:a], "test": paths[a:b], "valid": paths[b:]}
+    return {s: paths for s in SPLITS}  # split by lines, below
+
+
+def split_byte_ranges(files_by_split):
+    """{split: [(path, start, end)]}: the byte ranges of the files each split reads.
+
+    When all splits share the same files (EnWik9, a small folder) they take the first
+    80%, the next 10% and the last 10% of the text, cut at line boundaries."""
+    if not (files_by_split["train"] == files_by_split["valid"] == files_by_split["test"]):
+        return {s: [(str(p), 0, _file_size(p)) for p in paths] for s, paths in files_by_split.items()}
+    paths = files_by_split["train"]
+    sizes = [_file_size(p) for p in paths]
+    total = sum(sizes)
+    cuts = [0, _line_boundary(paths, sizes, total * 8 // 10),
+            _line_boundary(paths, sizes, total * 9 // 10), total]
+    ranges = {}
+    for split, lo, hi in zip(("train", "valid", "test"), cuts, cuts[1:]):
+        ranges[split], offset = [], 0
+        for p, size in zip(paths, sizes):
+            a, b = max(lo - offset, 0), min(hi - offset, size)
+            if a < b:
+                ranges[split].append((str(p), a, b))
+            offset += size
+    return ranges
+
+
+def _file_size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _line_boundary(paths, sizes, position):
+    """The first line start at or after `position` in the concatenation of `paths`."""
+    offset = 0
+    for p, size in zip(paths, sizes):
+        if position < offset + size:
+            with open(p, "rb") as f:
+                f.seek(position - offset)
+                if position > offset:
+                    f.seek(position - offset - 1)
+                    f.readline()
+                return offset + f.tell()
+        offset += size
+    return offset
+
+
+###############################################################################
+# Token ids, cached
+###############################################################################
+
+CACHE_VERSION = 1  # bump when tokenization changes
+_CHUNK_BYTES = 8 << 20  # text one worker tokenizes at a time: bounds memory
+
+
+def _chunks(ranges, chunk_bytes=_CHUNK_BYTES):
+    """Cut byte ranges into pieces of about chunk_bytes that end on line boundaries."""
+    jobs = []
+    for path, start, end in ranges:
+        try:
+            with open(path, "rb") as f:
+                while start < end:
+                    f.seek(min(start + chunk_bytes, end))
+                    if f.tell() < end:
+                        f.readline()
+                    stop = min(f.tell(), end)
+                    jobs.append((path, start, stop))
+                    start = stop
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror}") from None
+    return jobs
+
+
+def _read_lines(path, start, end):
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {start + e.start})") from None
+
+
+def _count_chunk(job):
+    counter = Counter()
+    for line in _read_lines(*job):
+        counter.update(basic_english_normalize(line))
+    return counter
+
+
+_worker_stoi = None
+
+
+def _set_worker_stoi(stoi):
+    global _worker_stoi
+    _worker_stoi = stoi
+
+
+def _numericalize_chunk(job):
+    """Token ids (int32) and per-line token counts of one chunk of text."""
+    ids, lengths = array("i"), array("i")
+    get = _worker_stoi.get
+    for line in _read_lines(*job):
+        words = basic_english_normalize(line)
+        ids.extend(map(get, words, repeat(UNK_ID)))
+        lengths.append(len(words))
+    return ids, lengths
+
+
+def _map_chunks(fn, jobs, workers, initializer=None, initargs=()):
+    """map(fn, jobs), in worker processes when there is enough text to pay for them."""
+    if workers <= 1 or len(jobs) <= 1:
+        if initializer:
+            initializer(*initargs)
+        return list(map(fn, jobs))
+    with ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def default_workers():
+    return min(os.cpu_count() or 1, 8)
+
+
+def count_words(ranges, workers=None):
+    counter = Counter()
+    for part in _map_chunks(_count_chunk, _chunks(ranges), workers or default_workers()):
+        counter.update(part)
+    return counter
+
+
+@dataclass
+class TokenizedSplit:
+    """A split as one flat int32 tensor of ids plus line boundaries into it."""
+
+    ids: torch.Tensor  # (n_tokens,) int32
+    line_offsets: torch.Tensor  # (n_lines + 1,) int64: line i is ids[off[i]:off[i+1]]
+
+    def lines(self, min_len=1):
+        """Indices of the lines with at least min_len tokens."""
+        lengths = self.line_offsets[1:] - self.line_offsets[:-1]
+        return torch.nonzero(lengths >= max(min_len, 1)).flatten()
+
+
+def _cat_int32(arrays):
+    return torch.cat([torch.empty(0, dtype=torch.int32)] +
+                     [torch.frombuffer(a, dtype=torch.int32) for a in arrays if len(a)])
+
+
+def numericalize(ranges, vocab, workers=None):
+    """Tokenize byte ranges of files into a TokenizedSplit.
+
+    Each worker returns compact int32 arrays for its chunk, so memory stays at about
+    4 bytes a token: never a Python list of all token ids."""
+    parts = _map_chunks(_numericalize_chunk, _chunks(ranges), workers or default_workers(),
+                        initializer=_set_worker_stoi, initargs=(vocab.stoi,))
+    ids = _cat_int32([p[0] for p in parts])
+    lengths = _cat_int32([p[1] for p in parts])
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return TokenizedSplit(ids, offsets)
+
+
+def _cache_path(ranges, vocab, split, cache_dir):
+    h = hashlib.sha1(f"{CACHE_VERSION}\n{vocab.fingerprint()}".encode())
+    for path, start, end in ranges:
+        st = os.stat(path)
+        h.update(f"\n{os.path.abspath(path)}\t{start}\t{end}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return Path(cache_dir) / f"{split}.{h.hexdigest()[:16]}.pt"
+
+
+def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=print,
+                workers=None):
+    """Returns (vocab, {split: TokenizedSplit}) for `dataset`.
+
+    The vocab is `vocab` if given, else the one at `vocab_path` if it was built from the
+    same dataset and min_freq, else built from the train split (and saved at vocab_path).
+    Token ids are cached beside the data in `.cache/`, keyed by the vocab and the files'
+    sizes and mtimes, so a second run skips tokenization."""
+    ranges = split_byte_ranges(dataset_files(dataset, data_dir, log=log))
+    if vocab is None:
+        meta = {"dataset": dataset if dataset in DATASETS else os.path.abspath(dataset),
+                "min_freq": min_freq}
+        vocab = _get_vocab(ranges["train"], meta, vocab_path, log, workers)
+    cache_dir = Path(ranges["train"][0][0]).parent / ".cache" if ranges["train"] else None
+    splits = {}
+    for split in SPLITS:
+        cache = _cache_path(ranges[split], vocab, split, cache_dir) if cache_dir else None
+        if cache is not None and cache.exists():
+            obj = torch.load(cache, weights_only=True, mmap=True)
+            splits[split] = TokenizedSplit(obj["ids"], obj["line_offsets"])
+            continue
+        splits[split] = numericalize(ranges[split], vocab, workers)
+        if cache is None:
+            continue
+        try:
+            atomic_save({"ids": splits[split].ids, "line_offsets": splits[split].line_offsets}, cache)
+        except OSError as e:  # a read-only data folder still works, only without a cache
+            log(f"could not write token cache {cache}: {e}")
+    return vocab, splits
+
+
+def _get_vocab(train_ranges, meta, vocab_path, log, workers):
+    if vocab_path and os.path.exists(vocab_path):
+        vocab, saved_meta = load_vocab(vocab_path)
+        if saved_meta == meta:
+            log(f"using vocab {vocab_path} ({len(vocab)} words)")
+            return vocab
+        log(f"{vocab_path} was built for {saved_meta}, not {meta}: rebuilding it")
+    vocab = Vocab.build(count_words(train_ranges, workers), meta["min_freq"])
+    log(f"built a vocab of {len(vocab)} words from the train split (min_freq {meta['min_freq']})")
+    if vocab_path:
+        save_vocab(vocab, vocab_path, **meta)
+    return vocab
+
+
+###############################################################################
+# Masked-LM batches
+###############################################################################
+
+
+def mlm_windows(split, bptt):
+    """(n_windows, bptt - 1) view of the token stream: each window plus <cls> is one
+    sequence of `bptt` tokens. The tail that does not fill a window is dropped."""
+    n = len(split.ids) // (bptt - 1)
+    return split.ids[: n * (bptt - 1)].view(n, bptt - 1)
+
+
+def mask_tokens(tokens, mask_frac, vocab_size, mask_mode="mask", generator=None):
+    """Masks `round(mask_frac * (seq - 1))` positions of each row, never position 0 (<cls>).
+
+    Returns (inputs, targets, masked_positions): masked_positions is a (batch, seq)
+    bool tensor, targets the original ids at its True entries in row-major order.
+    mask_mode "mask" replaces every chosen token with <MASK> (the old example);
+    "bert" uses BERT's 80% <MASK> / 10% random word / 10% unchanged."""
+    batch, seq = tokens.shape
+    n_mask = max(1, round(mask_frac * (seq - 1)))
+    # The n_mask positions with the largest uniform scores: a random subset per row.
+    scores = torch.rand(batch, seq - 1, generator=generator)
+    chosen = scores.topk(n_mask, dim=1).indices + 1
+    masked_positions = torch.zeros(batch, seq, dtype=torch.bool).scatter_(1, chosen, True)
+    targets = tokens[masked_positions]
+    if mask_mode == "mask":
+        replacement = torch.full_like(targets, MASK_ID)
+    elif mask_mode == "bert":
+        r = torch.rand(targets.shape, generator=generator)
+        random_words = torch.randint(len(SPECIALS), vocab_size, targets.shape,
+                                     generator=generator, dtype=targets.dtype)
+        replacement = torch.where(r < 0.8, MASK_ID, torch.where(r < 0.9, random_words, targets))
+    else:
+        raise ValueError(f"unknown mask mode {mask_mode!r}")
+    inputs = tokens.masked_scatter(masked_positions, replacement)
+    return inputs, targets, masked_positions
+
+
+def batch_generator(seed, *keys):
+    """A generator whose stream depends only on (seed, *keys), e.g. (seed, epoch, batch):
+    a batch's masking is the same whichever worker makes it and after a resume."""
+    h = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+
+
+def epoch_order(n_items, seed, epoch, shuffle, rank=0, world_size=1, batch_size=1,
+                drop_last=True):
+    """This rank's item indices for an epoch: a seeded permutation (or 0..n-1), cut into
+    equal disjoint shards per rank, of whole batches when drop_last."""
+    if shuffle:
+        order = torch.randperm(n_items, generator=batch_generator(seed, "order", epoch))
+    else:
+        order = torch.arange(n_items)
+    per_rank = n_items // world_size
+    if drop_last:
+        per_rank -= per_rank % batch_size
+    return order[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 or drop_last else order
+
+
+class MLMBatches(torch.utils.data.Dataset):
+    """Item i is the i-th masked batch of an epoch: a dict of (batch, bptt) tensors.
+
+    Made as a map-style dataset of whole batches so DataLoader workers can build them in
+    parallel (DataLoader(..., batch_size=None))."""
+
+    def __init__(self, windows, order, batch_size, mask_frac, vocab_size, mask_mode, seed, epoch):
+        self.windows, self.order, self.batch_size = windows, order, batch_size
+        self.mask_frac, self.vocab_size, self.mask_mode = mask_frac, vocab_size, mask_mode
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self):
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, i):
+        rows = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        text = self.windows[rows].long()
+        tokens = torch.cat([torch.full((len(rows), 1), CLS_ID, dtype=torch.long), text], dim=1)
+        inputs, targets, masked_positions = mask_tokens(
+            tokens, self.mask_frac, self.vocab_size, self.mask_mode,
+            batch_generator(self.seed, "mask", self.epoch, i),
+        )
+        return {"inputs": inputs, "targets": targets, "masked_positions": masked_positions}
+
+
+###############################################################################
+# Next-sentence pairs
+###############################################################################
+
+
+def ns_pairs(split, min_sentence_len, frac_ns, generator):
+    """The old example's pairs: each line of >= min_sentence_len tokens is cut at a random
+    point into (A, B), label 1; for a `frac_ns` share of the pairs B is replaced by the
+    first part of another line, label 0.
+
+    Returns (line_index, cut, other_line, label) int64 tensors, one entry per pair."""
+    lines = split.lines(min_sentence_len)
+    off = split.line_offsets
+    lengths = off[lines + 1] - off[lines]
+    cut = 1 + (torch.rand(len(lines), generator=generator) * (lengths - 1)).long()
+    n = len(lines)
+    other = torch.arange(n)
+    label = torch.ones(n, dtype=torch.long)
+    n_shuffle = int(n * frac_ns)
+    replaced = torch.randperm(n, generator=generator)[:n_shuffle]
+    other[replaced] = torch.randint(0, max(n, 1), (n_shuffle,), generator=generator)
+    label[replaced] = 0
+    return {"line": lines, "cut": cut, "other": lines[other], "other_cut": cut[other], "label": label}
+
+
+def ns_collate(split, pairs, indices, bptt):
+    """`<cls> A <sep> B <sep>` rows, token types 0 for <cls> A <sep> and 1 after,
+    cut or padded with <pad> to `bptt` positions."""
+    off, ids = split.line_offsets, split.ids
+    batch = len(indices)
+    tokens = torch.full((batch, bptt), PAD_ID, dtype=torch.long)
+    token_types = torch.zeros((batch, bptt), dtype=torch.long)
+    for row, i in enumerate(indices.tolist()):
+        line, cut = int(pairs["line"][i]), int(pairs["cut"][i])
+        other, other_cut = int(pairs["other"][i]), int(pairs["other_cut"][i])
+        a = ids[off[line]:off[line] + cut]
+        if pairs["label"][i]:
+            b = ids[off[line] + cut:off[line + 1]]
+        else:
+            b = ids[off[other]:off[other] + other_cut]
+        seq = torch.cat([torch.tensor([CLS_ID]), a.long(), torch.tensor([SEP_ID]), b.long(),
+                         torch.tensor([SEP_ID])])[:bptt]
+        tokens[row, :len(seq)] = seq
+        token_types[row, min(len(a) + 2, bptt):len(seq)] = 1
+    return {"inputs": tokens, "token_types": token_types, "labels": pairs["label"][indices]}
+
+
+class NSBatches(torch.utils.data.Dataset):
+    """Item i is the i-th batch of next-sentence pairs (see ns_collate)."""
+
+    def __init__(self, split, pairs, order, batch_size, bptt):
+        self.split, self.pairs, self.order = split, pairs, order
+        self.batch_size, self.bptt = batch_size, bptt
+
+    def __len__(self):
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, i):
+        rows = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        return ns_collate(self.split, self.pairs, rows, self.bptt)
+
+
+def batch_loader(dataset, start, num_workers, pin_memory):
+    """Batches start, start+1, ... of a dataset of whole batches.
+
+    generator=: the loader must not draw its seed from the global RNG, or a resumed run's
+    dropout would differ from the uninterrupted one."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
+        generator=torch.Generator(), pin_memory=pin_memory)

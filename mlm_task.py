@@ -1,0 +1,138 @@
+"""Masked-language-model pretraining of a BERT encoder.
+
+    python mlm_task.py            # WikiText-2, BERT-base size -> mlm_bert.pt
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import data
+import utils
+from model import BertConfig, MLMTask
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="BERT masked-language-model pretraining")
+    utils.add_model_flags(parser, emsize=768, nhid=3072, nlayers=12, nhead=12, dropout=0.2)
+    parser.add_argument("--mask_frac", type=float, default=0.15,
+                        help="fraction of the tokens of each sequence that are masked (default 0.15)")
+    parser.add_argument("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
+                        help="mask: every masked token becomes <MASK> (the old example); bert: "
+                             "80%% <MASK>, 10%% random word, 10%% unchanged (default mask)")
+    parser.add_argument("--dataset", type=str, default="WikiText2",
+                        help="WikiText2, WikiText103, EnWik9, BookCorpus, or a folder of text files "
+                             "(default WikiText2)")
+    parser.add_argument("--min-freq", type=int, default=1,
+                        help="words seen fewer times in the train split become <unk> (default 1)")
+    utils.add_common_flags(parser, lr=6.0, clip=0.1, epochs=8, batch_size=32, bptt=128,
+                           seed=5431916812, log_interval=10, save="mlm_bert.pt",
+                           state_file="mlm_state.pt")
+    return parser
+
+
+class MLM:
+    """What the shared Trainer needs to know about masked-LM pretraining."""
+
+    full_model_path = "full_mlm_model.pt"
+
+    def __init__(self, args, vocab, splits, config, info, device):
+        self.args, self.vocab, self.config, self.info, self.device = args, vocab, config, info, device
+        self.windows = {s: data.mlm_windows(splits[s], args.bptt) for s in data.SPLITS}
+        needed = args.batch_size * info.world_size
+        if len(self.windows["train"]) < needed:
+            raise utils.UserError(
+                f"the train split of {args.dataset} has {len(splits['train'].ids)} tokens, fewer "
+                f"than one batch ({needed} sequences of {args.bptt - 1} tokens)")
+        for split in ("valid", "test"):
+            if len(self.windows[split]) == 0:
+                raise utils.UserError(f"the {split} split of {args.dataset} has fewer than "
+                                      f"{args.bptt - 1} tokens: not one sequence")
+
+    def _dataset(self, windows, order, epoch):
+        a = self.args
+        return data.MLMBatches(windows, order, a.batch_size, a.mask_frac, len(self.vocab),
+                               a.mask_mode, a.seed, epoch)
+
+    def _order(self, epoch):
+        return data.epoch_order(len(self.windows["train"]), self.args.seed, epoch, shuffle=True,
+                                rank=self.info.rank, world_size=self.info.world_size,
+                                batch_size=self.args.batch_size)
+
+    def num_batches(self, epoch):
+        return len(self._order(epoch)) // self.args.batch_size
+
+    def batches(self, epoch, start):
+        dataset = self._dataset(self.windows["train"], self._order(epoch), epoch)
+        return data.batch_loader(dataset, start, self.args.num_workers, self.device.type == "cuda")
+
+    @staticmethod
+    def loss_fn(model, batch, reduction="mean"):
+        logits = model(batch["inputs"], batch["masked_positions"], attn_mask=None)
+        return F.cross_entropy(logits.float(), batch["targets"], reduction=reduction)
+
+    @torch.no_grad()
+    def evaluate(self, model, split="valid"):
+        """Mean loss over every masked token of the split; the masks are fixed (same for
+        every epoch and any number of ranks), each rank takes every world_size-th batch."""
+        model.eval()
+        windows = self.windows[split]
+        dataset = self._dataset(windows, torch.arange(len(windows)), f"eval-{split}")
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(self.info.rank, len(dataset), self.info.world_size):
+            batch = utils.to_device(dataset[i], self.device)
+            with utils.autocast(self.device, self.args.dtype):
+                total[0] += self.loss_fn(model, batch, reduction="sum").double()
+            total[1] += batch["targets"].numel()
+        utils.all_reduce_sum(total, self.info)
+        model.train()
+        loss = (total[0] / total[1]).item()
+        return loss, loss, f"valid ppl {math.exp(min(loss, 700)):8.2f}"
+
+    def save_best(self, model):
+        utils.atomic_save(utils.model_checkpoint("mlm", model, self.config, self.vocab),
+                          self.full_model_path)
+
+
+def main(args, info):
+    log = utils.make_logger(info)
+    device = utils.get_device(args.device, info.local_rank)
+    torch.manual_seed(args.seed)
+    with utils.main_rank_first(info):
+        vocab, splits = data.load_splits(args.dataset, args.data_dir, min_freq=args.min_freq,
+                                         vocab_path=args.save_vocab if info.is_main else None,
+                                         log=log)
+    config = BertConfig(vocab_size=len(vocab), emsize=args.emsize, nhead=args.nhead,
+                        nhid=args.nhid, nlayers=args.nlayers, dropout=args.dropout,
+                        max_len=max(512, args.bptt), pad_id=data.PAD_ID)
+    utils.check_model_flags(config, args)
+    task = MLM(args, vocab, splits, config, info, device)
+    model = MLMTask(config).to(device)
+    log(f"MLMTask: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"vocab {len(vocab)}, {len(splits['train'].ids)} train tokens, device {device}, "
+        f"{info.world_size} process(es)")
+    trainer = utils.Trainer(task, model, args, info, device, log)
+    state_extra = {"config": config.to_dict(), "vocab": vocab.itos}
+    if trainer.fit(state_extra):
+        return
+
+    # Test the best model and write the outputs.
+    utils.barrier(info)
+    best = utils.load_checkpoint(task.full_model_path, "best model")
+    utils.load_into(utils.unwrap(trainer.model), best["model"], "best model", task.full_model_path)
+    test_loss, _, _ = task.evaluate(utils.unwrap(trainer.model), "test")
+    log("=" * 89)
+    log(f"| End of training | test loss {test_loss:5.2f} | test ppl {math.exp(min(test_loss, 700)):8.2f}")
+    log("=" * 89)
+    if info.is_main:
+        st = trainer.state
+        utils.print_loss_log("mlm_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
+        encoder = utils.unwrap(trainer.model).bert_model
+        utils.atomic_save(utils.model_checkpoint("encoder", encoder, config, vocab), args.save)
+        log(f"wrote {args.save} (encoder), {task.full_model_path} and mlm_loss.txt")
+
+
+if __name__ == "__main__":
+    utils.launch(main, utils.parse_args(get_parser()))

@@ -1,0 +1,153 @@
+"""Next-sentence training of a pretrained BERT encoder.
+
+    python ns_task.py --bert-model mlm_bert.pt      # -> ns_bert.pt
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import data
+import utils
+from model import NextSentenceTask
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="BERT next-sentence task")
+    parser.add_argument("--bert-model", type=str, default="mlm_bert.pt",
+                        help="pretrained encoder (or any task checkpoint holding one); "
+                             "architecture and vocab come from it (default mlm_bert.pt)")
+    parser.add_argument("--dataset", type=str, default="WikiText103",
+                        help="WikiText2, WikiText103, EnWik9, BookCorpus, or a folder of text files "
+                             "(default WikiText103)")
+    parser.add_argument("--frac_ns", type=float, default=0.5,
+                        help="fraction of pairs whose second part comes from another line (default 0.5)")
+    parser.add_argument("--min_sentence_len", type=int, default=60,
+                        help="lines shorter than this many tokens are not used (default 60)")
+    utils.add_model_flags(parser)
+    utils.add_common_flags(parser, lr=0.25, clip=0.1, epochs=5, batch_size=24, bptt=128,
+                           seed=312216194, log_interval=600, save="ns_bert.pt",
+                           state_file="ns_state.pt")
+    return parser
+
+
+class NextSentence:
+    """What the shared Trainer needs to know about the next-sentence task."""
+
+    full_model_path = "ns_model.pt"
+
+    def __init__(self, args, vocab, splits, config, info, device):
+        self.args, self.vocab, self.splits, self.config = args, vocab, splits, config
+        self.info, self.device = info, device
+        for split in data.SPLITS:
+            n = len(splits[split].lines(args.min_sentence_len))
+            needed = args.batch_size * info.world_size if split == "train" else 1
+            if n < needed:
+                raise utils.UserError(
+                    f"the {split} split of {args.dataset} has {n} lines of at least "
+                    f"--min_sentence_len {args.min_sentence_len} tokens; {needed} needed")
+        self.eval_pairs = {
+            s: data.ns_pairs(splits[s], args.min_sentence_len, args.frac_ns,
+                             data.batch_generator(args.seed, "pairs", s))
+            for s in ("valid", "test")
+        }
+
+    def _train_batches(self, epoch):
+        a = self.args
+        pairs = data.ns_pairs(self.splits["train"], a.min_sentence_len, a.frac_ns,
+                              data.batch_generator(a.seed, "pairs", epoch))
+        order = data.epoch_order(len(pairs["label"]), a.seed, epoch, shuffle=True,
+                                 rank=self.info.rank, world_size=self.info.world_size,
+                                 batch_size=a.batch_size)
+        return data.NSBatches(self.splits["train"], pairs, order, a.batch_size, a.bptt)
+
+    def num_batches(self, epoch):
+        return len(self._train_batches(epoch))
+
+    def batches(self, epoch, start):
+        return data.batch_loader(self._train_batches(epoch), start, self.args.num_workers,
+                                 self.device.type == "cuda")
+
+    @staticmethod
+    def loss_fn(model, batch, reduction="mean"):
+        logits = model(batch["inputs"], batch["token_types"])
+        return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
+
+    @torch.no_grad()
+    def evaluate(self, model, split="valid"):
+        """Mean loss over every pair of the split (fixed pairs; each rank takes every
+        world_size-th batch and the sums are reduced)."""
+        model.eval()
+        pairs = self.eval_pairs[split]
+        dataset = data.NSBatches(self.splits[split], pairs, torch.arange(len(pairs["label"])),
+                                 self.args.batch_size, self.args.bptt)
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for i in range(self.info.rank, len(dataset), self.info.world_size):
+            batch = utils.to_device(dataset[i], self.device)
+            with utils.autocast(self.device, self.args.dtype):
+                logits = model(batch["inputs"], batch["token_types"])
+            total[0] += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").double()
+            total[1] += (logits.argmax(-1) == batch["labels"]).sum()
+            total[2] += len(batch["labels"])
+        utils.all_reduce_sum(total, self.info)
+        model.train()
+        loss, accuracy = (total[0] / total[2]).item(), (total[1] / total[2]).item()
+        return loss, loss, f"valid accuracy {100 * accuracy:5.2f}%"
+
+    def save_best(self, model):
+        utils.atomic_save(utils.model_checkpoint("ns", model, self.config, self.vocab),
+                          self.full_model_path)
+
+
+def _save_vocab_copy(vocab, path, log):
+    """Write the checkpoint's vocab to --save-vocab unless that file already holds it."""
+    try:
+        if data.load_vocab(path)[0].itos == vocab.itos:
+            return
+    except (FileNotFoundError, data.DataError):
+        pass
+    data.save_vocab(vocab, path)
+    log(f"wrote the vocab of {len(vocab)} words to {path}")
+
+
+def main(args, info):
+    log = utils.make_logger(info)
+    device = utils.get_device(args.device, info.local_rank)
+    torch.manual_seed(args.seed)
+    config, vocab, encoder = utils.load_pretrained(args.bert_model)
+    utils.check_model_flags(config, args, source=args.bert_model)
+    if args.bptt > config.max_len:
+        raise utils.UserError(f"--bptt {args.bptt} is longer than the {config.max_len} positions "
+                              f"of {args.bert_model}")
+    with utils.main_rank_first(info):
+        _, splits = data.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
+    task = NextSentence(args, vocab, splits, config, info, device)
+    model = NextSentenceTask(config)
+    utils.load_into(model.bert_model, encoder, "--bert-model", args.bert_model)
+    model.to(device)
+    log(f"NextSentenceTask from {args.bert_model}: {config.nlayers} layers, hidden {config.emsize}, "
+        f"vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
+    trainer = utils.Trainer(task, model, args, info, device, log)
+    state_extra = {"config": config.to_dict(), "vocab": vocab.itos}
+    if trainer.fit(state_extra):
+        return
+
+    utils.barrier(info)
+    best = utils.load_checkpoint(task.full_model_path, "best model")
+    utils.load_into(utils.unwrap(trainer.model), best["model"], "best model", task.full_model_path)
+    test_loss, _, accuracy = task.evaluate(utils.unwrap(trainer.model), "test")
+    log("=" * 89)
+    log(f"| End of training | test loss {test_loss:8.5f} | {accuracy.replace('valid', 'test')}")
+    log("=" * 89)
+    if info.is_main:
+        st = trainer.state
+        utils.print_loss_log("ns_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
+        encoder = utils.unwrap(trainer.model).bert_model
+        utils.atomic_save(utils.model_checkpoint("encoder", encoder, config, vocab), args.save)
+        _save_vocab_copy(vocab, args.save_vocab, log)
+        log(f"wrote {args.save} (encoder), {task.full_model_path} and ns_loss.txt")
+
+
+if __name__ == "__main__":
+    utils.launch(main, utils.parse_args(get_parser()))
