@@ -151,11 +151,22 @@ def launch(main, args):
 def _spawn(main, args, infos, init):
     import torch.multiprocessing as mp
 
+    context = mp.spawn(_spawned, args=(main, args, infos, init), nprocs=len(infos), join=False)
+
+    def forward(signum, frame):  # preemption signals reach this parent: pass them on
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, forward)
     try:
-        mp.spawn(_spawned, args=(main, args, infos, init), nprocs=len(infos), join=True)
+        while not context.join():
+            pass
     except mp.ProcessExitedException as e:
-        # The failing rank already printed its error; the others were stopped by spawn.
-        sys.exit(e.exit_code or 1)
+        # The failing rank already printed its error; join stopped the others.
+        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
     except mp.ProcessRaisedException:
         sys.exit(1)
 
@@ -166,6 +177,9 @@ def _spawned(index, main, args, infos, init):
 
 def _run_rank(main, args, info, init_method):
     try:
+        if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # Local CPU processes share the cores (torchrun sets OMP_NUM_THREADS itself).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
         if init_method is not None:
             backend = "nccl" if (torch.cuda.is_available() and args.device in ("auto", "cuda")) else "gloo"
             dist.init_process_group(backend, init_method=init_method, rank=info.rank,
@@ -654,10 +668,12 @@ class Trainer:
         else:
             step = int(first_bad_step.item())
         if step >= 0:
-            raise NonFiniteLoss(
-                f"the training loss became NaN or infinite at step {step}; stopping. The last "
-                f"good state file ({self.args.state_file}) is untouched: resume from it with a lower --lr"
-            )
+            state_file = self.args.state_file
+            if os.path.exists(state_file):
+                hint = f"the last good state file {state_file} is untouched (resume from it with a lower --lr)"
+            else:
+                hint = "no state file was written before it"
+            raise NonFiniteLoss(f"the training loss became NaN or infinite at step {step}; stopped: {hint}")
 
 
 def explicit_flags(parser, argv):
