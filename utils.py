@@ -196,7 +196,13 @@ def _run_rank(main, args, info, init_method):
         sys.exit(130)
     except Exception as e:
         if info.world_size > 1:
-            print(f"[rank {info.rank}] {''.join(traceback.format_exception(e))}", file=sys.stderr, flush=True)
+            frames = traceback.extract_tb(e.__traceback__)
+            if any("torch/distributed/" in f.filename.replace(os.sep, "/") for f in frames[-3:]):
+                # A collective broke because a peer died: that peer printed the real error.
+                report = f"[rank {info.rank}] stopped: a collective failed (another rank exited)\n"
+            else:
+                report = f"[rank {info.rank}] {''.join(traceback.format_exception(e))}"
+            print(report, file=sys.stderr, end="", flush=True)
             os._exit(1)  # do not wait in collectives that will never complete
         raise
 

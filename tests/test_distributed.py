@@ -240,3 +240,40 @@ def test_sigkill_during_writes_leaves_a_loadable_file(tmp_path):
     proc.wait()
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 0 or torch.equal(ckpt["w"], torch.full((1 << 20,), float(ckpt["step"])))
+
+
+# -- failures in one rank ---------------------------------------------------------
+
+
+def _fails_on_rank_1(args, info):
+    dist.barrier()
+    if info.rank == 1:
+        raise RuntimeError("boom on rank 1")
+    dist.barrier()  # rank 0 would wait here forever if rank 1's failure were not seen
+
+
+def _bad_input_on_every_rank(args, info):
+    raise utils.UserError("the same bad input on every rank")
+
+
+def _ddp_args():
+    import argparse
+
+    return argparse.Namespace(parallel="DDP", world_size=2, device="cpu")
+
+
+def test_a_failing_rank_stops_every_rank(capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        utils.launch(_fails_on_rank_1, _ddp_args())
+    assert exit_info.value.code != 0
+    err = capfd.readouterr().err
+    assert "RuntimeError: boom on rank 1" in err and err.count("[rank 1] Traceback") == 1
+    assert "[rank 0] Traceback" not in err  # the other rank only notes that it stopped
+
+
+def test_bad_input_is_reported_once(capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        utils.launch(_bad_input_on_every_rank, _ddp_args())
+    assert exit_info.value.code != 0
+    err = capfd.readouterr().err
+    assert err.count("error: the same bad input on every rank") == 1
