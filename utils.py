@@ -320,7 +320,8 @@ def add_model_flags(parser, **defaults):
 
 
 def check_model_flags(config, args, source=None):
-    """Raise if an architecture flag disagrees with `config` (from a checkpoint)."""
+    """Raise if an architecture flag disagrees with `config` (read from checkpoint `source`).
+    --dropout is not architecture: when given, it replaces the checkpoint's."""
     if source is None:
         if config.emsize % config.nhead:
             raise UserError(f"--emsize {config.emsize} is not divisible by --nhead {config.nhead}")
@@ -330,6 +331,8 @@ def check_model_flags(config, args, source=None):
         if name != "dropout" and given is not None and given != getattr(config, name):
             raise UserError(f"--{name} {given} does not fit {source}, whose model has "
                             f"{name} {getattr(config, name)}; leave the flag out to use the checkpoint's")
+    if getattr(args, "dropout", None) is not None:
+        config.dropout = args.dropout
 
 
 def parse_args(parser, argv=None):

@@ -1,0 +1,596 @@
+"""Fine-tuning a pretrained BERT encoder on SQuAD v1.1 question answering.
+
+    python qa_task.py --bert-model ns_bert.pt                    # qa_model.pt, predictions.json
+    python metrics.py .data/squad/dev-v1.1.json predictions.json  # the official EM / F1
+    python qa_task.py --predict --context "..." --question "..."  # an answer from qa_model.pt
+
+A question becomes model inputs in make_windows: its context is tokenized with the
+character span of every token, then cut into overlapping windows
+`<cls> question <sep> context window <sep>` of at most --bptt tokens. Every window is
+scored, and the answer is the best span over all windows of the question (best_spans),
+cut from the original context string, so the official metric sees real answer text.
+"""
+
+import argparse
+import bisect
+import json
+import math
+import os
+from array import array
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import metrics
+import utils
+from data import CLS_ID, PAD_ID, SEP_ID
+from model import BertConfig, QuestionAnswerTask
+from utils import UserError
+
+SQUAD = {
+    "train": data.Archive("train-v1.1.json", "981b29407e0affa3b1b156f72073b945",
+                          ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",)),
+    "dev": data.Archive("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
+                        ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",)),
+}
+
+
+@dataclass
+class Windowing:
+    """How a question and its context become windows; the defaults of the flags
+    --bptt, --doc-stride, --max-query-len and --max-answer-len."""
+
+    bptt: int = 128  # tokens of a window, <cls> and both <sep> included
+    doc_stride: int = 64  # context tokens between the starts of consecutive windows (at most)
+    max_query_len: int = 64  # question tokens kept
+    max_answer_len: int = 30  # longest answer predicted, in tokens
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.bptt, args.doc_stride, args.max_query_len, args.max_answer_len)
+
+    def check(self, max_len, source):
+        if self.bptt > max_len:
+            raise UserError(f"--bptt {self.bptt} is longer than the {max_len} positions "
+                            f"of {source}")
+        if min(self.doc_stride, self.max_answer_len) < 1 or self.max_query_len < 0:
+            raise UserError("--doc-stride and --max-answer-len must be at least 1, "
+                            "--max-query-len at least 0")
+        if self.bptt - self.max_query_len - 3 < 1:
+            raise UserError(f"--bptt {self.bptt} leaves no room for context after a question of "
+                            f"--max-query-len {self.max_query_len} tokens (needs bptt >= "
+                            f"max-query-len + 4)")
+
+
+def get_parser():
+    w = Windowing
+    parser = argparse.ArgumentParser(description="BERT question answering on SQuAD v1.1")
+    parser.add_argument("--bert-model", type=str, default="ns_bert.pt",
+                        help="pretrained encoder (mlm_bert.pt, ns_bert.pt, or any checkpoint "
+                             "holding one); architecture and vocab come from it "
+                             "(default ns_bert.pt)")
+    parser.add_argument("--train-file", type=str, default=None,
+                        help="SQuAD-layout JSON to train on (default "
+                             "<data-dir>/squad/train-v1.1.json, downloaded when absent)")
+    parser.add_argument("--dev-file", type=str, default=None,
+                        help="SQuAD-layout JSON to evaluate on (default "
+                             "<data-dir>/squad/dev-v1.1.json, downloaded when absent)")
+    parser.add_argument("--doc-stride", type=int, default=w.doc_stride,
+                        help="context tokens between the starts of consecutive windows; lowered "
+                             "for long questions so that windows overlap by --max-answer-len "
+                             f"tokens (default {w.doc_stride})")
+    parser.add_argument("--max-query-len", type=int, default=w.max_query_len,
+                        help=f"question tokens kept, the rest cut (default {w.max_query_len})")
+    parser.add_argument("--max-answer-len", type=int, default=w.max_answer_len,
+                        help=f"longest answer predicted, in tokens (default {w.max_answer_len})")
+    parser.add_argument("--predictions", type=str, default="predictions.json",
+                        help="where to write {question id: answer} for every dev question, the "
+                             "official format (default predictions.json)")
+    parser.add_argument("--predict", action="store_true",
+                        help="no training: answer --question about --context (or the questions "
+                             "of --predict-file) with --qa-model")
+    parser.add_argument("--qa-model", type=str, default=None,
+                        help="fine-tuned model for --predict (default: --save, qa_model.pt)")
+    parser.add_argument("--context", type=str, default=None, help="--predict: the context text")
+    parser.add_argument("--question", type=str, default=None, help="--predict: the question")
+    parser.add_argument("--predict-file", type=str, default=None,
+                        help="--predict: a JSON list of {\"context\", \"question\"[, \"id\"]} "
+                             "objects (prints one JSON line each), or a SQuAD-layout file "
+                             "(writes --predictions and prints EM / F1)")
+    utils.add_model_flags(parser)
+    utils.add_common_flags(parser, lr=5.0, clip=0.1, epochs=2, batch_size=72, bptt=w.bptt,
+                           seed=21192391, log_interval=200, save="qa_model.pt",
+                           state_file="qa_state.pt")
+    return parser
+
+
+###############################################################################
+# SQuAD questions
+###############################################################################
+
+
+@dataclass
+class Question:
+    qid: str
+    text: str
+    context: str  # the paragraph, shared by its questions
+    answers: list  # [(answer text, answer_start)]; answer_start None when the file has none
+
+
+def squad_file(given, split, data_dir, log):
+    """--train-file / --dev-file, or SQuAD's own file under <data-dir>/squad/ (downloaded)."""
+    if given:
+        if not os.path.isfile(given):
+            raise UserError(f"--{split}-file {given}: no such file")
+        return Path(given)
+    archive = SQUAD[split]
+    path = Path(data_dir) / "squad" / archive.filename
+    if not path.exists():
+        data.download_archive(archive, path.parent, log)
+    return path
+
+
+def read_squad(path):
+    """(questions, the file's `data` list) of a SQuAD-layout file; UserError if unusable."""
+    try:
+        dataset = metrics.load_squad_json(path)
+    except metrics.SquadFormatError as e:
+        raise UserError(str(e)) from None
+    questions, seen = [], set()
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                if qa["id"] in seen:
+                    raise UserError(f"{path}: question id {qa['id']!r} appears twice; "
+                                    "predictions are keyed by id")
+                seen.add(qa["id"])
+                answers = []
+                for answer in qa["answers"]:
+                    start = answer.get("answer_start")
+                    if not isinstance(start, int) or isinstance(start, bool):
+                        start = None  # unusable for training, like a wrong one
+                    answers.append((answer["text"], start))
+                questions.append(Question(qa["id"], qa["question"], paragraph["context"], answers))
+    return questions, dataset
+
+
+def answer_token_span(context, spans, text, answer_start):
+    """(first, last) index of the context tokens an answer covers; None when the text is
+    not found at answer_start in the context or covers no token (only quotes or spaces)."""
+    if (answer_start is None or answer_start < 0 or not text
+            or context[answer_start:answer_start + len(text)] != text):
+        return None
+    answer_end = answer_start + len(text)
+    # The first token that ends after the answer starts, the last that starts before it ends.
+    first = bisect.bisect_right([end for _, end in spans], answer_start)
+    last = bisect.bisect_left([start for start, _ in spans], answer_end) - 1
+    return (first, last) if first <= last else None
+
+
+###############################################################################
+# Windows
+###############################################################################
+
+
+def window_starts(n_context, window_len, stride):
+    """Index of the first context token of each window: every `stride` tokens, the last
+    window ending with the context (so it is as long as the others)."""
+    if n_context <= window_len:
+        return [0]
+    return list(range(0, n_context - window_len, stride)) + [n_context - window_len]
+
+
+@dataclass
+class Windows:
+    """Every window of a list of questions, as rows of --bptt token ids."""
+
+    questions: list
+    context_spans: list  # per question: (start, end) characters of each context token
+    tokens: torch.Tensor  # (n, bptt) int32: <cls> question <sep> context window <sep> <pad>...
+    lengths: torch.Tensor  # (n,) tokens before the padding
+    context_offset: torch.Tensor  # (n,) position of the first context token in the row
+    context_start: torch.Tensor  # (n,) index of that token among the context's tokens
+    question: torch.Tensor  # (n,) index into `questions`
+    # Training targets (row positions): the answer's first and last token when the window
+    # holds the whole answer, else 0 (<cls>); -1 when the question has no usable answer.
+    start_positions: torch.Tensor
+    end_positions: torch.Tensor
+    unusable_answers: list  # the question id of every answer not found at its answer_start
+    n_answers: int
+
+    def __len__(self):
+        return len(self.lengths)
+
+
+def make_windows(questions, vocab, windowing, training=False):
+    """Cut every question's context into windows (see Windowing).
+
+    Answers are placed by answer_start; one whose text is not at answer_start in the
+    context is not used (listed in `unusable_answers`). With training=True a question
+    without a usable answer gets no window; otherwise every question gets at least one,
+    so no question is ever dropped from an evaluation.
+
+    Training windows that do not hold the whole answer are kept with both targets at
+    <cls> (position 0), as in BERT's own SQuAD code: they teach the model to score spans
+    low in windows without the answer, which is what makes the scores of different
+    windows comparable when decoding picks the best one."""
+    w = windowing
+    tokenized = {}  # context -> (ids, spans): the questions of a paragraph share one
+    tokens, padding = array("i"), array("i", [PAD_ID]) * w.bptt
+    rows = []  # per window: the Windows fields from lengths to end_positions, in order
+    context_spans, unusable, n_answers = [], [], 0
+    for index, question in enumerate(questions):
+        if question.context not in tokenized:
+            context_tokens = data.tokenize_with_spans(question.context)
+            tokenized[question.context] = (vocab.lookup_indices([t for t, _, _ in context_tokens]),
+                                           [(start, end) for _, start, end in context_tokens])
+        context_ids, spans = tokenized[question.context]
+        context_spans.append(spans)
+        answer_spans = [answer_token_span(question.context, spans, text, start)
+                        for text, start in question.answers]
+        n_answers += len(answer_spans)
+        unusable += [question.qid] * answer_spans.count(None)
+        answer = next((span for span in answer_spans if span is not None), None)
+        if training and answer is None:
+            continue
+        question_ids = vocab.lookup_indices(data.basic_english_normalize(question.text))
+        question_ids = question_ids[:w.max_query_len]
+        offset = len(question_ids) + 2
+        window_len = w.bptt - offset - 1
+        # Consecutive windows overlap by at least max_answer_len - 1 tokens, so every span
+        # the decoder may predict lies whole inside some window.
+        stride = max(1, min(w.doc_stride, window_len - w.max_answer_len + 1))
+        for start in window_starts(len(context_ids), window_len, stride):
+            row = [CLS_ID, *question_ids, SEP_ID, *context_ids[start:start + window_len], SEP_ID]
+            tokens.extend(row)
+            tokens.extend(padding[:w.bptt - len(row)])
+            if answer is None:
+                target = (-1, -1)
+            elif start <= answer[0] and answer[1] < start + window_len:
+                target = (answer[0] - start + offset, answer[1] - start + offset)
+            else:
+                target = (0, 0)
+            rows.append((len(row), offset, start, index, *target))
+    columns = torch.tensor(rows, dtype=torch.long).reshape(-1, 6).unbind(1)
+    tokens = (torch.frombuffer(tokens, dtype=torch.int32) if tokens
+              else torch.empty(0, dtype=torch.int32))
+    return Windows(questions, context_spans, tokens.view(-1, w.bptt), *columns,
+                   unusable_answers=unusable, n_answers=n_answers)
+
+
+def collate(windows, indices):
+    """A batch of windows, cut to its longest row: the padding beyond that would only be
+    masked, so the math per real token is the same."""
+    lengths = windows.lengths[indices]
+    seq_len = int(lengths.max())
+    position = torch.arange(seq_len)
+    context_offset = windows.context_offset[indices, None]
+    return {
+        "inputs": windows.tokens[indices, :seq_len].long(),
+        # 0 for <cls> question <sep>, 1 for the context and its <sep>, 0 for padding.
+        "token_types": ((position >= context_offset) & (position < lengths[:, None])).long(),
+        "context_mask": (position >= context_offset) & (position < lengths[:, None] - 1),
+        "start_positions": windows.start_positions[indices],
+        "end_positions": windows.end_positions[indices],
+    }
+
+
+class WindowBatches(torch.utils.data.Dataset):
+    """Item i is the i-th training batch of an epoch (for data.batch_loader)."""
+
+    def __init__(self, windows, order, batch_size):
+        self.windows, self.order, self.batch_size = windows, order, batch_size
+
+    def __len__(self):
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, i):
+        return collate(self.windows, self.order[i * self.batch_size:(i + 1) * self.batch_size])
+
+
+###############################################################################
+# Loss and decoding
+###############################################################################
+
+
+def span_logits(model, batch):
+    """Start and end logits in fp32, -inf at padding (so trimming a batch changes nothing)."""
+    start_logits, end_logits = model(batch["inputs"], batch["token_types"])
+    padding = batch["inputs"].eq(PAD_ID)
+    return (start_logits.float().masked_fill(padding, -math.inf),
+            end_logits.float().masked_fill(padding, -math.inf))
+
+
+def span_loss(start_logits, end_logits, batch, reduction="mean"):
+    """Mean of the start and end cross-entropies, per window; windows whose question has
+    no usable answer (targets -1, only in evaluation) are left out."""
+    return (F.cross_entropy(start_logits, batch["start_positions"], reduction=reduction,
+                            ignore_index=-1)
+            + F.cross_entropy(end_logits, batch["end_positions"], reduction=reduction,
+                              ignore_index=-1)) / 2
+
+
+def best_spans(start_logits, end_logits, context_mask, max_answer_len):
+    """The best span of each row: start <= end < start + max_answer_len, both where
+    context_mask (batch, seq) is True. Returns (score, start, end), each (batch,); the
+    score is start logit + end logit, -inf for a row without context.
+
+    All spans are scored at once as a (batch, seq, max_answer_len) tensor whose [b, i, k]
+    is the span from i to i + k: a band of the (start, end) matrix, not all of it."""
+    batch, seq_len = start_logits.shape
+    span_len = min(max_answer_len, seq_len)
+    start_logits = start_logits.masked_fill(~context_mask, -math.inf)
+    end_logits = F.pad(end_logits.masked_fill(~context_mask, -math.inf), (0, span_len - 1),
+                       value=-math.inf)
+    scores = start_logits[:, :, None] + end_logits.unfold(1, span_len, 1)
+    score, flat_index = scores.view(batch, -1).max(dim=1)
+    start = flat_index // span_len
+    return score, start, start + flat_index % span_len
+
+
+@torch.no_grad()
+def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="fp32",
+                     rank=0, world_size=1):
+    """Score the windows of every world_size-th question from `rank`.
+
+    Returns ({question id: (answer text, score)}, loss sum, windows in the loss): the
+    answer is the best span over all windows of the question, cut from the original
+    context; "" (score -inf) only for a context without a single token. Windows go in
+    order of length, so each batch is trimmed to little padding."""
+    was_training = model.training
+    model.eval()
+    mine = torch.nonzero(windows.question % world_size == rank).flatten()
+    mine = mine[torch.argsort(windows.lengths[mine], stable=True)]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    spans = []  # (score, start, end) per batch, left on the device until the end
+    for indices in mine.split(batch_size):
+        batch = utils.to_device(collate(windows, indices), device)
+        with utils.autocast(device, dtype):
+            start_logits, end_logits = span_logits(model, batch)
+        loss_sum += span_loss(start_logits, end_logits, batch, reduction="sum")
+        spans.append(best_spans(start_logits, end_logits, batch["context_mask"], max_answer_len))
+    model.train(was_training)
+    if not spans:  # more ranks than questions
+        return {}, 0.0, 0
+    n_loss = int((windows.start_positions[mine] >= 0).sum())
+    score, start, end = (torch.cat(part).cpu() for part in zip(*spans))
+    # Row positions to indices of context tokens.
+    to_context_token = windows.context_start[mine] - windows.context_offset[mine]
+    first_token, last_token = (start + to_context_token).tolist(), (end + to_context_token).tolist()
+    best = {}  # question index -> (score, first token, last token) of its best window
+    for question, *span in zip(windows.question[mine].tolist(), score.tolist(), first_token,
+                               last_token):
+        if question not in best or span[0] > best[question][0]:
+            best[question] = span
+    answers = {}
+    for question, (span_score, first, last) in best.items():
+        q, char_spans = windows.questions[question], windows.context_spans[question]
+        if span_score == -math.inf:
+            answers[q.qid] = ("", span_score)
+        else:
+            answers[q.qid] = (q.context[char_spans[first][0]:char_spans[last][1]], span_score)
+    return answers, loss_sum.item(), n_loss
+
+
+def evaluate_all(model, windows, max_answer_len, batch_size, device, dtype, info):
+    """evaluate_windows over all ranks: every rank gets every answer and the mean loss."""
+    answers, loss_sum, n_loss = evaluate_windows(model, windows, max_answer_len, batch_size,
+                                                 device, dtype, info.rank, info.world_size)
+    if info.enabled:
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, (answers, loss_sum, n_loss))
+        answers = {qid: a for part, _, _ in gathered for qid, a in part.items()}
+        loss_sum, n_loss = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+    # Back in the questions' order, so predictions files list them as the dataset does.
+    answers = {q.qid: answers[q.qid] for q in windows.questions}
+    return answers, loss_sum / n_loss if n_loss else math.nan
+
+
+def predict_answers(model, questions, vocab, windowing=None, batch_size=64, device="cpu",
+                    dtype="fp32"):
+    """{question id: (answer text, score)} for Questions (see read_squad): raw text in,
+    answer strings out, in one process."""
+    windowing = windowing or Windowing()
+    windows = make_windows(questions, vocab, windowing)
+    answers, _, _ = evaluate_windows(model, windows, windowing.max_answer_len, batch_size,
+                                     torch.device(device), dtype)
+    return {q.qid: answers[q.qid] for q in questions}
+
+
+###############################################################################
+# The task, for utils.Trainer
+###############################################################################
+
+
+class QA:
+    """What the shared Trainer needs to know about SQuAD fine-tuning."""
+
+    def __init__(self, args, vocab, config, windowing, train_path, dev_path, info, device, log):
+        self.args, self.vocab, self.config, self.windowing = args, vocab, config, windowing
+        self.info, self.device = info, device
+        train_questions, _ = read_squad(train_path)
+        dev_questions, self.dev_dataset = read_squad(dev_path)
+        self.train_windows = make_windows(train_questions, vocab, windowing, training=True)
+        self.dev_windows = make_windows(dev_questions, vocab, windowing)
+        for path, windows, use in ((train_path, self.train_windows, "skipped for training"),
+                                   (dev_path, self.dev_windows, "not used for the valid loss")):
+            if windows.unusable_answers:
+                log(f"{path}: {len(windows.unusable_answers)} of {windows.n_answers} answers "
+                    f"are not at their answer_start in the context (or have none); they are {use} "
+                    f"(first: question id {windows.unusable_answers[0]})")
+        if len(self.train_windows) < info.world_size:
+            raise UserError(f"{train_path}: no question with an answer found in its context "
+                            "at answer_start: nothing to train on")
+        without = int((self.train_windows.start_positions == 0).sum())
+        log(f"train: {len(train_questions)} questions, {len(self.train_windows)} windows "
+            f"({without} without the answer: targets at <cls>); dev: {len(dev_questions)} "
+            f"questions, {len(self.dev_windows)} windows")
+
+    def _order(self, epoch):
+        # drop_last=False: a small train file still makes a batch; every rank gets the same
+        # number of windows, so the same number of steps.
+        return data.epoch_order(len(self.train_windows), self.args.seed, epoch, shuffle=True,
+                                rank=self.info.rank, world_size=self.info.world_size,
+                                batch_size=self.args.batch_size, drop_last=False)
+
+    def num_batches(self, epoch):
+        return len(WindowBatches(self.train_windows, self._order(epoch), self.args.batch_size))
+
+    def batches(self, epoch, start):
+        dataset = WindowBatches(self.train_windows, self._order(epoch), self.args.batch_size)
+        return data.batch_loader(dataset, start, self.args.num_workers, self.device.type == "cuda")
+
+    @staticmethod
+    def loss_fn(model, batch):
+        start_logits, end_logits = span_logits(model, batch)
+        return span_loss(start_logits, end_logits, batch)
+
+    def predict(self, model):
+        """({question id: (answer, score)} for every dev question, mean dev loss)."""
+        a = self.args
+        return evaluate_all(model, self.dev_windows, a.max_answer_len, a.batch_size, self.device,
+                            a.dtype, self.info)
+
+    def evaluate(self, model):
+        answers, loss = self.predict(model)
+        predictions = {qid: text for qid, (text, _) in answers.items()}
+        scores = metrics.evaluate(self.dev_dataset, predictions)
+        return loss, -scores["f1"], f"exact {scores['exact_match']:.2f}% | f1 {scores['f1']:.2f}%"
+
+    def save_best(self, model):
+        utils.atomic_save(utils.model_checkpoint("qa", model, self.config, self.vocab,
+                                                 windowing=asdict(self.windowing)), self.args.save)
+
+
+###############################################################################
+# --predict
+###############################################################################
+
+
+def load_qa_model(path):
+    """(model, vocab, windowing saved with it) from a checkpoint written by --save."""
+    ckpt = utils.load_checkpoint(path, "--qa-model")
+    if ckpt.get("kind") != "qa":
+        raise UserError(f"--qa-model {path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a "
+                        "question-answering model (qa_task.py writes those to --save)")
+    try:
+        config = BertConfig.from_dict(ckpt["config"])
+        vocab = data.Vocab(ckpt["vocab"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--qa-model {path}: its config or vocab is unusable ({e})") from None
+    model = QuestionAnswerTask(config)
+    utils.load_into(model, ckpt["model"], "--qa-model", path)
+    return model, vocab, ckpt.get("windowing", {})
+
+
+def read_predict_file(path):
+    """Questions of --predict-file, and its SQuAD `data` list (None for a plain list)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            root = json.load(f)
+    except OSError as e:
+        raise UserError(f"--predict-file {path}: cannot read it ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--predict-file {path}: not JSON ({e})") from None
+    if isinstance(root, dict) and "data" in root:
+        return read_squad(path)
+    items = root if isinstance(root, list) else [root]
+    questions = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and isinstance(item.get("context"), str)
+                and isinstance(item.get("question"), str)):
+            raise UserError(f"--predict-file {path}: item {i} is not an object with string "
+                            "'context' and 'question'")
+        questions.append(Question(str(item.get("id", i)), item["question"], item["context"], []))
+    if not questions:
+        raise UserError(f"--predict-file {path}: no questions")
+    return questions, None
+
+
+def predict(args, device, log):
+    if args.predict_file is None and (args.context is None or args.question is None):
+        raise UserError("--predict needs --context and --question, or --predict-file")
+    path = args.qa_model or args.save
+    model, vocab, saved_windowing = load_qa_model(path)
+    # The model answers best with the windows it was trained on: the settings saved with
+    # it apply to every windowing flag left at its default.
+    defaults, flags = asdict(Windowing()), asdict(Windowing.from_args(args))
+    windowing = Windowing(**{k: saved_windowing.get(k, v) if v == defaults[k] else v
+                             for k, v in flags.items()})
+    windowing.check(model.bert_model.config.max_len, path)
+    if args.predict_file is None:
+        questions, dataset = [Question("0", args.question, args.context, [])], None
+    else:
+        questions, dataset = read_predict_file(args.predict_file)
+    answers = predict_answers(model.to(device), questions, vocab, windowing, args.batch_size,
+                              device, args.dtype)
+    if dataset is None:
+        for q in questions:
+            text, score = answers[q.qid]
+            line = {"answer": text, "score": round(score, 4) if math.isfinite(score) else None}
+            print(json.dumps(line if args.predict_file is None else {"id": q.qid, **line}))
+        return
+    predictions = {qid: text for qid, (text, _) in answers.items()}
+    utils.atomic_write_text(args.predictions, json.dumps(predictions))
+    scores = metrics.evaluate(dataset, predictions)
+    log(f"wrote {args.predictions}: {len(predictions)} answers | "
+        f"exact {scores['exact_match']:.2f}% | f1 {scores['f1']:.2f}%")
+
+
+###############################################################################
+# Main
+###############################################################################
+
+
+def main(args, info):
+    log = utils.make_logger(info)
+    device = utils.get_device(args.device, info.local_rank)
+    torch.manual_seed(args.seed)
+    if args.predict:
+        if info.is_main:
+            predict(args, device, log)
+        return
+
+    config, vocab, encoder = utils.load_pretrained(args.bert_model)
+    utils.check_model_flags(config, args, source=args.bert_model)
+    windowing = Windowing.from_args(args)
+    windowing.check(config.max_len, args.bert_model)
+    with utils.main_rank_first(info):
+        train_path = squad_file(args.train_file, "train", args.data_dir, log)
+        dev_path = squad_file(args.dev_file, "dev", args.data_dir, log)
+    task = QA(args, vocab, config, windowing, train_path, dev_path, info, device, log)
+    model = QuestionAnswerTask(config)
+    utils.load_into(model.bert_model, encoder, "--bert-model", args.bert_model)
+    model.to(device)
+    log(f"QuestionAnswerTask from {args.bert_model}: {config.nlayers} layers, hidden "
+        f"{config.emsize}, vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
+    trainer = utils.Trainer(task, model, args, info, device, log)
+    state_extra = {"config": config.to_dict(), "vocab": vocab.itos}
+    if trainer.fit(state_extra):
+        return
+
+    # Evaluate the best model once more and write the official predictions file.
+    utils.barrier(info)
+    best = utils.load_checkpoint(args.save, "best model")
+    utils.load_into(utils.unwrap(trainer.model), best["model"], "best model", args.save)
+    answers, test_loss = task.predict(utils.unwrap(trainer.model))
+    if info.is_main:
+        utils.atomic_write_text(args.predictions,
+                                json.dumps({qid: text for qid, (text, _) in answers.items()}))
+        # The EM / F1 printed are those of the file as written.
+        scores = metrics.evaluate(task.dev_dataset, metrics.load_predictions(args.predictions))
+        log("=" * 89)
+        log(f"| End of training | test loss {test_loss:8.5f} | "
+            f"exact {scores['exact_match']:.2f}% | f1 {scores['f1']:.2f}%")
+        log("=" * 89)
+        st = trainer.state
+        utils.print_loss_log("qa_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
+        log(f"wrote {args.save} (best model), {args.predictions} and qa_loss.txt")
+
+
+if __name__ == "__main__":
+    utils.launch(main, utils.parse_args(get_parser()))

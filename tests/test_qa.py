@@ -1,0 +1,582 @@
+"""qa_task.py: character spans, windows, decoding, the loss, and whole runs of the script."""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import data  # noqa: E402
+import metrics  # noqa: E402
+import qa_task  # noqa: E402
+import utils  # noqa: E402
+from data import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
+from model import BertConfig, QuestionAnswerTask  # noqa: E402
+from qa_task import Question, Windowing  # noqa: E402
+
+NOTRE_DAME = Path(__file__).resolve().parents[2] / "shared/data/squad/train-v1.1-notre-dame.json"
+needs_notre_dame = pytest.mark.skipif(not NOTRE_DAME.exists(), reason=f"{NOTRE_DAME} not present")
+
+TRICKY_CONTEXTS = [
+    'He said "Hello, World!" and left.',
+    'The "quoted"word, (in brackets) isn\'t split; a:b <br />NEXT line.',
+    "Ünïcödé İstanbul — 1854–1855, a 14-story tower; $80,795.",
+    '""" only quotes "" and words " x',
+    "",
+]
+
+
+def vocab_of(texts):
+    counter = Counter()
+    for text in texts:
+        counter.update(data.basic_english_normalize(text))
+    return data.Vocab.build(counter)
+
+
+def tiny_model(vocab_size, seed=0, max_len=512):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, emsize=16, nhead=2, nhid=32, nlayers=1,
+                        dropout=0.0, max_len=max_len)
+    return QuestionAnswerTask(config).eval()
+
+
+###############################################################################
+# Character spans and answers
+###############################################################################
+
+
+def contexts_to_check():
+    contexts = list(TRICKY_CONTEXTS)
+    if NOTRE_DAME.exists():
+        questions, _ = qa_task.read_squad(NOTRE_DAME)
+        contexts += sorted({q.context for q in questions})
+    return contexts
+
+
+def test_every_context_token_maps_back_to_its_characters():
+    for context in contexts_to_check():
+        questions = [Question("q", "what?", context, [])]
+        windows = qa_task.make_windows(questions, vocab_of([context]), Windowing())
+        tokens = data.basic_english_normalize(context)
+        spans = windows.context_spans[0]
+        assert len(spans) == len(tokens)
+        for token, (start, end) in zip(tokens, spans):
+            # The tokenizer drops `"` and lower-cases; nothing else differs.
+            assert context[start:end].replace('"', "").lower() == token
+
+
+def test_answer_token_span_places_answers_and_rejects_mismatches():
+    context = 'The "Golden Dome" was built in 1882, by Father Sorin.'
+    spans = [(s, e) for _, s, e in data.tokenize_with_spans(context)]
+    tokens = data.basic_english_normalize(context)
+
+    def answer(text, start=None):
+        start = context.index(text) if start is None else start
+        first_last = qa_task.answer_token_span(context, spans, text, start)
+        return first_last and tokens[first_last[0]:first_last[1] + 1]
+
+    assert answer("Golden Dome") == ["golden", "dome"]
+    assert answer('"Golden Dome"') == ["golden", "dome"]
+    assert answer("1882") == ["1882"]
+    assert answer("Father Sorin.") == ["father", "sorin", "."]
+    assert answer("olden") == ["golden"]  # part of a token: the whole token
+    assert answer("Golden Dome", start=0) is None  # text not at answer_start
+    assert answer("Golden", start=None) == ["golden"]
+    assert qa_task.answer_token_span(context, spans, "1882", None) is None
+    assert qa_task.answer_token_span(context, spans, "Sorin", -6) is None  # not from the end
+    assert qa_task.answer_token_span(context, spans, '"', context.index('"')) is None
+    assert qa_task.answer_token_span(context, spans, "", 0) is None
+
+
+@needs_notre_dame
+def test_notre_dame_answers_all_found_and_recovered_as_text():
+    questions, _ = qa_task.read_squad(NOTRE_DAME)
+    windows = qa_task.make_windows(questions, vocab_of([q.context for q in questions]),
+                                   Windowing(), training=True)
+    assert windows.unusable_answers == []
+    assert len(set(windows.question.tolist())) == len(questions) == 269
+    exact = 0
+    for i, q in enumerate(questions):
+        text, start = q.answers[0]
+        first, last = qa_task.answer_token_span(q.context, windows.context_spans[i], text, start)
+        cut = q.context[windows.context_spans[i][first][0]:windows.context_spans[i][last][1]]
+        assert text in cut or metrics.exact_match_score(cut, text)
+        exact += metrics.exact_match_score(cut, text)
+    # Whole-word tokens cannot cut "1854" out of "1854–1855": the 3 misses of this article.
+    assert exact >= 266
+
+
+###############################################################################
+# Windows
+###############################################################################
+
+
+def random_question(rng, n_context, n_question):
+    words = [f"w{rng.randrange(50)}" for _ in range(n_context)]
+    return Question("q", " ".join(f"x{i}" for i in range(n_question)), " ".join(words), [])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_windows_cover_the_context_and_hold_every_short_span(seed):
+    rng = random.Random(seed)
+    windowing = Windowing(bptt=rng.choice([16, 24, 40]), doc_stride=rng.choice([1, 3, 8, 64]),
+                          max_query_len=rng.choice([0, 4, 10]),
+                          max_answer_len=rng.choice([1, 4, 30]))
+    n_context, n_question = rng.randrange(0, 120), rng.randrange(0, 15)
+    question = random_question(rng, n_context, n_question)
+    vocab = vocab_of([question.context, question.text])
+    windows = qa_task.make_windows([question], vocab, windowing)
+    context_ids = vocab.lookup_indices(data.basic_english_normalize(question.context))
+    query_ids = vocab.lookup_indices(data.basic_english_normalize(question.text))
+    query_ids = query_ids[:windowing.max_query_len]
+    assert len(windows) >= 1
+    covered = []
+    for w in range(len(windows)):
+        row = windows.tokens[w].tolist()
+        length, offset = int(windows.lengths[w]), int(windows.context_offset[w])
+        start = int(windows.context_start[w])
+        assert row[:offset] == [CLS_ID, *query_ids, SEP_ID]
+        assert row[length - 1] == SEP_ID and set(row[length:]) <= {PAD_ID}
+        piece = row[offset:length - 1]
+        assert piece == context_ids[start:start + len(piece)]
+        covered.append(range(start, start + len(piece)))
+        batch = qa_task.collate(windows, torch.tensor([w]))
+        types = batch["token_types"][0].tolist()
+        assert types == [0] * offset + [1] * (length - offset)
+    assert sorted({i for r in covered for i in r}) == list(range(len(context_ids)))
+    window_len = windowing.bptt - len(query_ids) - 3
+    for length in range(1, min(windowing.max_answer_len, window_len, len(context_ids)) + 1):
+        for first in range(len(context_ids) - length + 1):
+            assert any(first in r and first + length - 1 in r for r in covered)
+
+
+def test_training_windows_without_the_answer_target_cls():
+    """The documented choice: kept, with both targets at <cls> (position 0)."""
+    words = [f"w{i}" for i in range(200)]
+    context = " ".join(words)
+    answer_text = "w150 w151 w152"
+    question = Question("q", "where?", context, [(answer_text, context.index(answer_text))])
+    vocab = vocab_of([context, "where?"])
+    windowing = Windowing(bptt=48, doc_stride=16, max_query_len=8, max_answer_len=10)
+    windows = qa_task.make_windows([question], vocab, windowing, training=True)
+    answer_ids = vocab.lookup_indices(answer_text.split())
+    with_answer = 0
+    for w in range(len(windows)):
+        start, end = int(windows.start_positions[w]), int(windows.end_positions[w])
+        first_context = int(windows.context_start[w])
+        n_context = int(windows.lengths[w] - windows.context_offset[w]) - 1
+        piece = range(first_context, first_context + n_context)
+        if 150 in piece and 152 in piece:
+            with_answer += 1
+            assert windows.tokens[w, start:end + 1].tolist() == answer_ids
+        else:
+            assert (start, end) == (0, 0)
+    assert with_answer >= 1 and len(windows) - with_answer >= 1
+
+
+def test_unusable_answers_are_counted_and_skipped_for_training_only():
+    context = "Paris is the capital of France."
+    good = Question("good", "capital?", context, [("Paris", 0)])
+    wrong_start = Question("bad", "country?", context, [("France", 3)])
+    no_start = Question("none", "what?", context, [("France", None)])
+    vocab = vocab_of([context])
+    train = qa_task.make_windows([good, wrong_start, no_start], vocab, Windowing(), training=True)
+    assert train.unusable_answers == ["bad", "none"]
+    assert set(train.question.tolist()) == {0}
+    dev = qa_task.make_windows([good, wrong_start, no_start], vocab, Windowing())
+    assert set(dev.question.tolist()) == {0, 1, 2}  # no dev question is dropped
+    # <cls> capital ? <sep> paris: 4; -1: not in the valid loss.
+    assert dev.start_positions.tolist() == [4, -1, -1]
+
+
+###############################################################################
+# Decoding and the loss
+###############################################################################
+
+
+def brute_force_best_span(start_logits, end_logits, context, max_answer_len):
+    best = (float("-inf"), 0, 0)
+    for i in range(len(start_logits)):
+        for j in range(i, min(i + max_answer_len, len(end_logits))):
+            if context[i] and context[j]:
+                score = float(start_logits[i] + end_logits[j])
+                if score > best[0]:
+                    best = (score, i, j)
+    return best
+
+
+@pytest.mark.parametrize("max_answer_len", [1, 2, 5, 40])
+def test_best_spans_match_brute_force(max_answer_len):
+    generator = torch.Generator().manual_seed(max_answer_len)
+    batch, seq_len = 24, 20
+    start_logits = torch.randn(batch, seq_len, generator=generator) * 3
+    end_logits = torch.randn(batch, seq_len, generator=generator) * 3
+    position = torch.arange(seq_len)
+    first = torch.randint(0, seq_len, (batch,), generator=generator)
+    last = first + torch.randint(0, seq_len, (batch,), generator=generator)
+    context = (position >= first[:, None]) & (position < last[:, None])
+    context[0] = False  # a row without context
+    score, start, end = qa_task.best_spans(start_logits, end_logits, context, max_answer_len)
+    for b in range(batch):
+        expected = brute_force_best_span(start_logits[b], end_logits[b], context[b], max_answer_len)
+        if expected[0] == float("-inf"):
+            assert score[b] == float("-inf")
+            continue
+        assert (float(score[b]), int(start[b]), int(end[b])) == pytest.approx(expected)
+        assert start[b] <= end[b] < start[b] + max_answer_len
+        assert context[b, start[b]] and context[b, end[b]]
+
+
+def test_trimmed_batches_give_the_same_loss_and_spans_as_full_padding():
+    rng = random.Random(0)
+    questions = [random_question(rng, rng.randrange(5, 40), rng.randrange(1, 8)) for _ in range(6)]
+    for i, q in enumerate(questions):
+        words = q.context.split()
+        questions[i] = Question(f"q{i}", q.text, q.context, [(words[2], q.context.index(words[2]))])
+    vocab = vocab_of([q.context + " " + q.text for q in questions])
+    windows = qa_task.make_windows(questions, vocab, Windowing(bptt=64, max_query_len=8,
+                                                               max_answer_len=5))
+    model = tiny_model(len(vocab))
+    indices = torch.arange(len(windows))
+    trimmed = qa_task.collate(windows, indices)
+    assert trimmed["inputs"].shape[1] == int(windows.lengths.max()) < 64
+    full = dict(trimmed)
+    extra = 64 - trimmed["inputs"].shape[1]
+    full["inputs"] = torch.nn.functional.pad(trimmed["inputs"], (0, extra), value=PAD_ID)
+    full["token_types"] = torch.nn.functional.pad(trimmed["token_types"], (0, extra))
+    full["context_mask"] = torch.nn.functional.pad(trimmed["context_mask"], (0, extra))
+    with torch.no_grad():
+        results = []
+        for batch in (trimmed, full):
+            start_logits, end_logits = qa_task.span_logits(model, batch)
+            loss = qa_task.span_loss(start_logits, end_logits, batch)
+            results.append((loss, *qa_task.best_spans(start_logits, end_logits,
+                                                      batch["context_mask"], 5)))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
+    assert torch.equal(results[0][2], results[1][2]) and torch.equal(results[0][3], results[1][3])
+
+
+class PointingModel(torch.nn.Module):
+    """Start logits high on token `start_id`, end logits high on `end_id`."""
+
+    def __init__(self, start_id, end_id):
+        super().__init__()
+        self.start_id, self.end_id = start_id, end_id
+
+    def forward(self, src, token_type_input=None):
+        return (src == self.start_id).float() * 5, (src == self.end_id).float() * 5
+
+
+def test_predict_answers_returns_original_text_from_the_best_window():
+    filler = " ".join(f"filler{i}." for i in range(80))
+    context = f'{filler} It was founded by "Father Edward Sorin", C.S.C., in 1842. {filler}'
+    sorin_only = "Sorin is not a founder here."
+    questions = [Question("a", "Who founded it?", context, []),
+                 Question("b", "Who?", sorin_only, []),
+                 Question("c", "Nothing?", '""', [])]
+    vocab = vocab_of([context, sorin_only])
+    model = PointingModel(vocab["father"], vocab["sorin"])
+    windowing = Windowing(bptt=40, doc_stride=10, max_query_len=8, max_answer_len=5)
+    answers = qa_task.predict_answers(model, questions, vocab, windowing, batch_size=7)
+    assert list(answers) == ["a", "b", "c"]
+    assert answers["a"][0] == "Father Edward Sorin"
+    assert answers["a"][1] == pytest.approx(10.0)
+    assert answers["b"][0] in sorin_only and answers["b"][0]  # some span, never outside
+    assert answers["c"] == ("", float("-inf"))  # a context without tokens: no span at all
+
+
+def _ddp_eval_rank(rank, port, windows, state, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=2)
+    model = QuestionAnswerTask(BertConfig(**state["config"]))
+    model.load_state_dict(state["model"])
+    info = utils.DistInfo(rank, 2)
+    answers, loss = qa_task.evaluate_all(model, windows, 5, 3, torch.device("cpu"), "fp32", info)
+    torch.save({"answers": answers, "loss": loss}, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_evaluation_equals_one_process(tmp_path):
+    rng = random.Random(1)
+    questions = []
+    for i in range(9):
+        q = random_question(rng, rng.randrange(3, 70), rng.randrange(1, 6))
+        word = q.context.split()[1]
+        questions.append(Question(f"q{i}", q.text, q.context, [(word, q.context.index(word))]))
+    vocab = vocab_of([q.context + " " + q.text for q in questions])
+    windows = qa_task.make_windows(questions, vocab, Windowing(bptt=32, doc_stride=8,
+                                                               max_query_len=6, max_answer_len=5))
+    model = tiny_model(len(vocab), max_len=32)
+    single, single_loss = qa_task.evaluate_all(model, windows, 5, 3, torch.device("cpu"), "fp32",
+                                               utils.DistInfo())
+    state = {"config": model.bert_model.config.to_dict(), "model": model.state_dict()}
+    torch.multiprocessing.spawn(_ddp_eval_rank, args=(utils._free_port(), windows, state, tmp_path),
+                                nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert list(result["answers"]) == list(single)
+        texts = {qid: answer[0] for qid, answer in result["answers"].items()}
+        assert texts == {qid: answer[0] for qid, answer in single.items()}
+        assert result["loss"] == pytest.approx(single_loss, rel=1e-5)
+
+
+def test_squad_files_are_downloaded_only_when_absent(tmp_path, monkeypatch):
+    fetched = []
+
+    def fake_download(archive, folder, log):
+        fetched.append((archive.filename, archive.md5, archive.urls[0], Path(folder)))
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / archive.filename).write_text("{}")
+
+    monkeypatch.setattr(data, "download_archive", fake_download)
+    path = qa_task.squad_file(None, "dev", tmp_path, print)
+    assert path == tmp_path / "squad" / "dev-v1.1.json" and path.exists()
+    assert fetched == [("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
+                        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
+                        tmp_path / "squad")]
+    assert qa_task.squad_file(None, "dev", tmp_path, print) == path and len(fetched) == 1
+    assert qa_task.SQUAD["train"].md5 == "981b29407e0affa3b1b156f72073b945"
+    with pytest.raises(utils.UserError, match="--train-file nope.json: no such file"):
+        qa_task.squad_file("nope.json", "train", tmp_path, print)
+
+
+###############################################################################
+# The script, end to end
+###############################################################################
+
+RIVERS = ["Amber", "Birch", "Cedar", "Delta", "Elm", "Fern", "Gale", "Heron", "Iris", "Juniper"]
+CITIES = ["Lyon", "Oslo", "Quito", "Porto", "Turin", "Perth", "Dakar", "Hanoi", "Lima", "Riga"]
+
+
+def write_rivers_squad(path, seed, n_paragraphs, break_one_answer=False):
+    """SQuAD-layout paragraphs about rivers; some longer than one window."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for p in range(n_paragraphs):
+        river, city = rng.choice(RIVERS), rng.choice(CITIES)
+        year = str(rng.randrange(1100, 1999))
+        filler = " ".join(f"It is {rng.choice(['wide', 'calm', 'cold', 'old'])}." for _ in range(
+            rng.choice([2, 40])))
+        context = (f"{filler} The {river} river flows through {city}, where a bridge was "
+                   f'built in {year}. Locals call it "the {river.lower()}". {filler}')
+        qas = [
+            {"id": f"p{p}-city", "question": f"Which city does the {river} river flow through?",
+             "answers": [{"text": city, "answer_start": context.index(city)}]},
+            {"id": f"p{p}-year", "question": f"When was the bridge over the {river} built?",
+             "answers": [{"text": year, "answer_start": context.index(year)},
+                         {"text": f"in {year}", "answer_start": context.index(f"in {year}")}]},
+        ]
+        paragraphs.append({"context": context, "qas": qas})
+    if break_one_answer:
+        paragraphs[0]["qas"][0]["answers"][0]["answer_start"] += 3
+    path.write_text(json.dumps({"data": [{"title": "Rivers", "paragraphs": paragraphs}]}))
+    return path
+
+
+def run(args, cwd, script="qa_task.py"):
+    # One thread: tiny models gain nothing from more, and on a busy machine spinning
+    # OpenMP threads can make a run many times slower.
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny mlm_task.py run on a WikiText-layout folder; returns its folder."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    texts = [json.loads(write_rivers_squad(folder / "text.json", 0, 20).read_text())]
+    if NOTRE_DAME.exists():
+        texts.append(json.loads(NOTRE_DAME.read_text()))
+    lines = [" ".join([p["context"], *(qa["question"] for qa in p["qas"])])
+             for t in texts for a in t["data"] for p in a["paragraphs"]]
+    corpus = folder / "wikitext-2"
+    corpus.mkdir()
+    n = len(lines)
+    for split, part in (("train", lines[:n * 8 // 10]), ("valid", lines[n * 8 // 10:n * 9 // 10]),
+                        ("test", lines[n * 9 // 10:])):
+        (corpus / f"wiki.{split}.tokens").write_text("\n".join(part) + "\n")
+    result = run(["--data-dir", folder, "--dataset", "WikiText2", "--device", "cpu", "--emsize", 32,
+                  "--nhid", 64, "--nlayers", 2, "--nhead", 2, "--bptt", 32, "--batch_size", 8,
+                  "--epochs", 1, "--max-steps", 20], folder, "mlm_task.py")
+    assert result.returncode == 0, result.stderr
+    assert (folder / "mlm_bert.pt").exists()
+    return folder
+
+
+def end_of_training(stdout):
+    match = re.search(r"\| End of training \| test loss +\S+ \| exact (\S+)% \| f1 (\S+)%", stdout)
+    assert match, stdout
+    return float(match[1]), float(match[2])
+
+
+def check_predictions(dev_path, predictions_path, stdout, cwd):
+    dev = json.loads(Path(dev_path).read_text())
+    predictions = json.loads(Path(predictions_path).read_text())
+    contexts = {qa["id"]: p["context"] for a in dev["data"] for p in a["paragraphs"]
+                for qa in p["qas"]}
+    assert list(predictions) == list(contexts)  # every dev question, in the file's order
+    for qid, answer in predictions.items():
+        assert answer and answer in contexts[qid]
+    official = run([dev_path, predictions_path], cwd, "metrics.py")
+    assert official.returncode == 0, official.stderr
+    scores = json.loads(official.stdout)
+    assert end_of_training(stdout) == (round(scores["exact_match"], 2), round(scores["f1"], 2))
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(pretrained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qa")
+    train = write_rivers_squad(folder / "train.json", 1, 24, break_one_answer=True)
+    dev = write_rivers_squad(folder / "dev.json", 2, 6)
+    result = run(["--bert-model", pretrained / "mlm_bert.pt", "--device", "cpu", "--emsize", 32,
+                  "--epochs", 2, "--batch_size", 8, "--train-file", train, "--dev-file", dev,
+                  "--predictions", "preds.json"], folder)
+    assert result.returncode == 0, result.stderr
+    return folder, train, dev, result
+
+
+def test_fine_tune_end_to_end(fine_tuned):
+    folder, train, dev, result = fine_tuned
+    assert "Traceback" not in result.stderr
+    epoch_lines = re.findall(r"\| end of epoch +(\d+) \| time: +[\d.]+s \| valid loss +[\d.]+ \| "
+                             r"exact [\d.]+% \| f1 [\d.]+%", result.stdout)
+    assert epoch_lines == ["1", "2"]
+    assert result.stdout.count("not at their answer_start") == 1  # reported once, no crash
+    check_predictions(dev, folder / "preds.json", result.stdout, folder)
+    ckpt = torch.load(folder / "qa_model.pt", weights_only=True)
+    assert ckpt["kind"] == "qa" and {"model", "config", "vocab"} <= ckpt.keys()
+    assert "test loss" in (folder / "qa_loss.txt").read_text()
+
+
+@needs_notre_dame
+def test_fine_tune_on_real_squad_paragraphs(pretrained, tmp_path):
+    article = json.loads(NOTRE_DAME.read_text())["data"][0]
+    every = article["paragraphs"]
+    for name, paragraphs in (("train", every[:45]), ("dev", every[45:])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"data": [{"title": article["title"], "paragraphs": paragraphs}]}))
+    result = run(["--bert-model", pretrained / "mlm_bert.pt", "--device", "cpu", "--epochs", 1,
+                  "--max-steps", 10, "--batch_size", 16, "--train-file", "train.json",
+                  "--dev-file", "dev.json", "--predictions", "preds.json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "train: 219 questions" in result.stdout and "dev: 50 questions" in result.stdout
+    check_predictions(tmp_path / "dev.json", tmp_path / "preds.json", result.stdout, tmp_path)
+
+
+def test_predict_one_question(fine_tuned, tmp_path):
+    folder = fine_tuned[0]
+    context = "The Birch river flows through Oslo, where a bridge was built in 1503."
+    result = run(["--predict", "--qa-model", folder / "qa_model.pt", "--context", context,
+                  "--question", "Which city does the Birch river flow through?"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout)
+    assert line["answer"] and line["answer"] in context and isinstance(line["score"], float)
+
+
+def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
+    folder, _, dev, _ = fine_tuned
+    monkeypatch.chdir(tmp_path)
+    context = "The Birch river flows through Oslo, where a bridge was built in 1503."
+    Path("questions.json").write_text(json.dumps(
+        [{"id": "x", "context": context, "question": "When?"},
+         {"context": "Short.", "question": "What?"}]))
+    model = ["--predict", "--qa-model", str(folder / "qa_model.pt"), "--device", "cpu"]
+    utils.launch(qa_task.main, qa_task.get_parser().parse_args(
+        [*model, "--predict-file", "questions.json"]))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["id"] for line in lines] == ["x", "1"]
+    assert lines[0]["answer"] in context and lines[1]["answer"] in "Short."
+
+    # A SQuAD-layout file: the same predictions as at the end of training.
+    utils.launch(qa_task.main, qa_task.get_parser().parse_args(
+        [*model, "--predict-file", str(dev), "--predictions", "again.json", "--batch_size", "5"]))
+    assert "exact" in capsys.readouterr().out
+    assert json.loads(Path("again.json").read_text()) == json.loads(
+        (folder / "preds.json").read_text())
+
+
+###############################################################################
+# Bad input: one line, non-zero exit, nothing half-written
+###############################################################################
+
+
+def run_in_process(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        utils.launch(qa_task.main, utils.parse_args(qa_task.get_parser(), [str(a) for a in argv]))
+    err = capsys.readouterr().err
+    return exit_info.value.code, err
+
+
+@pytest.fixture
+def bad_input_dir(fine_tuned, tmp_path, monkeypatch):
+    folder, train, dev, _ = fine_tuned
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "predictions.json").write_text("old")
+    (tmp_path / "malformed.json").write_text('{"data": [')
+    (tmp_path / "no_context.json").write_text(json.dumps(
+        {"data": [{"paragraphs": [{"qas": []}]}]}))
+    (tmp_path / "empty.json").write_text(json.dumps({"data": []}))
+    (tmp_path / "not_a_model.pt").write_bytes(b"\x00 not a checkpoint")
+    return {"qa_model": folder / "qa_model.pt", "train": train, "dev": dev}
+
+
+def bad_cases(paths, bert):
+    common = ["--device", "cpu", "--epochs", 1, "--batch_size", 8]
+    train, dev = ["--train-file", paths["train"]], ["--dev-file", paths["dev"]]
+    return {
+        "malformed JSON": (["--bert-model", bert, "--train-file", "malformed.json", *dev],
+                           "malformed JSON"),
+        "missing key": (["--bert-model", bert, *train, "--dev-file", "no_context.json"],
+                        "no 'context' key"),
+        "empty dataset": (["--bert-model", bert, "--train-file", "empty.json", *dev],
+                          "no questions"),
+        "missing train file": (["--bert-model", bert, "--train-file", "nope.json", *dev],
+                               "no such file"),
+        "missing bert model": (["--bert-model", "nope.pt", *train, *dev], "no such file"),
+        "bert model not a checkpoint": (["--bert-model", "not_a_model.pt", *train, *dev],
+                                        "not a checkpoint"),
+        "contradicting --emsize": (["--bert-model", bert, "--emsize", 64, *train, *dev],
+                                   "--emsize 64 does not fit"),
+        "bptt too long": (["--bert-model", bert, "--bptt", 1000, *train, *dev], "positions"),
+        "qa model is an encoder": (["--predict", "--qa-model", bert, "--context", "a b",
+                                    "--question", "a?"], "not a question-answering model"),
+        "predict without question": (["--predict", "--qa-model", paths["qa_model"],
+                                      "--context", "a b"], "--question"),
+    }, common
+
+
+@pytest.mark.parametrize("case", ["malformed JSON", "missing key", "empty dataset",
+                                  "missing train file", "missing bert model",
+                                  "bert model not a checkpoint", "contradicting --emsize",
+                                  "bptt too long", "qa model is an encoder",
+                                  "predict without question"])
+def test_bad_input_is_one_error_line(case, bad_input_dir, pretrained, capsys):
+    cases, common = bad_cases(bad_input_dir, pretrained / "mlm_bert.pt")
+    argv, expected = cases[case]
+    code, err = run_in_process([*common, *argv], capsys)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert Path("predictions.json").read_text() == "old"
+    assert not Path("qa_model.pt").exists() and not Path("qa_loss.txt").exists()
+
+
+def test_bad_input_from_the_command_line(pretrained, tmp_path):
+    (tmp_path / "train.json").write_text('{"data": [{"paragraphs": [}')
+    result = run(["--bert-model", pretrained / "mlm_bert.pt", "--device", "cpu",
+                  "--train-file", "train.json", "--dev-file", "train.json"], tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.json"]  # nothing written
