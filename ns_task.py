@@ -100,17 +100,6 @@ class NextSentence:
                           self.full_model_path)
 
 
-def _save_vocab_copy(vocab, path, log):
-    """Write the checkpoint's vocab to --save-vocab unless that file already holds it."""
-    try:
-        if data.load_vocab(path)[0].itos == vocab.itos:
-            return
-    except (FileNotFoundError, data.DataError):
-        pass
-    data.save_vocab(vocab, path)
-    log(f"wrote the vocab of {len(vocab)} words to {path}")
-
-
 def main(args, info):
     log = utils.make_logger(info)
     device = utils.get_device(args.device, info.local_rank)
@@ -145,7 +134,7 @@ def main(args, info):
         utils.print_loss_log("ns_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
         encoder = utils.unwrap(trainer.model).bert_model
         utils.atomic_save(utils.model_checkpoint("encoder", encoder, config, vocab), args.save)
-        _save_vocab_copy(vocab, args.save_vocab, log)
+        utils.save_vocab_copy(vocab, args.save_vocab, log)
         log(f"wrote {args.save} (encoder), {task.full_model_path} and ns_loss.txt")
 
 

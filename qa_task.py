@@ -589,6 +589,7 @@ def main(args, info):
         log("=" * 89)
         st = trainer.state
         utils.print_loss_log("qa_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
+        utils.save_vocab_copy(vocab, args.save_vocab, log)
         log(f"wrote {args.save} (best model), {args.predictions} and qa_loss.txt")
 
 

@@ -279,7 +279,9 @@ def add_common_flags(parser, **defaults):
                              "apply unless given again (default None)")
     parser.add_argument("--save", type=str, default=d["save"], help=f"where to write the model (default {d['save']})")
     parser.add_argument("--save-vocab", type=str, default="bert_vocab.pt",
-                        help="vocab file: reused if built from the same dataset, else (re)built (default bert_vocab.pt)")
+                        help="vocab file. mlm_task: reused if built from the same dataset and "
+                             "--min-freq, else built there; ns/qa_task: a copy of the checkpoint's "
+                             "vocab is written there (default bert_vocab.pt)")
     parser.add_argument("--parallel", type=str, default="None", choices=["None", "DDP"],
                         help="None: one process; DDP: DistributedDataParallel under torchrun, srun, "
                              "or --world_size local processes (default None)")
@@ -463,6 +465,19 @@ def load_pretrained(path, flag="--bert-model"):
         raise UserError(f"{flag} {path}: its vocab has {len(vocab)} words but its model "
                         f"{config.vocab_size}")
     return config, vocab, encoder_state(ckpt, flag, path)
+
+
+def save_vocab_copy(vocab, path, log):
+    """Write a checkpoint's vocab to --save-vocab unless that file already holds it."""
+    import data  # data imports utils
+
+    try:
+        if data.load_vocab(path)[0].itos == vocab.itos:
+            return
+    except (FileNotFoundError, data.DataError):
+        pass
+    data.save_vocab(vocab, path)
+    log(f"wrote the vocab of {len(vocab)} words to {path}")
 
 
 def load_into(module, state, flag, path):
