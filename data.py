@@ -3,7 +3,10 @@
 Everything the old example took from torchtext lives here, in plain Python and torch.
 """
 
+import contextlib
 import hashlib
+import http.client
+import operator
 import os
 import random
 import re
@@ -25,45 +28,54 @@ from utils import UserError, atomic_save
 # Tokenizer
 ###############################################################################
 
-# torchtext's basic_english, applied in the same order: lower-case, then
+# torchtext's basic_english is a chain of regex substitutions on the lower-cased line:
 #   '  -> " '  "   (its own token)          "  -> ""  (dropped, not a separator)
 #   . , ( ) ! ?  -> " x " (their own tokens)  <br />, ;, : -> " " (separators)
-_SEPARATE = str.maketrans({c: f" {c} " for c in ".,()!?"} | {"'": " '  ", ";": " ", ":": " "})
+# then a split on white space. The same as plain str.replace calls, which run at memchr
+# speed (str.translate with multi-character replacements is several times slower, and
+# this is the inner loop of tokenizing a 500 MB corpus). The order matters only for `"`:
+# removing it can complete a `<br />`.
+_OWN_TOKENS = ".,()!?'"
+
+
+def normalize_text(text):
+    """basic_english's substitutions without the final split (keeps line breaks)."""
+    text = text.lower().replace('"', "").replace("<br />", " ")
+    for char in _OWN_TOKENS:
+        text = text.replace(char, f" {char} ")
+    return text.replace(";", " ").replace(":", " ")
 
 
 def basic_english_normalize(text):
     """The basic_english tokenizer: the same tokens as torchtext's, for any string."""
-    text = text.lower().replace('"', "").replace("<br />", " ")
-    return text.translate(_SEPARATE).split()
+    return normalize_text(text).split()
 
 
-# The same tokenizer as a scanner over the original string, so that every token keeps
-# its character span. A token is a single punctuation mark of ' . , ( ) ! ? or a run of
-# other non-space characters; `"` is skipped without splitting a word; `<br />`, ; and :
-# separate words. (Matching `<br />` on the original string, case-insensitively, is what
-# lower-casing first does.)
-_SPAN_TOKEN = re.compile(r"""(?P<separator><br />|[;:\s]+)|[.,()!?']|(?:[^.,()!?';:\s<]|<(?!br />))+""",
-                         re.IGNORECASE)
+# The same tokenizer as a scanner, so that every token keeps its character span. It runs
+# on the lower-cased text with `"` removed, as basic_english does, and maps positions back:
+# lower-casing the whole string (not token by token) is what gets a Greek final sigma right
+# ("ΟΔΟΣ." -> "οδος ." but "ΑΣ.Β" -> "ασ . β"), and it can lengthen the text (İ -> i̇).
+# A token is one of ' . , ( ) ! ? or a run of other non-space characters; `<br />`, ; and
+# : separate words.
+_SPAN_TOKEN = re.compile(r"(?P<separator><br />|[;:\s]+)|[.,()!?']|(?:[^.,()!?';:\s<]|<(?!br />))+")
 
 
 def tokenize_with_spans(text):
     """Returns [(token, start, end)], where text[start:end] is the token's source.
 
     The tokens equal basic_english_normalize(text). A token's source can contain `"`
-    characters, which the tokenizer drops (`ab"c` -> `abc`)."""
-    tokens = []
-    for match in _SPAN_TOKEN.finditer(text):
-        token = match.group().replace('"', "").lower()
-        if match.group("separator") or not token:
-            continue
-        # Quotes at either end are not part of the span: `"word"` -> `word`.
-        start, end = match.start(), match.end()
-        while text[start] == '"':
-            start += 1
-        while text[end - 1] == '"':
-            end -= 1
-        tokens.append((token, start, end))
-    return tokens
+    characters, which the tokenizer drops (`ab"c` -> `abc`); quotes around a word are
+    not part of its span."""
+    lowered = text.lower()
+    if len(lowered) == len(text):
+        source = range(len(text))
+    else:
+        source = [i for i, char in enumerate(text) for _ in char.lower()]
+    if '"' in lowered:
+        source = [i for i, char in zip(source, lowered) if char != '"']
+        lowered = lowered.replace('"', "")
+    return [(match.group(), source[match.start()], source[match.end() - 1] + 1)
+            for match in _SPAN_TOKEN.finditer(lowered) if not match.group("separator")]
 
 
 ###############################################################################
@@ -115,13 +127,17 @@ def save_vocab(vocab, path, **meta):
 
 def load_vocab(path):
     """Returns (vocab, meta). Raises DataError with a clear message if unusable."""
+    problem = f"{path} is not a vocab file written by this project"
     try:
         obj = torch.load(path, weights_only=True)
-        return Vocab(obj["itos"]), obj.get("meta", {})
     except FileNotFoundError:
         raise
-    except Exception as e:
-        raise DataError(f"{path} is not a vocab file written by this project ({e})") from None
+    except Exception:  # torch.load's own message is a page of advice that does not apply
+        raise DataError(f"{problem} (torch.load cannot read it)") from None
+    try:
+        return Vocab(obj["itos"]), dict(obj.get("meta", {}))
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise DataError(f"{problem} ({type(e).__name__}: {e})") from None
 
 
 ###############################################################################
@@ -196,14 +212,39 @@ def download_archive(archive, data_dir, log=print):
     """Fetch `archive` into data_dir, verify its MD5, extract it and remove it if a zip.
 
     Hosts are tried in order. The download goes to a temporary name and is only renamed
-    once the checksum matches; a failure leaves no file behind."""
+    once the checksum matches; a failure leaves no file behind. An archive already in
+    data_dir (placed there by hand to work offline) is used as is if its MD5 matches."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / archive.filename
+    if target.exists():
+        if _md5(target) != archive.md5:
+            raise DataError(f"{target} does not have the MD5 {archive.md5} of {archive.filename}: "
+                            f"remove it, or replace it with a good copy")
+        log(f"using {target}")
+    else:
+        _download(archive, target, log)
+    if not archive.filename.endswith(".zip"):
+        return  # a plain file (SQuAD's JSON) is used as downloaded
+    try:
+        safe_extract(target, data_dir / archive.extract_to)
+    finally:
+        target.unlink()
+
+
+def _md5(path):
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def _download(archive, target, log):
     errors = []
     for url in archive.urls:
         log(f"downloading {url}")
-        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{archive.filename}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{archive.filename}.", suffix=".part")
         try:
             md5 = hashlib.md5()
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
@@ -213,24 +254,19 @@ def download_archive(archive, data_dir, log=print):
             if md5.hexdigest() != archive.md5:
                 raise DataError(f"MD5 mismatch (got {md5.hexdigest()}, expected {archive.md5})")
             os.replace(tmp, target)
-            break
-        except (OSError, DataError) as e:
+            return
+        # OSError covers URLError, HTTPError and timeouts; HTTPException a cut connection
+        # (IncompleteRead); ValueError a malformed URL.
+        except (OSError, http.client.HTTPException, ValueError, DataError) as e:
             errors.append(f"{url}: {e}")
             log(f"download failed: {url}: {e}")
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    else:
-        raise DataError(
-            f"could not download {archive.filename} ({'; '.join(errors)}); to work offline, "
-            f"place {archive.filename} (MD5 {archive.md5}) in {data_dir}/ and run again"
-        )
-    if not archive.filename.endswith(".zip"):
-        return  # a plain file (SQuAD's JSON) is used as downloaded
-    try:
-        safe_extract(target, data_dir / archive.extract_to)
-    finally:
-        target.unlink()
+    raise DataError(
+        f"could not download {archive.filename} ({'; '.join(errors)}); to work offline, "
+        f"place {archive.filename} (MD5 {archive.md5}) in {target.parent}/ and run again"
+    )
 
 
 def safe_extract(zip_path, dest):
@@ -276,7 +312,9 @@ def dataset_files(dataset, data_dir, download=True, log=print):
     for pattern in ("wiki.{}.tokens", "{}.txt"):
         if all((folder / pattern.format(s)).is_file() for s in SPLITS):
             return {s: [folder / pattern.format(s)] for s in SPLITS}
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Hidden files and folders are skipped: among them .cache/, where the token ids go.
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and
+                   not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if spec.split_by == "files":
         paths = [p for p in paths if p.suffix == ".txt"] or paths
     if not paths:
@@ -340,11 +378,17 @@ def _line_boundary(paths, sizes, position):
 ###############################################################################
 
 CACHE_VERSION = 1  # bump when tokenization changes
-_CHUNK_BYTES = 8 << 20  # text one worker tokenizes at a time: bounds memory
+# Text one worker tokenizes at a time. Bounds a worker's memory (its word list takes about
+# 12x the chunk's bytes) and is small enough that 2-8 workers get an even share of a corpus.
+_CHUNK_BYTES = 4 << 20
+# Ends each line in a chunk's token stream. The tokenizer never outputs ';' (it is a
+# separator), so a whole chunk can be split in one call and its lines found again after.
+_LINE_END = ";"
 
 
-def _chunks(ranges, chunk_bytes=_CHUNK_BYTES):
+def _chunks(ranges, chunk_bytes=None):
     """Cut byte ranges into pieces of about chunk_bytes that end on line boundaries."""
+    chunk_bytes = chunk_bytes or _CHUNK_BYTES
     jobs = []
     for path, start, end in ranges:
         try:
@@ -361,7 +405,7 @@ def _chunks(ranges, chunk_bytes=_CHUNK_BYTES):
     return jobs
 
 
-def _read_lines(path, start, end):
+def _read_text(path, start, end):
     try:
         with open(path, "rb") as f:
             f.seek(start)
@@ -369,56 +413,112 @@ def _read_lines(path, start, end):
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     try:
-        return raw.decode("utf-8").splitlines()
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {start + e.start})") from None
 
 
-def _count_chunk(job):
-    counter = Counter()
-    for line in _read_lines(*job):
-        counter.update(basic_english_normalize(line))
-    return counter
+def _chunk_words(job):
+    """The tokens of a chunk's lines (str.splitlines), each line followed by _LINE_END.
+
+    Normalizing the whole chunk at once equals normalizing line by line: no substitution
+    adds, removes or reaches across a line break."""
+    lines = normalize_text(_read_text(*job)).splitlines()
+    lines.append("")
+    return f" {_LINE_END} ".join(lines).split()
 
 
-_worker_stoi = None
+class _Lookup(dict):
+    """word -> id, <unk> for any other word, -1 for _LINE_END."""
+
+    def __missing__(self, word):
+        return UNK_ID
 
 
-def _set_worker_stoi(stoi):
-    global _worker_stoi
-    _worker_stoi = stoi
+def _lookup_ids(index, words):
+    """array("i", [index[w] for w in words]) at C speed: one itemgetter call does every
+    lookup (for a single word it returns the bare value, not a tuple)."""
+    if len(words) < 2:
+        return array("i", [index[w] for w in words])
+    return array("i", operator.itemgetter(*words)(index))
+
+
+# Worker functions use no torch: torch ops in a forked worker can deadlock on the thread
+# pool the parent process already started.
+_worker_lookup = None
+
+
+def _set_worker_vocab(itos):
+    global _worker_lookup
+    _worker_lookup = _Lookup(zip(itos, range(len(itos))))
+    _worker_lookup[_LINE_END] = -1
 
 
 def _numericalize_chunk(job):
-    """Token ids (int32) and per-line token counts of one chunk of text."""
-    ids, lengths = array("i"), array("i")
-    get = _worker_stoi.get
-    for line in _read_lines(*job):
-        words = basic_english_normalize(line)
-        ids.extend(map(get, words, repeat(UNK_ID)))
-        lengths.append(len(words))
-    return ids, lengths
+    """int32 token ids of a chunk, -1 after each line."""
+    return _lookup_ids(_worker_lookup, _chunk_words(job)), None
+
+
+def _count_chunk(job):
+    """Ids in a vocabulary of the chunk's own words, and those words. The main process
+    counts them and maps them to the real vocab once every count is in, so the train split
+    is tokenized once for both counting and numericalizing."""
+    words = _chunk_words(job)
+    own_words = dict.fromkeys(words)
+    own_words.pop(_LINE_END, None)
+    index = dict(zip(own_words, range(len(own_words))))
+    index[_LINE_END] = -1
+    return _lookup_ids(index, words), list(own_words)
+
+
+def _as_tensor(int32_array):
+    if not len(int32_array):  # torch.frombuffer refuses empty buffers
+        return torch.empty(0, dtype=torch.int32)
+    return torch.frombuffer(int32_array, dtype=torch.int32)
+
+
+def _split_line_ends(int32_array):
+    """(ids without the -1 line ends, tokens per line), as tensors."""
+    ids = _as_tensor(int32_array)
+    is_end = ids < 0
+    line_ends = torch.nonzero(is_end).flatten()
+    return ids[~is_end], line_ends.diff(prepend=torch.tensor([-1])) - 1
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """For the main process' small torch ops between chunks: torch's other threads would
+    spin on the cores the tokenizing workers need."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _map_chunks(fn, jobs, workers, initializer=None, initargs=()):
-    """map(fn, jobs), in worker processes when there is enough text to pay for them."""
+    """Yields fn(job) for each job in order, from worker processes when there are several
+    jobs. A generator, so the caller handles each chunk while the workers tokenize the next."""
     if workers <= 1 or len(jobs) <= 1:
         if initializer:
             initializer(*initargs)
-        return list(map(fn, jobs))
+        yield from map(fn, jobs)
+        return
     with ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs) as pool:
-        return list(pool.map(fn, jobs))
+        try:
+            yield from pool.map(fn, jobs)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # report a bad file now, not after the rest
+            raise
 
 
 def default_workers():
-    return min(os.cpu_count() or 1, 8)
-
-
-def count_words(ranges, workers=None):
-    counter = Counter()
-    for part in _map_chunks(_count_chunk, _chunks(ranges), workers or default_workers()):
-        counter.update(part)
-    return counter
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (containers)
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return min(cpus, 8)
 
 
 @dataclass
@@ -434,23 +534,58 @@ class TokenizedSplit:
         return torch.nonzero(lengths >= max(min_len, 1)).flatten()
 
 
-def _cat_int32(arrays):
-    return torch.cat([torch.empty(0, dtype=torch.int32)] +
-                     [torch.frombuffer(a, dtype=torch.int32) for a in arrays if len(a)])
-
-
-def numericalize(ranges, vocab, workers=None):
-    """Tokenize byte ranges of files into a TokenizedSplit.
-
-    Each worker returns compact int32 arrays for its chunk, so memory stays at about
-    4 bytes a token: never a Python list of all token ids."""
-    parts = _map_chunks(_numericalize_chunk, _chunks(ranges), workers or default_workers(),
-                        initializer=_set_worker_stoi, initargs=(vocab.stoi,))
-    ids = _cat_int32([p[0] for p in parts])
-    lengths = _cat_int32([p[1] for p in parts])
+def _tokenized_split(ids, lengths):
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
     return TokenizedSplit(ids, offsets)
+
+
+def _cat(tensors, dtype):
+    return torch.cat([torch.empty(0, dtype=dtype)] + tensors)
+
+
+def numericalize(ranges, vocab, workers=None):
+    """Tokenize byte ranges of files into a TokenizedSplit of `vocab`'s ids.
+
+    Workers return compact int32 arrays, so memory stays at about 8 bytes a token (the
+    chunks and their concatenation): never a Python list of all token ids."""
+    ids, lengths = [], []
+    with _one_torch_thread():
+        for chunk_ids, _ in _map_chunks(_numericalize_chunk, _chunks(ranges),
+                                        workers or default_workers(),
+                                        initializer=_set_worker_vocab, initargs=(vocab.itos,)):
+            chunk_ids, chunk_lengths = _split_line_ends(chunk_ids)
+            ids.append(chunk_ids)
+            lengths.append(chunk_lengths)
+    return _tokenized_split(_cat(ids, torch.int32), _cat(lengths, torch.int64))
+
+
+def count_and_numericalize(ranges, min_freq=1, workers=None):
+    """Build the vocab from the text of `ranges` and numericalize it, in one tokenization.
+
+    Returns (vocab, TokenizedSplit): the same as Vocab.build of the word counts followed by
+    numericalize(ranges, vocab)."""
+    counter = Counter()
+    chunks, lengths = [], []
+    with _one_torch_thread():
+        for own_ids, own_words in _map_chunks(_count_chunk, _chunks(ranges),
+                                              workers or default_workers()):
+            own_ids, chunk_lengths = _split_line_ends(own_ids)
+            counts = torch.bincount(own_ids, minlength=len(own_words))
+            counter.update(dict(zip(own_words, counts.tolist())))
+            chunks.append((own_ids, own_words))
+            lengths.append(chunk_lengths)
+    vocab = Vocab.build(counter, min_freq)
+    # Each chunk's own ids -> the vocab's, written into one tensor; each chunk is dropped
+    # once copied, so the peak stays at about two copies of the ids.
+    ids = torch.empty(sum(len(own_ids) for own_ids, _ in chunks), dtype=torch.int32)
+    position = 0
+    for i, (own_ids, own_words) in enumerate(chunks):
+        to_vocab = torch.tensor([vocab[w] for w in own_words], dtype=torch.int32)
+        torch.index_select(to_vocab, 0, own_ids, out=ids[position:position + len(own_ids)])
+        position += len(own_ids)
+        chunks[i] = None
+    return vocab, _tokenized_split(ids, _cat(lengths, torch.int64))
 
 
 def _cache_path(ranges, vocab, split, cache_dir):
@@ -459,6 +594,17 @@ def _cache_path(ranges, vocab, split, cache_dir):
         st = os.stat(path)
         h.update(f"\n{os.path.abspath(path)}\t{start}\t{end}\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return Path(cache_dir) / f"{split}.{h.hexdigest()[:16]}.pt"
+
+
+def _load_cache(path):
+    """The cached split, or None if there is none or it is unreadable (it is rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, weights_only=True, mmap=True)
+        return TokenizedSplit(obj["ids"], obj["line_offsets"])
+    except Exception:  # a truncated or foreign file: tokenizing again is always correct
+        return None
 
 
 def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=print,
@@ -470,19 +616,24 @@ def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=
     Token ids are cached beside the data in `.cache/`, keyed by the vocab and the files'
     sizes and mtimes, so a second run skips tokenization."""
     ranges = split_byte_ranges(dataset_files(dataset, data_dir, log=log))
+    splits = {}
     if vocab is None:
         meta = {"dataset": dataset if dataset in DATASETS else os.path.abspath(dataset),
                 "min_freq": min_freq}
-        vocab = _get_vocab(ranges["train"], meta, vocab_path, log, workers)
+        vocab = _saved_vocab(vocab_path, meta, log)
+        if vocab is None:
+            vocab, splits["train"] = count_and_numericalize(ranges["train"], min_freq, workers)
+            log(f"built a vocab of {len(vocab)} words from the train split (min_freq {min_freq})")
+            if vocab_path:
+                save_vocab(vocab, vocab_path, **meta)
     cache_dir = Path(ranges["train"][0][0]).parent / ".cache" if ranges["train"] else None
-    splits = {}
     for split in SPLITS:
         cache = _cache_path(ranges[split], vocab, split, cache_dir) if cache_dir else None
-        if cache is not None and cache.exists():
-            obj = torch.load(cache, weights_only=True, mmap=True)
-            splits[split] = TokenizedSplit(obj["ids"], obj["line_offsets"])
-            continue
-        splits[split] = numericalize(ranges[split], vocab, workers)
+        if split not in splits:
+            splits[split] = _load_cache(cache) if cache else None
+            if splits[split] is not None:
+                continue
+            splits[split] = numericalize(ranges[split], vocab, workers)
         if cache is None:
             continue
         try:
@@ -492,17 +643,15 @@ def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=
     return vocab, splits
 
 
-def _get_vocab(train_ranges, meta, vocab_path, log, workers):
-    if vocab_path and os.path.exists(vocab_path):
-        vocab, saved_meta = load_vocab(vocab_path)
-        if saved_meta == meta:
-            log(f"using vocab {vocab_path} ({len(vocab)} words)")
-            return vocab
+def _saved_vocab(vocab_path, meta, log):
+    """The vocab at vocab_path if it was built for `meta` (dataset, min_freq), else None."""
+    if not vocab_path or not os.path.exists(vocab_path):
+        return None
+    vocab, saved_meta = load_vocab(vocab_path)
+    if saved_meta != meta:
         log(f"{vocab_path} was built for {saved_meta}, not {meta}: rebuilding it")
-    vocab = Vocab.build(count_words(train_ranges, workers), meta["min_freq"])
-    log(f"built a vocab of {len(vocab)} words from the train split (min_freq {meta['min_freq']})")
-    if vocab_path:
-        save_vocab(vocab, vocab_path, **meta)
+        return None
+    log(f"using vocab {vocab_path} ({len(vocab)} words)")
     return vocab
 
 
@@ -601,7 +750,9 @@ def ns_pairs(split, min_sentence_len, frac_ns, generator):
     point into (A, B), label 1; for a `frac_ns` share of the pairs B is replaced by the
     first part of another line, label 0.
 
-    Returns (line_index, cut, other_line, label) int64 tensors, one entry per pair."""
+    Returns a dict of int64 tensors, one entry per pair: `line` (index of the line A
+    comes from), `cut` (A is its first `cut` tokens), `other` and `other_cut` (the line and
+    length B is taken from when label is 0) and `label` (1: B continues A)."""
     lines = split.lines(min_sentence_len)
     off = split.line_offsets
     lengths = off[lines + 1] - off[lines]

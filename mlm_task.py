@@ -100,10 +100,13 @@ def main(args, info):
     log = utils.make_logger(info)
     device = utils.get_device(args.device, info.local_rank)
     torch.manual_seed(args.seed)
+    if args.bptt < 2 or args.batch_size < 1 or not 0 < args.mask_frac < 1:
+        raise utils.UserError("--bptt must be at least 2, --batch_size at least 1, and "
+                              "--mask_frac between 0 and 1")
+    # Rank 0 builds the vocab and the token caches; the other ranks then read them.
     with utils.main_rank_first(info):
         vocab, splits = data.load_splits(args.dataset, args.data_dir, min_freq=args.min_freq,
-                                         vocab_path=args.save_vocab if info.is_main else None,
-                                         log=log)
+                                         vocab_path=args.save_vocab, log=log)
     config = BertConfig(vocab_size=len(vocab), emsize=args.emsize, nhead=args.nhead,
                         nhid=args.nhid, nlayers=args.nlayers, dropout=args.dropout,
                         max_len=max(512, args.bptt), pad_id=data.PAD_ID)

@@ -106,6 +106,9 @@ def main(args, info):
     torch.manual_seed(args.seed)
     config, vocab, encoder = utils.load_pretrained(args.bert_model)
     utils.check_model_flags(config, args, source=args.bert_model)
+    if args.batch_size < 1 or args.bptt < 4 or not 0 <= args.frac_ns <= 1:
+        raise utils.UserError("--batch_size must be at least 1, --bptt at least 4, and "
+                              "--frac_ns between 0 and 1")
     if args.bptt > config.max_len:
         raise utils.UserError(f"--bptt {args.bptt} is longer than the {config.max_len} positions "
                               f"of {args.bert_model}")

@@ -555,6 +555,8 @@ def main(args, info):
             predict(args, device, log)
         return
 
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
     config, vocab, encoder = utils.load_pretrained(args.bert_model)
     utils.check_model_flags(config, args, source=args.bert_model)
     windowing = Windowing.from_args(args)

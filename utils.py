@@ -429,9 +429,9 @@ def load_checkpoint(path, flag):
         raise UserError(f"{flag} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{flag} {path}: not a checkpoint of this project ({first})") from None
+    except Exception as e:  # torch raises many kinds; its messages advise on unsafe loading
+        raise UserError(f"{flag} {path}: not a checkpoint of this project (it does not load with "
+                        f"torch.load(weights_only=True): {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= ckpt.keys():
         raise UserError(f"{flag} {path}: not a checkpoint of this project "
                         "(expected a dict with model, config and vocab)")
