@@ -40,6 +40,24 @@ class BertConfig:
         return cls(**d)
 
 
+def fast_dropout(x, p, training):
+    """F.dropout, with the keep mask drawn on CPU as `uniform >= p`.
+
+    Same distribution (keep with probability 1 - p, scale kept values by 1 / (1 - p)),
+    different random stream: CPU `torch.rand` is about twice as fast as the `bernoulli_`
+    behind F.dropout, whose masks took ~10% of a BERT-base training step on CPU.
+    GPUs keep F.dropout's fused kernel.
+    """
+    if not training or not 0.0 < p < 1.0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    return x * torch.rand_like(x).ge_(p).div_(1.0 - p)
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x):
+        return fast_dropout(x, self.p, self.training)
+
+
 class PositionalEncoding(nn.Module):
     """Learned absolute positions, as in BERT (not the sinusoidal encoding)."""
 
@@ -77,7 +95,7 @@ class BertEmbedding(nn.Module):
         self.pos_embed = PositionalEncoding(config.emsize, config.max_len)
         self.tok_type_embed = TokenTypeEncoding(config.type_vocab_size, config.emsize)
         self.norm = nn.LayerNorm(config.emsize, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, src, token_type_input=None):
         x = self.embed(src) + self.pos_embed(src) + self.tok_type_embed(src, token_type_input)
@@ -91,6 +109,7 @@ class MultiheadAttention(nn.Module):
     dimension (rows [0:d] = query, [d:2d] = key, [2d:3d] = value): one matmul instead
     of three. `attn_mask` is a boolean (batch, 1, 1, seq) tensor, True where a key may
     be attended, or None when nothing is padded (which lets SDPA pick its fastest kernel).
+    Training with dropout on CPU takes `attention_with_dropout_cpu` instead of SDPA.
     """
 
     def __init__(self, d_model, nhead, dropout=0.0):
@@ -106,10 +125,26 @@ class MultiheadAttention(nn.Module):
         batch, seq, d_model = x.shape
         qkv = self.in_proj(x).view(batch, seq, 3, self.nhead, d_model // self.nhead)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, nhead, seq, head_dim)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.training and self.dropout > 0.0 and x.device.type == "cpu":
+            out = attention_with_dropout_cpu(q, k, v, attn_mask, self.dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+def attention_with_dropout_cpu(q, k, v, attn_mask, p):
+    """softmax(q k^T / sqrt(head_dim)) v, with dropout on the attention probabilities.
+
+    SDPA's fused CPU kernel has no dropout, so with dropout_p > 0 SDPA falls back to
+    this same unfused math; written out, it skips SDPA's extra passes (safe softmax,
+    scaling both q and k) and uses fast_dropout: ~20% less time in attention.
+    """
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return fast_dropout(torch.softmax(scores, dim=-1), p, True) @ v
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -122,7 +157,7 @@ class TransformerEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x, attn_mask=None):
         x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask)))
