@@ -17,16 +17,26 @@ FLOP/s of our training step over the matmul FLOP/s this device reaches (see main
 """
 
 import argparse
+import json
 import math
 import os
+import random
+import resource
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from collections import Counter
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from model import BertConfig, MLMTask, flops_per_token_train
+import data
+import qa_task
+from model import BertConfig, MLMTask, QuestionAnswerTask, flops_per_token_train
 
 VOCAB_SIZE = 28785  # the pretraining recipe's WikiText-103 vocabulary
 SEQ_LEN = 128
@@ -140,24 +150,173 @@ def mlm_batch(batch_size, seq_len, vocab_size, mask_frac, generator):
     return src, masked_positions, labels
 
 
-def bench_qa(config, device, autocast, args):
-    """HOOK: QA evaluation throughput, our QuestionAnswerTask vs BertForQuestionAnswering.
+SQUAD_SLICE = Path(__file__).resolve().parent.parent / "shared" / "data" / "squad" / "train-v1.1-notre-dame.json"
 
-    Returns ours / transformers (examples per second), nan until this is wired to qa_task.py.
+
+def squad_for_bench(folder, n_questions):
+    """The real SQuAD article when present (else synthetic text, said so), cut to about
+    n_questions questions (whole paragraphs), written as a SQuAD-layout JSON file."""
+    if SQUAD_SLICE.exists():
+        source, what = json.loads(SQUAD_SLICE.read_text(encoding="utf-8")), "the real SQuAD article"
+    else:
+        g = random.Random(0)
+        words = [f"w{i}" for i in range(3000)]
+        paragraphs = []
+        for p in range(60):
+            context = " ".join(g.choice(words) for _ in range(140)) + "."
+            qas = [{"id": f"{p}-{i}", "question": " ".join(g.choice(words) for _ in range(10)) + "?",
+                    "answers": [{"text": context[:20].rsplit(" ", 1)[0], "answer_start": 0}]}
+                   for i in range(5)]
+            paragraphs.append({"context": context, "qas": qas})
+        source, what = {"data": [{"title": "synthetic", "paragraphs": paragraphs}]}, "synthetic text (../shared/data/squad absent)"
+    kept, count = [], 0
+    for paragraph in source["data"][0]["paragraphs"]:
+        if n_questions and count >= n_questions:
+            break
+        kept.append(paragraph)
+        count += len(paragraph["qas"])
+    path = Path(folder) / "squad.json"
+    path.write_text(json.dumps({"data": [{"title": "bench", "paragraphs": kept}]}), encoding="utf-8")
+    return path, what, count
+
+
+def their_qa_answers(model, path, vocab, windowing, batch_size, n_best=20):
+    """transformers' way, as its run_qa.py example does it: every window padded to --bptt,
+    one forward of BertForQuestionAnswering per batch, then its post-processing: the
+    n_best start and end candidates of each window, checked one pair at a time."""
+    import numpy as np
+
+    questions, _ = qa_task.read_squad(path)
+    windows = qa_task.make_windows(questions, vocab, windowing)
+    best = {}  # question index -> (score, first context token, last context token)
+    position = torch.arange(windows.tokens.size(1))
+    with torch.inference_mode():
+        for indices in torch.arange(len(windows)).split(batch_size):
+            ids = windows.tokens[indices].long()
+            lengths, offsets = windows.lengths[indices, None], windows.context_offset[indices, None]
+            out = model(input_ids=ids, attention_mask=(position < lengths).long(),
+                        token_type_ids=((position >= offsets) & (position < lengths)).long())
+            starts, ends = out.start_logits.numpy(), out.end_logits.numpy()
+            for row, window in enumerate(indices.tolist()):
+                offset, length = int(offsets[row]), int(lengths[row])
+                question = int(windows.question[window])
+                to_context = int(windows.context_start[window]) - offset
+                for s in np.argsort(starts[row])[-1:-n_best - 1:-1].tolist():
+                    for e in np.argsort(ends[row])[-1:-n_best - 1:-1].tolist():
+                        if s < offset or e < offset or s >= length - 1 or e >= length - 1:
+                            continue  # outside the context
+                        if e < s or e - s + 1 > windowing.max_answer_len:
+                            continue
+                        score = float(starts[row][s] + ends[row][e])
+                        if question not in best or score > best[question][0]:
+                            best[question] = (score, s + to_context, e + to_context)
+    answers = {}
+    for question, (score, first, last) in best.items():
+        q, spans = windows.questions[question], windows.context_spans[question]
+        answers[q.qid] = (q.context[spans[first][0]:spans[last][1]], score)
+    return answers
+
+
+def bench_qa(config, device, args):
+    """QA evaluation throughput in questions/s, raw SQuAD JSON to answer strings, fp32,
+    same weights: ours (qa_task's evaluation path) / transformers (BertForQuestionAnswering
+    fed windows padded to --bptt, with its examples' post-processing). Both read and window
+    the JSON the same way, so the difference is the model call and the decoding."""
+    n_questions = args.qa_questions if args.qa_questions is not None else (40 if config["emsize"] >= 768 else 0)
+    with tempfile.TemporaryDirectory() as folder:
+        path, what, count = squad_for_bench(folder, n_questions)
+        questions, _ = qa_task.read_squad(path)
+        words = Counter(t for q in questions for t in data.basic_english_normalize(q.context + " " + q.text))
+        vocab = data.Vocab.build(words)
+        vocab = data.Vocab(vocab.itos + [f"<filler{i}>" for i in range(VOCAB_SIZE - len(vocab))])
+        qa_config = BertConfig(vocab_size=VOCAB_SIZE, emsize=config["emsize"], nhead=config["nhead"],
+                               nhid=config["nhid"], nlayers=config["nlayers"], dropout=0.0,
+                               qa_gelu=False, pad_id=data.PAD_ID)
+        torch.manual_seed(args.seed)
+        ours = QuestionAnswerTask(qa_config).to(device).eval()
+        import transformers
+
+        theirs = transformers.BertForQuestionAnswering(their_bert_config(qa_config))
+        theirs.load_state_dict(ours_to_transformers_state_dict(ours.state_dict()))
+        theirs.to(device).eval()
+        windowing = qa_task.Windowing()
+
+        def run_ours():
+            with torch.inference_mode():
+                qs, _ = qa_task.read_squad(path)
+                return qa_task.predict_answers(ours, qs, vocab, windowing, args.qa_batch_size, device)
+
+        def run_theirs():
+            return their_qa_answers(theirs, path, vocab, windowing, args.qa_batch_size)
+
+        # Same weights, same windows: the answers must agree (the check that the two paths
+        # compute the same thing before comparing their speed).
+        a, b = run_ours(), run_theirs()
+        agree = sum(a[q][0] == b.get(q, ("",))[0] for q in a) / len(a)
+        times = {"ours": [], "theirs": []}
+        for _ in range(args.qa_rounds or (3 if args.quick else 5)):
+            for name, fn in (("ours", run_ours), ("theirs", run_theirs)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    ours_qps, theirs_qps = (count / statistics.median(times[n]) for n in ("ours", "theirs"))
+    print(f"qa eval ({count} questions of {what}, batch {args.qa_batch_size}): ours {ours_qps:.1f} "
+          f"questions/s, transformers {theirs_qps:.1f} questions/s; same answer for {100 * agree:.1f}%")
+    return ours_qps / theirs_qps
+
+
+WIKITEXT2_VALID = Path(__file__).resolve().parent.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+
+
+def bench_data(args):
+    """Tokenize, numericalize and cache a WikiText-103-sized corpus, then load the cache.
+
+    The corpus is the real WikiText-2 validation split repeated into ~540 MB of text
+    (`--data-corpus`, built once) laid out as WikiText-103. Run alone (python bench.py
+    --data) so that the peak resident memory measured is the pipeline's: this process's
+    plus the tokenizer workers' (an upper bound: the largest worker's peak times their number).
     """
-    try:
-        import qa_task  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "qa_task":
-            raise
-        print("qa: not yet available (qa_task.py missing)")
-        return math.nan
-    print("qa: not yet available (qa_task.py is there, not yet wired into bench.py)")
-    return math.nan
+    if not WIKITEXT2_VALID.exists():
+        sys.exit(f"error: --data needs {WIKITEXT2_VALID} (the real WikiText-2 validation split)")
+    folder = Path(args.data_corpus) / "wikitext-103"
+    text = WIKITEXT2_VALID.read_bytes()
+    repeats = 480  # 480 x 1.12 MB: WikiText-103's size, ~103M tokens
+    train = folder / "wiki.train.tokens"
+    if not (train.exists() and train.stat().st_size == len(text) * repeats):
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(train, "wb") as f:
+            for _ in range(repeats):
+                f.write(text)
+        lines = text.decode("utf-8").splitlines(keepends=True)
+        (folder / "wiki.valid.tokens").write_text("".join(lines[:700]), encoding="utf-8")
+        (folder / "wiki.test.tokens").write_text("".join(lines[-700:]), encoding="utf-8")
+    shutil.rmtree(folder / ".cache", ignore_errors=True)
+    vocab_path = Path(args.data_corpus) / "bench_vocab.pt"
+    vocab_path.unlink(missing_ok=True)
+    quiet = lambda *_: None  # noqa: E731
+
+    start = time.perf_counter()
+    vocab, splits = data.load_splits("WikiText103", args.data_corpus, vocab_path=vocab_path, log=quiet)
+    tokenize_s = time.perf_counter() - start
+    n_tokens = sum(len(s.ids) for s in splits.values())
+    del splits
+    start = time.perf_counter()
+    _, cached = data.load_splits("WikiText103", args.data_corpus, vocab_path=vocab_path, log=quiet)
+    load_s = time.perf_counter() - start
+    assert sum(len(s.ids) for s in cached.values()) == n_tokens
+
+    workers = data.default_workers()
+    main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mb = main_mb + workers * worker_mb
+    print(f"data: {train.stat().st_size / 1e6:.0f} MB of text, {n_tokens / 1e6:.1f}M tokens, vocab "
+          f"{len(vocab)}, {workers} worker processes")
+    print(f"data: vocab + token ids + cache {tokenize_s:.1f} s; peak resident {main_mb:.0f} MB + "
+          f"{workers} x {worker_mb:.0f} MB = {peak_mb:.0f} MB; cache load {load_s:.2f} s")
+    print(f"data_tokenize_s {tokenize_s:.1f} data_peak_rss_mb {peak_mb:.0f} data_cache_load_s {load_s:.2f}")
 
 
 def main():
-    import transformers  # a dev/test dependency only
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -194,7 +353,21 @@ def main():
         help="torch.compile both models; compile time is in the warm-up (default off)",
     )
     parser.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
+    parser.add_argument("--qa-questions", type=int, default=None,
+                        help="SQuAD questions in the QA benchmark, whole paragraphs (default: all "
+                             "269 of the article; 40 at --config base to stay quick)")
+    parser.add_argument("--qa-batch-size", type=int, default=32,
+                        help="windows per forward in the QA benchmark, both models (default 32)")
+    parser.add_argument("--qa-rounds", type=int, default=None,
+                        help="timed QA rounds of ours then theirs (default 3 with --quick, else 5)")
+    parser.add_argument("--data", action="store_true",
+                        help="only the data-pipeline benchmark: tokenize, numericalize and cache a "
+                             "WikiText-103-sized corpus (~540 MB), then load the cache")
+    parser.add_argument("--data-corpus", default="/tmp/bert_bench_corpus",
+                        help="where --data builds its corpus (default /tmp/bert_bench_corpus)")
     args = parser.parse_args()
+    if args.data:
+        return bench_data(args)
 
     spec = CONFIGS[args.config]
     arch = {k: spec[k] for k in ("emsize", "nlayers", "nhead", "nhid")}
@@ -212,6 +385,8 @@ def main():
     # Same dropout probability in both, but ours also drops the feed-forward activations
     # (nn.TransformerEncoderLayer's placement; BERT and transformers do not), which costs
     # ours ~7% at --config small. With --dropout 0 both compute the same function.
+    import transformers  # a dev/test dependency only
+
     config = BertConfig(vocab_size=VOCAB_SIZE, max_len=SEQ_LEN, dropout=args.dropout, **arch)
     ours = MLMTask(config)
     theirs = transformers.BertForMaskedLM(their_bert_config(config))
@@ -312,7 +487,7 @@ def main():
         f"mfu: ours {model_flops / 1e9:.1f} GFLOP/s / {max(mm_flops.values()) / 1e9:.1f} = {mfu:.3f}"
     )
 
-    qa_infer_ratio = bench_qa(config, device, autocast, args)
+    qa_infer_ratio = bench_qa(arch, device, args)
     print(f"timed in {time.perf_counter() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f}")
     print(
         f"mlm_train_ratio {mlm_train_ratio:.3f} qa_infer_ratio {qa_infer_ratio:.3f} mfu {mfu:.3f}"
