@@ -122,18 +122,15 @@ def main(args, info):
         return
 
     # Test the best model and write the outputs.
-    utils.barrier(info)
-    best = utils.load_checkpoint(task.full_model_path, "best model")
-    utils.load_into(utils.unwrap(trainer.model), best["model"], "best model", task.full_model_path)
-    test_loss, _, _ = task.evaluate(utils.unwrap(trainer.model), "test")
+    model = trainer.load_best(task.full_model_path)
+    test_loss, _, _ = task.evaluate(model, "test")
     log("=" * 89)
     log(f"| End of training | test loss {test_loss:5.2f} | test ppl {math.exp(min(test_loss, 700)):8.2f}")
     log("=" * 89)
     if info.is_main:
         st = trainer.state
         utils.print_loss_log("mlm_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
-        encoder = utils.unwrap(trainer.model).bert_model
-        utils.atomic_save(utils.model_checkpoint("encoder", encoder, config, vocab), args.save)
+        utils.atomic_save(utils.model_checkpoint("encoder", model.bert_model, config, vocab), args.save)
         log(f"wrote {args.save} (encoder), {task.full_model_path} and mlm_loss.txt")
 
 

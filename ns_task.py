@@ -125,18 +125,15 @@ def main(args, info):
     if trainer.fit(state_extra):
         return
 
-    utils.barrier(info)
-    best = utils.load_checkpoint(task.full_model_path, "best model")
-    utils.load_into(utils.unwrap(trainer.model), best["model"], "best model", task.full_model_path)
-    test_loss, _, accuracy = task.evaluate(utils.unwrap(trainer.model), "test")
+    model = trainer.load_best(task.full_model_path)
+    test_loss, _, accuracy = task.evaluate(model, "test")
     log("=" * 89)
     log(f"| End of training | test loss {test_loss:8.5f} | {accuracy.replace('valid', 'test')}")
     log("=" * 89)
     if info.is_main:
         st = trainer.state
         utils.print_loss_log("ns_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
-        encoder = utils.unwrap(trainer.model).bert_model
-        utils.atomic_save(utils.model_checkpoint("encoder", encoder, config, vocab), args.save)
+        utils.atomic_save(utils.model_checkpoint("encoder", model.bert_model, config, vocab), args.save)
         utils.save_vocab_copy(vocab, args.save_vocab, log)
         log(f"wrote {args.save} (encoder), {task.full_model_path} and ns_loss.txt")
 

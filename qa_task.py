@@ -576,10 +576,7 @@ def main(args, info):
         return
 
     # Evaluate the best model once more and write the official predictions file.
-    utils.barrier(info)
-    best = utils.load_checkpoint(args.save, "best model")
-    utils.load_into(utils.unwrap(trainer.model), best["model"], "best model", args.save)
-    answers, test_loss = task.predict(utils.unwrap(trainer.model))
+    answers, test_loss = task.predict(trainer.load_best(args.save))
     if info.is_main:
         utils.atomic_write_text(args.predictions,
                                 json.dumps({qid: text for qid, (text, _) in answers.items()}))

@@ -594,6 +594,14 @@ class Trainer:
         self.state = TrainState(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
 
+    def load_best(self, path):
+        """After fit: every rank loads the best model rank 0 saved at `path`; returns the
+        plain module (no DDP, no compile wrapper) for the final evaluation."""
+        barrier(self.info)
+        model = unwrap(self.model)
+        load_into(model, load_checkpoint(path, "best model")["model"], "best model", path)
+        return model
+
     # -- loop ---------------------------------------------------------------
     def fit(self, state_extra):
         """Train until --epochs or --max-steps; returns True when stopped by a signal."""
