@@ -161,7 +161,9 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, x, attn_mask=None):
         x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask)))
-        x = self.norm2(x + self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(x))))))
+        # No dropout on the feed-forward hidden activations: BERT's (and transformers')
+        # placement, not nn.TransformerEncoderLayer's that the old example used.
+        x = self.norm2(x + self.dropout(self.linear2(F.gelu(self.linear1(x)))))
         return x
 
 

@@ -186,6 +186,10 @@ def _run_rank(main, args, info, init_method):
                                     world_size=info.world_size)
         try:
             main(args, info)
+            if dist.is_initialized():
+                # Rank 0 may still be writing files: no rank tears the group down while
+                # another still uses it (gloo aborts the process when that happens).
+                dist.barrier()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
