@@ -110,7 +110,7 @@ def main(args, info):
     config = BertConfig(vocab_size=len(vocab), emsize=args.emsize, nhead=args.nhead,
                         nhid=args.nhid, nlayers=args.nlayers, dropout=args.dropout,
                         max_len=max(512, args.bptt), pad_id=data.PAD_ID)
-    utils.check_model_flags(config, args)
+    utils.apply_model_flags(config, args)
     task = MLM(args, vocab, splits, config, info, device)
     model = MLMTask(config).to(device)
     log(f"MLMTask: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "

@@ -105,7 +105,7 @@ def main(args, info):
     device = utils.get_device(args.device, info.local_rank)
     torch.manual_seed(args.seed)
     config, vocab, encoder = utils.load_pretrained(args.bert_model)
-    utils.check_model_flags(config, args, source=args.bert_model)
+    utils.apply_model_flags(config, args, source=args.bert_model)
     if args.batch_size < 1 or args.bptt < 4 or not 0 <= args.frac_ns <= 1:
         raise utils.UserError("--batch_size must be at least 1, --bptt at least 4, and "
                               "--frac_ns between 0 and 1")
@@ -115,9 +115,7 @@ def main(args, info):
     with utils.main_rank_first(info):
         _, splits = data.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
-    model = NextSentenceTask(config)
-    utils.load_into(model.bert_model, encoder, "--bert-model", args.bert_model)
-    model.to(device)
+    model = utils.task_model_from_encoder(NextSentenceTask, config, encoder, args.bert_model, device)
     log(f"NextSentenceTask from {args.bert_model}: {config.nlayers} layers, hidden {config.emsize}, "
         f"vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
     trainer = utils.Trainer(task, model, args, info, device, log)

@@ -558,16 +558,14 @@ def main(args, info):
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     config, vocab, encoder = utils.load_pretrained(args.bert_model)
-    utils.check_model_flags(config, args, source=args.bert_model)
+    utils.apply_model_flags(config, args, source=args.bert_model)
     windowing = Windowing.from_args(args)
     windowing.check(config.max_len, args.bert_model)
     with utils.main_rank_first(info):
         train_path = squad_file(args.train_file, "train", args.data_dir, log)
         dev_path = squad_file(args.dev_file, "dev", args.data_dir, log)
     task = QA(args, vocab, config, windowing, train_path, dev_path, info, device, log)
-    model = QuestionAnswerTask(config)
-    utils.load_into(model.bert_model, encoder, "--bert-model", args.bert_model)
-    model.to(device)
+    model = utils.task_model_from_encoder(QuestionAnswerTask, config, encoder, args.bert_model, device)
     log(f"QuestionAnswerTask from {args.bert_model}: {config.nlayers} layers, hidden "
         f"{config.emsize}, vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
     trainer = utils.Trainer(task, model, args, info, device, log)

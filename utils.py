@@ -325,9 +325,9 @@ def add_model_flags(parser, **defaults):
                             help=f"{helps[name]} (default {shown})")
 
 
-def check_model_flags(config, args, source=None):
+def apply_model_flags(config, args, source=None):
     """Raise if an architecture flag disagrees with `config` (read from checkpoint `source`).
-    --dropout is not architecture: when given, it replaces the checkpoint's."""
+    --dropout is not architecture: when given, it replaces the checkpoint's in `config`."""
     if source is None:
         if config.emsize % config.nhead:
             raise UserError(f"--emsize {config.emsize} is not divisible by --nhead {config.nhead}")
@@ -482,6 +482,14 @@ def save_vocab_copy(vocab, path, log):
         pass
     data.save_vocab(vocab, path)
     log(f"wrote the vocab of {len(vocab)} words to {path}")
+
+
+def task_model_from_encoder(task_class, config, encoder, path, device):
+    """A task model (NextSentenceTask, QuestionAnswerTask) around the pretrained encoder
+    weights read from --bert-model `path`."""
+    model = task_class(config)
+    load_into(model.bert_model, encoder, "--bert-model", path)
+    return model.to(device)
 
 
 def load_into(module, state, flag, path):
