@@ -58,6 +58,76 @@ class Dropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _use_onednn(x, weight):
+    """True where `linear` takes oneDNN's matmul: fp32 on the CPU, with no autocast to
+    obey (autocast casts F.linear, not these calls), outside torch.compile (which picks
+    its own kernels)."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def _onednn_linear(x, weight, bias=None, post_op="none"):
+    """x @ weight.T + bias, then GELU if post_op == "gelu", in one oneDNN call (any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(
+        x, weight, bias, post_op, [], "none" if post_op == "gelu" else "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """F.linear for fp32 training on the CPU: the forward product and the input gradient
+    on oneDNN's matmul, the weight gradient on PyTorch's (MKL's), whichever measured
+    faster for each (tests check the gradients against F.linear's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad, weight.t())
+        grad = grad.reshape(-1, grad.size(-1))
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.t() @ x.reshape(-1, x.size(-1))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x, layer, gelu=False, residual=None, dropout=None):
+    """`residual + dropout(gelu?(layer(x)))`, each part optional: every linear layer of
+    the encoder and the MLM head, written once for training and inference.
+
+    On the CPU in fp32 the product runs on oneDNN's matmul, which measured 10-15%
+    faster than PyTorch's default (MKL) on this project's matmul shapes. In inference
+    (no gradient to record) the bias, the GELU or the residual add are applied by that
+    same call to each output tile while it is still in cache (oneDNN "post-ops"),
+    instead of in separate passes over memory. The math is the same in fp32 up to the
+    order of the sums (~1e-6). Elsewhere (GPUs, autocast, torch.compile) this is F.linear.
+    """
+    no_dropout = dropout is None or not dropout.training or dropout.p == 0.0
+    if _use_onednn(x, layer.weight):
+        if not torch.is_grad_enabled() and no_dropout:
+            if residual is not None and not gelu:
+                return torch.ops.mkldnn._linear_pointwise.binary(
+                    x, residual, layer.weight, layer.bias, "add")
+            y = _onednn_linear(x, layer.weight, layer.bias, "gelu" if gelu else "none")
+            return y if residual is None else residual + y
+        y = OneDNNLinear.apply(x, layer.weight, layer.bias)
+    else:
+        y = F.linear(x, layer.weight, layer.bias)
+    if gelu:
+        y = F.gelu(y)
+    if not no_dropout:
+        y = dropout(y)
+    return y if residual is None else residual + y
+
+
 class PositionalEncoding(nn.Module):
     """Learned absolute positions, as in BERT (not the sinusoidal encoding)."""
 
@@ -121,9 +191,10 @@ class MultiheadAttention(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, residual=None, dropout=None):
+        """`residual + dropout(attention(x))`, the residual and dropout optional (see linear)."""
         batch, seq, d_model = x.shape
-        qkv = self.in_proj(x).view(batch, seq, 3, self.nhead, d_model // self.nhead)
+        qkv = linear(x, self.in_proj).view(batch, seq, 3, self.nhead, d_model // self.nhead)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, nhead, seq, head_dim)
         if self.training and self.dropout > 0.0 and x.device.type == "cpu":
             out = attention_with_dropout_cpu(q, k, v, attn_mask, self.dropout)
@@ -131,7 +202,8 @@ class MultiheadAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
             )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, d_model))
+        out = out.transpose(1, 2).reshape(batch, seq, d_model)
+        return linear(out, self.out_proj, residual=residual, dropout=dropout)
 
 
 def attention_with_dropout_cpu(q, k, v, attn_mask, p):
@@ -160,11 +232,11 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x, attn_mask=None):
-        x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask)))
+        x = self.norm1(self.self_attn(x, attn_mask, residual=x, dropout=self.dropout))
         # No dropout on the feed-forward hidden activations: BERT's (and transformers')
         # placement, not nn.TransformerEncoderLayer's that the old example used.
-        x = self.norm2(x + self.dropout(self.linear2(F.gelu(self.linear1(x)))))
-        return x
+        hidden = linear(x, self.linear1, gelu=True)
+        return self.norm2(linear(hidden, self.linear2, residual=x, dropout=self.dropout))
 
 
 def padding_attn_mask(src, pad_id):
@@ -236,7 +308,7 @@ class MLMTask(nn.Module):
         output = self.bert_model(src, token_type_input, attn_mask)
         if masked_positions is not None:
             output = output[masked_positions]
-        return self.mlm_head(self.norm_layer(F.gelu(self.mlm_span(output))))
+        return linear(self.norm_layer(linear(output, self.mlm_span, gelu=True)), self.mlm_head)
 
 
 class NextSentenceTask(nn.Module):

@@ -177,11 +177,12 @@ def answer_token_span(context, spans, text, answer_start):
 
 
 def window_starts(n_context, window_len, stride):
-    """Index of the first context token of each window: every `stride` tokens, the last
-    window ending with the context (so it is as long as the others)."""
+    """Index of the first context token of each window: every `stride` tokens until a
+    window reaches the end of the context, as BERT's own SQuAD code (and transformers'
+    examples) cut them; the last window holds what is left and may be shorter."""
     if n_context <= window_len:
         return [0]
-    return list(range(0, n_context - window_len, stride)) + [n_context - window_len]
+    return list(range(0, n_context - window_len + stride, stride))
 
 
 @dataclass

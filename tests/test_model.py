@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import model
 from model import (
     BertConfig,
     BertModel,
@@ -174,3 +175,78 @@ def test_sequences_longer_than_max_len_are_refused():
 def test_emsize_not_divisible_by_nhead_is_refused():
     with pytest.raises(ValueError, match="divisible"):
         BertModel(tiny_config(emsize=30, nhead=4))
+
+
+###############################################################################
+# model.linear: oneDNN on the CPU, F.linear elsewhere; same math either way
+###############################################################################
+
+
+def plain_linear(x, layer, gelu=False, residual=None):
+    y = F.linear(x, layer.weight, layer.bias)
+    y = F.gelu(y) if gelu else y
+    return y if residual is None else residual + y
+
+
+@pytest.mark.skipif(not model.ONEDNN, reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("gelu, residual", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24), (0, 24)])
+def test_linear_on_onednn_equals_f_linear(shape, gelu, residual, monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 24)
+    x = torch.randn(*shape)
+    res = torch.randn(*shape[:-1], 24) if residual else None
+    calls = []
+    onednn = model._onednn_linear
+    monkeypatch.setattr(model, "_onednn_linear", lambda *a: calls.append(1) or onednn(*a))
+    with torch.no_grad():  # inference: one fused call
+        fused = model.linear(x, layer, gelu=gelu, residual=res)
+    torch.testing.assert_close(fused, plain_linear(x, layer, gelu, res), atol=1e-5, rtol=1e-5)
+    # Training: the autograd Function, whose gradients must be F.linear's.
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [model.linear(xs[0], layer, gelu=gelu, residual=res)]
+    grads_ours = torch.autograd.grad(outs[0].square().sum(), [xs[0], *layer.parameters()])
+    outs.append(plain_linear(xs[1], layer, gelu, res))
+    grads_ref = torch.autograd.grad(outs[1].square().sum(), [xs[1], *layer.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for ours, ref in zip(grads_ours, grads_ref, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    if not (residual and not gelu):  # the fused residual add calls oneDNN directly
+        assert len(calls) == 3  # oneDNN in inference, forward and input gradient
+
+
+@pytest.mark.skipif(not model.ONEDNN, reason="this PyTorch build has no oneDNN")
+def test_frozen_weights_get_only_the_input_gradient():
+    layer = nn.Linear(8, 4).requires_grad_(False)
+    x = torch.randn(5, 8, requires_grad=True)
+    model.linear(x, layer).sum().backward()
+    assert x.grad is not None and layer.weight.grad is None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(5, 8))
+
+
+def test_linear_obeys_autocast_and_dropout():
+    torch.manual_seed(0)
+    layer, x = nn.Linear(16, 16), torch.randn(4, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.linear(x, layer, gelu=True).dtype == torch.bfloat16
+    dropout = model.Dropout(0.5).train()
+    with torch.no_grad():
+        y = model.linear(x, layer, residual=torch.zeros(4, 16), dropout=dropout)
+    assert (y == 0).float().mean() > 0.3  # dropped, not fused away
+
+
+def test_fast_inference_equals_the_training_path_and_plain_pytorch(monkeypatch):
+    """The whole QA model in eval mode, padding included: no_grad (fused oneDNN calls)
+    == grad enabled (the autograd Function) == F.linear everywhere (oneDNN off)."""
+    qa = make_model(QuestionAnswerTask)
+    ids, types = batch()
+    ids[0, 8:] = PAD
+    with torch.no_grad():
+        fast = qa(ids, types)
+    training_path = [t.detach() for t in qa(ids, types)]
+    monkeypatch.setattr(model, "ONEDNN", False)
+    with torch.no_grad():
+        plain = qa(ids, types)
+    for a, b, c in zip(fast, training_path, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)

@@ -580,3 +580,24 @@ def test_bad_input_from_the_command_line(pretrained, tmp_path):
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.json"]  # nothing written
+
+
+def bert_window_starts(n_context, window_len, stride):
+    """The loop of Google BERT's run_squad.py, written out as it is there."""
+    starts, start = [], 0
+    while start < n_context:
+        starts.append(start)
+        if start + min(window_len, n_context - start) == n_context:
+            break
+        start += min(window_len, stride)
+    return starts or [0]
+
+
+@pytest.mark.parametrize("window_len", [1, 5, 16, 112])
+def test_window_starts_are_berts(window_len):
+    for n_context in range(0, 3 * window_len + 7):
+        for stride in range(1, window_len + 1):
+            starts = qa_task.window_starts(n_context, window_len, stride)
+            assert starts == bert_window_starts(n_context, window_len, stride)
+            # The last window ends with the context (and is shorter when that comes early).
+            assert min(starts[-1] + window_len, n_context) == n_context
