@@ -4,6 +4,8 @@ Only nn.Modules and their config live here: no I/O, no argument parsing.
 Every tensor is (batch, seq[, feature]).
 """
 
+import os
+import platform
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,7 +60,13 @@ class Dropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's matmul for the linear layers (see `linear`): on x86-64 CPUs, where it was
+# measured; elsewhere (ARM laptops have faster BLAS) PyTorch's default. BERT_ONEDNN=0 in
+# the environment turns it off, to compare.
+ONEDNN = (platform.machine().lower() in ("x86_64", "amd64")
+          and torch.backends.mkldnn.is_available()
+          and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+          and os.environ.get("BERT_ONEDNN", "1") != "0")
 
 
 def _use_onednn(x, weight):
