@@ -448,8 +448,7 @@ def main():
         for name, (rows, inner, cols) in mm_shapes.items()
     }
     mm_kernels = {f"{name} torch.mm": (name, torch.mm) for name in mm_shapes}
-    if (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):  # even with BERT_ONEDNN=0
+    if device.type == "cpu" and model.ONEDNN_AVAILABLE:  # even with BERT_ONEDNN=0
         mm_kernels.update({f"{name} oneDNN": (name, lambda a, b: model._onednn_linear(a, b.t()))
                            for name in mm_shapes})
 

@@ -63,9 +63,9 @@ class Dropout(nn.Dropout):
 # oneDNN's matmul for the linear layers (see `linear`): on x86-64 CPUs, where it was
 # measured; elsewhere (ARM laptops have faster BLAS) PyTorch's default. BERT_ONEDNN=0 in
 # the environment turns it off, to compare.
-ONEDNN = (platform.machine().lower() in ("x86_64", "amd64")
-          and torch.backends.mkldnn.is_available()
-          and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+ONEDNN = (ONEDNN_AVAILABLE and platform.machine().lower() in ("x86_64", "amd64")
           and os.environ.get("BERT_ONEDNN", "1") != "0")
 
 
