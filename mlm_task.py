@@ -4,14 +4,17 @@
 """
 
 import argparse
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import utils
-from model import BertConfig, MLMTask
+from model import BertConfig, MLMTask, count_parameters
+from trainer import train_and_test_encoder
 
 
 def get_parser():
@@ -37,6 +40,7 @@ class MLM:
     """What the shared Trainer needs to know about masked-LM pretraining."""
 
     full_model_path = "full_mlm_model.pt"
+    loss_format = "5.2f"  # the old example's end-of-training line
 
     def __init__(self, args, vocab, splits, config, info, device):
         self.args, self.vocab, self.config, self.info, self.device = args, vocab, config, info, device
@@ -51,54 +55,48 @@ class MLM:
                 raise utils.UserError(f"the {split} split of {args.dataset} has fewer than "
                                       f"{args.bptt - 1} tokens: not one sequence")
 
-    def _dataset(self, windows, order, epoch):
+    def _batches(self, windows, order, epoch):
         a = self.args
-        return data.MLMBatches(windows, order, a.batch_size, a.mask_frac, len(self.vocab),
-                               a.mask_mode, a.seed, epoch)
+        make_batch = functools.partial(data.mlm_batch, windows, a.mask_frac, len(self.vocab),
+                                       a.mask_mode, a.seed, epoch)
+        return data.Batches(make_batch, order, a.batch_size)
 
-    def _order(self, epoch):
-        return data.epoch_order(len(self.windows["train"]), self.args.seed, epoch, shuffle=True,
-                                rank=self.info.rank, world_size=self.info.world_size,
-                                batch_size=self.args.batch_size)
-
-    def num_batches(self, epoch):
-        return len(self._order(epoch)) // self.args.batch_size
-
-    def batches(self, epoch, start):
-        dataset = self._dataset(self.windows["train"], self._order(epoch), epoch)
-        return data.batch_loader(dataset, start, self.args.num_workers, self.device.type == "cuda")
+    def train_batches(self, epoch):
+        order = data.epoch_order(len(self.windows["train"]), self.args.seed, epoch, shuffle=True,
+                                 rank=self.info.rank, world_size=self.info.world_size,
+                                 batch_size=self.args.batch_size)
+        return self._batches(self.windows["train"], order, epoch)
 
     @staticmethod
-    def loss_fn(model, batch, reduction="mean"):
-        logits = model(batch["inputs"], batch["masked_positions"], attn_mask=None)
+    def loss(model, batch, reduction="mean"):
+        logits = model(batch["inputs"], batch["masked_positions"])  # MLM batches have no padding
         return F.cross_entropy(logits.float(), batch["targets"], reduction=reduction)
 
     @torch.no_grad()
-    def evaluate(self, model, split="valid"):
+    def evaluate(self, model, split):
         """Mean loss over every masked token of the split; the masks are fixed (same for
         every epoch and any number of ranks), each rank takes every world_size-th batch."""
         model.eval()
         windows = self.windows[split]
-        dataset = self._dataset(windows, torch.arange(len(windows)), f"eval-{split}")
+        batches = self._batches(windows, torch.arange(len(windows)), f"eval-{split}")
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i in range(self.info.rank, len(dataset), self.info.world_size):
-            batch = utils.to_device(dataset[i], self.device)
+        for i in range(self.info.rank, len(batches), self.info.world_size):
+            batch = utils.to_device(batches[i], self.device)
             with utils.autocast(self.device, self.args.dtype):
-                total[0] += self.loss_fn(model, batch, reduction="sum").double()
+                total[0] += self.loss(model, batch, reduction="sum").double()
             total[1] += batch["targets"].numel()
         utils.all_reduce_sum(total, self.info)
         model.train()
         loss = (total[0] / total[1]).item()
-        return loss, loss, f"valid ppl {math.exp(min(loss, 700)):8.2f}"
+        return loss, loss, f"{split} ppl {math.exp(min(loss, 700)):8.2f}"
 
     def save_best(self, model):
-        utils.atomic_save(utils.model_checkpoint("mlm", model, self.config, self.vocab),
-                          self.full_model_path)
+        checkpoint.save_model("mlm", model, self.config, self.vocab, self.full_model_path)
 
 
 def main(args, info):
     log = utils.make_logger(info)
-    device = utils.get_device(args.device, info.local_rank)
+    device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
     if args.bptt < 2 or args.batch_size < 1 or not 0 < args.mask_frac < 1:
         raise utils.UserError("--bptt must be at least 2, --batch_size at least 1, and "
@@ -113,25 +111,10 @@ def main(args, info):
     utils.apply_model_flags(config, args)
     task = MLM(args, vocab, splits, config, info, device)
     model = MLMTask(config).to(device)
-    log(f"MLMTask: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    log(f"MLMTask: {count_parameters(model) / 1e6:.1f}M parameters, "
         f"vocab {len(vocab)}, {len(splits['train'].ids)} train tokens, device {device}, "
         f"{info.world_size} process(es)")
-    trainer = utils.Trainer(task, model, args, info, device, log)
-    state_extra = {"config": config.to_dict(), "vocab": vocab.itos}
-    if trainer.fit(state_extra):
-        return
-
-    # Test the best model and write the outputs.
-    model = trainer.load_best(task.full_model_path)
-    test_loss, _, _ = task.evaluate(model, "test")
-    log("=" * 89)
-    log(f"| End of training | test loss {test_loss:5.2f} | test ppl {math.exp(min(test_loss, 700)):8.2f}")
-    log("=" * 89)
-    if info.is_main:
-        st = trainer.state
-        utils.print_loss_log("mlm_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
-        utils.atomic_save(utils.model_checkpoint("encoder", model.bert_model, config, vocab), args.save)
-        log(f"wrote {args.save} (encoder), {task.full_model_path} and mlm_loss.txt")
+    train_and_test_encoder(task, model, args, info, device, log, "mlm_loss.txt")
 
 
 if __name__ == "__main__":

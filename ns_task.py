@@ -4,13 +4,16 @@
 """
 
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import utils
 from model import NextSentenceTask
+from trainer import train_and_test_encoder
 
 
 def get_parser():
@@ -36,6 +39,7 @@ class NextSentence:
     """What the shared Trainer needs to know about the next-sentence task."""
 
     full_model_path = "ns_model.pt"
+    loss_format = "8.5f"
 
     def __init__(self, args, vocab, splits, config, info, device):
         self.args, self.vocab, self.splits, self.config = args, vocab, splits, config
@@ -53,58 +57,55 @@ class NextSentence:
             for s in ("valid", "test")
         }
 
-    def _train_batches(self, epoch):
+    def _batches(self, split, pairs, order):
+        make_batch = functools.partial(data.ns_batch, self.splits[split], pairs, self.args.bptt)
+        return data.Batches(make_batch, order, self.args.batch_size)
+
+    def train_batches(self, epoch):
         a = self.args
         pairs = data.ns_pairs(self.splits["train"], a.min_sentence_len, a.frac_ns,
                               data.batch_generator(a.seed, "pairs", epoch))
         order = data.epoch_order(len(pairs["label"]), a.seed, epoch, shuffle=True,
                                  rank=self.info.rank, world_size=self.info.world_size,
                                  batch_size=a.batch_size)
-        return data.NSBatches(self.splits["train"], pairs, order, a.batch_size, a.bptt)
-
-    def num_batches(self, epoch):
-        return len(self._train_batches(epoch))
-
-    def batches(self, epoch, start):
-        return data.batch_loader(self._train_batches(epoch), start, self.args.num_workers,
-                                 self.device.type == "cuda")
+        return self._batches("train", pairs, order)
 
     @staticmethod
-    def loss_fn(model, batch, reduction="mean"):
-        logits = model(batch["inputs"], batch["token_types"])
-        return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
+    def logits(model, batch):
+        return model(batch["inputs"], batch["token_types"], batch.get("padding_mask")).float()
+
+    def loss(self, model, batch):
+        return F.cross_entropy(self.logits(model, batch), batch["labels"])
 
     @torch.no_grad()
-    def evaluate(self, model, split="valid"):
+    def evaluate(self, model, split):
         """Mean loss over every pair of the split (fixed pairs; each rank takes every
         world_size-th batch and the sums are reduced)."""
         model.eval()
         pairs = self.eval_pairs[split]
-        dataset = data.NSBatches(self.splits[split], pairs, torch.arange(len(pairs["label"])),
-                                 self.args.batch_size, self.args.bptt)
+        batches = self._batches(split, pairs, torch.arange(len(pairs["label"])))
         total = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for i in range(self.info.rank, len(dataset), self.info.world_size):
-            batch = utils.to_device(dataset[i], self.device)
+        for i in range(self.info.rank, len(batches), self.info.world_size):
+            batch = utils.to_device(batches[i], self.device)
             with utils.autocast(self.device, self.args.dtype):
-                logits = model(batch["inputs"], batch["token_types"])
-            total[0] += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").double()
+                logits = self.logits(model, batch)
+            total[0] += F.cross_entropy(logits, batch["labels"], reduction="sum").double()
             total[1] += (logits.argmax(-1) == batch["labels"]).sum()
             total[2] += len(batch["labels"])
         utils.all_reduce_sum(total, self.info)
         model.train()
         loss, accuracy = (total[0] / total[2]).item(), (total[1] / total[2]).item()
-        return loss, loss, f"valid accuracy {100 * accuracy:5.2f}%"
+        return loss, loss, f"{split} accuracy {100 * accuracy:5.2f}%"
 
     def save_best(self, model):
-        utils.atomic_save(utils.model_checkpoint("ns", model, self.config, self.vocab),
-                          self.full_model_path)
+        checkpoint.save_model("ns", model, self.config, self.vocab, self.full_model_path)
 
 
 def main(args, info):
     log = utils.make_logger(info)
-    device = utils.get_device(args.device, info.local_rank)
+    device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
-    config, vocab, encoder = utils.load_pretrained(args.bert_model)
+    config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
     utils.apply_model_flags(config, args, source=args.bert_model)
     if args.batch_size < 1 or args.bptt < 4 or not 0 <= args.frac_ns <= 1:
         raise utils.UserError("--batch_size must be at least 1, --bptt at least 4, and "
@@ -115,25 +116,11 @@ def main(args, info):
     with utils.main_rank_first(info):
         _, splits = data.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
-    model = utils.task_model_from_encoder(NextSentenceTask, config, encoder, args.bert_model, device)
+    model = checkpoint.task_model_from_encoder(NextSentenceTask, config, encoder, args.bert_model,
+                                               device)
     log(f"NextSentenceTask from {args.bert_model}: {config.nlayers} layers, hidden {config.emsize}, "
         f"vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
-    trainer = utils.Trainer(task, model, args, info, device, log)
-    state_extra = {"config": config.to_dict(), "vocab": vocab.itos}
-    if trainer.fit(state_extra):
-        return
-
-    model = trainer.load_best(task.full_model_path)
-    test_loss, _, accuracy = task.evaluate(model, "test")
-    log("=" * 89)
-    log(f"| End of training | test loss {test_loss:8.5f} | {accuracy.replace('valid', 'test')}")
-    log("=" * 89)
-    if info.is_main:
-        st = trainer.state
-        utils.print_loss_log("ns_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
-        utils.atomic_save(utils.model_checkpoint("encoder", model.bert_model, config, vocab), args.save)
-        utils.save_vocab_copy(vocab, args.save_vocab, log)
-        log(f"wrote {args.save} (encoder), {task.full_model_path} and ns_loss.txt")
+    train_and_test_encoder(task, model, args, info, device, log, "ns_loss.txt")
 
 
 if __name__ == "__main__":

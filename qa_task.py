@@ -13,6 +13,7 @@ cut from the original context string, so the official metric sees real answer te
 
 import argparse
 import bisect
+import functools
 import json
 import math
 import os
@@ -24,11 +25,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import metrics
 import utils
 from data import CLS_ID, PAD_ID, SEP_ID
-from model import BertConfig, QuestionAnswerTask
+from model import QuestionAnswerTask
+from trainer import Trainer
 from utils import UserError
 
 SQUAD = {
@@ -263,11 +266,12 @@ def make_windows(questions, vocab, windowing, training=False):
                    unusable_answers=unusable, n_answers=n_answers)
 
 
-def collate(windows, indices):
+def collate(windows, indices, seq_len=None):
     """A batch of windows, cut to its longest row: the padding beyond that would only be
-    masked, so the math per real token is the same."""
+    masked, so the math per real token is the same. `seq_len` fixes the length instead
+    (--compile pads every batch to --bptt: one shape, one compiled graph)."""
     lengths = windows.lengths[indices]
-    seq_len = int(lengths.max())
+    seq_len = seq_len or int(lengths.max())
     position = torch.arange(seq_len)
     context_offset = windows.context_offset[indices, None]
     return {
@@ -300,10 +304,10 @@ class WindowBatches(torch.utils.data.Dataset):
 
 def span_logits(model, batch):
     """Start and end logits in fp32, -inf at padding (so trimming a batch changes nothing)."""
-    start_logits, end_logits = model(batch["inputs"], batch["token_types"])
-    padding = batch["inputs"].eq(PAD_ID)
-    return (start_logits.float().masked_fill(padding, -math.inf),
-            end_logits.float().masked_fill(padding, -math.inf))
+    padding_mask = batch["padding_mask"]
+    start_logits, end_logits = model(batch["inputs"], batch["token_types"], padding_mask)
+    return (start_logits.float().masked_fill(~padding_mask, -math.inf),
+            end_logits.float().masked_fill(~padding_mask, -math.inf))
 
 
 def span_loss(start_logits, end_logits, batch, reduction="mean"):
@@ -431,22 +435,19 @@ class QA:
             f"({without} without the answer: targets at <cls>); dev: {len(dev_questions)} "
             f"questions, {len(self.dev_windows)} windows")
 
-    def _order(self, epoch):
+    def train_batches(self, epoch):
         # drop_last=False: a small train file still makes a batch; every rank gets the same
         # number of windows, so the same number of steps.
-        return data.epoch_order(len(self.train_windows), self.args.seed, epoch, shuffle=True,
-                                rank=self.info.rank, world_size=self.info.world_size,
-                                batch_size=self.args.batch_size, drop_last=False)
-
-    def num_batches(self, epoch):
-        return len(WindowBatches(self.train_windows, self._order(epoch), self.args.batch_size))
-
-    def batches(self, epoch, start):
-        dataset = WindowBatches(self.train_windows, self._order(epoch), self.args.batch_size)
-        return data.batch_loader(dataset, start, self.args.num_workers, self.device.type == "cuda")
+        a = self.args
+        order = data.epoch_order(len(self.train_windows), a.seed, epoch, shuffle=True,
+                                 rank=self.info.rank, world_size=self.info.world_size,
+                                 batch_size=a.batch_size, drop_last=False)
+        seq_len = a.bptt if a.compile else None
+        return data.Batches(functools.partial(window_batch, self.train_windows, seq_len), order,
+                            a.batch_size)
 
     @staticmethod
-    def loss_fn(model, batch):
+    def loss(model, batch):
         start_logits, end_logits = span_logits(model, batch)
         return span_loss(start_logits, end_logits, batch)
 
@@ -456,15 +457,20 @@ class QA:
         return evaluate_all(model, self.dev_windows, a.max_answer_len, a.batch_size, self.device,
                             a.dtype, self.info)
 
-    def evaluate(self, model):
+    def evaluate(self, model, split="valid"):
         answers, loss = self.predict(model)
         predictions = {qid: text for qid, (text, _) in answers.items()}
         scores = metrics.evaluate(self.dev_dataset, predictions)
         return loss, -scores["f1"], f"exact {scores['exact_match']:.2f}% | f1 {scores['f1']:.2f}%"
 
     def save_best(self, model):
-        utils.atomic_save(utils.model_checkpoint("qa", model, self.config, self.vocab,
-                                                 windowing=asdict(self.windowing)), self.args.save)
+        checkpoint.save_model("qa", model, self.config, self.vocab, self.args.save,
+                              windowing=asdict(self.windowing))
+
+
+def window_batch(windows, seq_len, index, rows):
+    """Batch `index` of an epoch (data.Batches' make_batch): the windows `rows`."""
+    return collate(windows, rows, seq_len)
 
 
 ###############################################################################
@@ -474,17 +480,7 @@ class QA:
 
 def load_qa_model(path):
     """(model, vocab, windowing saved with it) from a checkpoint written by --save."""
-    ckpt = utils.load_checkpoint(path, "--qa-model")
-    if ckpt.get("kind") != "qa":
-        raise UserError(f"--qa-model {path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a "
-                        "question-answering model (qa_task.py writes those to --save)")
-    try:
-        config = BertConfig.from_dict(ckpt["config"])
-        vocab = data.Vocab(ckpt["vocab"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"--qa-model {path}: its config or vocab is unusable ({e})") from None
-    model = QuestionAnswerTask(config)
-    utils.load_into(model, ckpt["model"], "--qa-model", path)
+    model, vocab, ckpt = checkpoint.load_task_model(QuestionAnswerTask, "qa", path, "--qa-model")
     return model, vocab, ckpt.get("windowing", {})
 
 
@@ -549,7 +545,7 @@ def predict(args, device, log):
 
 def main(args, info):
     log = utils.make_logger(info)
-    device = utils.get_device(args.device, info.local_rank)
+    device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
     if args.predict:
         if info.is_main:
@@ -558,7 +554,7 @@ def main(args, info):
 
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
-    config, vocab, encoder = utils.load_pretrained(args.bert_model)
+    config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
     utils.apply_model_flags(config, args, source=args.bert_model)
     windowing = Windowing.from_args(args)
     windowing.check(config.max_len, args.bert_model)
@@ -566,12 +562,12 @@ def main(args, info):
         train_path = squad_file(args.train_file, "train", args.data_dir, log)
         dev_path = squad_file(args.dev_file, "dev", args.data_dir, log)
     task = QA(args, vocab, config, windowing, train_path, dev_path, info, device, log)
-    model = utils.task_model_from_encoder(QuestionAnswerTask, config, encoder, args.bert_model, device)
+    model = checkpoint.task_model_from_encoder(QuestionAnswerTask, config, encoder,
+                                               args.bert_model, device)
     log(f"QuestionAnswerTask from {args.bert_model}: {config.nlayers} layers, hidden "
         f"{config.emsize}, vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
-    trainer = utils.Trainer(task, model, args, info, device, log)
-    state_extra = {"config": config.to_dict(), "vocab": vocab.itos}
-    if trainer.fit(state_extra):
+    trainer = Trainer(task, model, args, info, device, log)
+    if trainer.fit():
         return
 
     # Evaluate the best model once more and write the official predictions file.
@@ -587,7 +583,7 @@ def main(args, info):
         log("=" * 89)
         st = trainer.state
         utils.print_loss_log("qa_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
-        utils.save_vocab_copy(vocab, args.save_vocab, log)
+        checkpoint.save_vocab_copy(vocab, args.save_vocab, log)
         log(f"wrote {args.save} (best model), {args.predictions} and qa_loss.txt")
 
 

@@ -1,20 +1,18 @@
-"""What the three task scripts share: device, distributed setup, checkpoints, logging,
-and the training loop with its resume / preemption / NaN handling."""
+"""What the three task scripts share: device and precision, distributed setup, flags,
+logging, and atomic file writes. (Checkpoints: checkpoint.py; the loop: trainer.py.)"""
 
 import argparse
 import contextlib
 import copy
-import math
+import datetime
 import os
-import random
 import re
 import signal
 import socket
 import sys
 import tempfile
-import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,6 +27,12 @@ class UserError(Exception):
 ###############################################################################
 
 
+def cuda_index(local_rank):
+    """The GPU of a local rank. Under `srun --gpus-per-task=1` each task sees one GPU
+    (index 0) whatever its SLURM_LOCALID: hence the modulo."""
+    return local_rank % torch.cuda.device_count()
+
+
 def get_device(name, local_rank=0):
     if name == "auto":
         if torch.cuda.is_available():
@@ -40,8 +44,12 @@ def get_device(name, local_rank=0):
     if name == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        device = torch.device("cuda", cuda_index(local_rank))
+        torch.cuda.set_device(device)
+        # TF32 tensor cores for fp32 matmuls (Ampere and later): ~10-bit mantissa products
+        # accumulated in fp32, several times faster; the precision BERT trains fine in.
+        torch.set_float32_matmul_precision("high")
+        return device
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available")
     return torch.device(name)
@@ -50,13 +58,35 @@ def get_device(name, local_rank=0):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision(device, dtype):
+    """Refuse, before any work, a --dtype the device cannot run natively."""
+    if dtype == "fp16" and device.type == "cpu":
+        raise UserError("--dtype fp16 needs a GPU; use bf16 on the CPU")
+    if (dtype == "bf16" and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported(including_emulation=False)):
+        raise UserError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
+                        "(it would run emulated, slower than fp32); use --dtype fp16")
+
+
+def setup_device(args, info):
+    """The rank's device, its precision checked (see check_precision)."""
+    device = get_device(args.device, info.local_rank)
+    check_precision(device, args.dtype)
+    return device
+
+
 def autocast(device, dtype):
     """One mixed-precision context for every forward pass; fp32 is a no-op."""
     if dtype == "fp32":
         return contextlib.nullcontext()
-    if dtype == "fp16" and device.type == "cpu":
-        raise UserError("--dtype fp16 needs a GPU; use bf16 on the CPU")
     return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def available_cpus():
+    """The CPUs this process may run on: SLURM and taskset restrict it below cpu_count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def to_device(batch, device):
@@ -104,12 +134,20 @@ def slurm_env(environ, gpus_per_node):
 
     One task per node with several GPUs: the task spawns a process per GPU (the old
     example's layout). One task per GPU (or per CPU process): each task is one rank."""
-    ntasks = int(environ["SLURM_NTASKS"])
+    # The job step's own layout (a step may run on a subset of the job's nodes), falling
+    # back to the job's for an srun older than the STEP variables.
+    def first(*names, default=None):
+        return next((environ[n] for n in names if n in environ), default)
+
+    ntasks = int(first("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"))
     procid = int(environ["SLURM_PROCID"])
-    nnodes = int(environ.get("SLURM_JOB_NUM_NODES", environ.get("SLURM_NNODES", ntasks)))
+    nnodes = int(first("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES",
+                       default=ntasks))
     per_task = gpus_per_node if (ntasks == nnodes and gpus_per_node > 1) else 1
-    master_addr = expand_nodelist(environ["SLURM_JOB_NODELIST"])[0]
-    port = int(environ.get("MASTER_PORT") or 10000 + int(environ.get("SLURM_JOB_ID", 0)) % 20000)
+    master_addr = expand_nodelist(first("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"))[0]
+    # Two steps of one job (run at once) need two ports: the step id is in the port.
+    job, step = int(environ.get("SLURM_JOB_ID", 0)), int(environ.get("SLURM_STEP_ID", 0) or 0)
+    port = int(environ.get("MASTER_PORT") or 10000 + (job * 16 + step) % 50000)
     return per_task, procid * per_task, ntasks * per_task, master_addr, port
 
 
@@ -134,7 +172,8 @@ def launch(main, args):
         info = DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
         return _run_rank(main, args, info, "env://")
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_NODELIST" in env:
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and (
+            "SLURM_STEP_NODELIST" in env or "SLURM_JOB_NODELIST" in env):
         per_task, first_rank, world, addr, port = slurm_env(env, gpus)
         local0 = int(env.get("SLURM_LOCALID", 0)) if per_task == 1 else 0
         init = f"tcp://{addr}:{port}"
@@ -175,15 +214,24 @@ def _spawned(index, main, args, infos, init):
     _run_rank(main, args, infos[index], init)
 
 
+# The process group's timeout bounds every collective. Rank 0 alone downloads and
+# tokenizes a corpus (WikiText-103, BookCorpus, EnWik9) while the others wait at a barrier,
+# which can outlast NCCL's default of 10 minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def _run_rank(main, args, info, init_method):
     try:
         if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             # Local CPU processes share the cores (torchrun sets OMP_NUM_THREADS itself).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+            torch.set_num_threads(max(1, available_cpus() // info.world_size))
         if init_method is not None:
-            backend = "nccl" if (torch.cuda.is_available() and args.device in ("auto", "cuda")) else "gloo"
-            dist.init_process_group(backend, init_method=init_method, rank=info.rank,
-                                    world_size=info.world_size)
+            nccl = torch.cuda.is_available() and args.device in ("auto", "cuda")
+            dist.init_process_group(
+                "nccl" if nccl else "gloo", init_method=init_method, rank=info.rank,
+                world_size=info.world_size, timeout=COLLECTIVE_TIMEOUT,
+                # Binds the group to this rank's GPU (NCCL's communicators are per device).
+                device_id=torch.device("cuda", cuda_index(info.local_rank)) if nccl else None)
         try:
             main(args, info)
             if dist.is_initialized():
@@ -200,15 +248,22 @@ def _run_rank(main, args, info, init_method):
         sys.exit(130)
     except Exception as e:
         if info.world_size > 1:
-            frames = traceback.extract_tb(e.__traceback__)
-            if any("torch/distributed/" in f.filename.replace(os.sep, "/") for f in frames[-3:]):
-                # A collective broke because a peer died: that peer printed the real error.
-                report = f"[rank {info.rank}] stopped: a collective failed (another rank exited)\n"
-            else:
-                report = f"[rank {info.rank}] {''.join(traceback.format_exception(e))}"
-            print(report, file=sys.stderr, end="", flush=True)
+            _report_rank_failure(e, info)
             os._exit(1)  # do not wait in collectives that will never complete
         raise
+
+
+def _report_rank_failure(error, info):
+    frames = traceback.extract_tb(error.__traceback__)
+    if any("torch/distributed/" in f.filename.replace(os.sep, "/") for f in frames[-3:]):
+        # Either a peer died (it printed its own error) or the collective itself is wrong
+        # here: the error's own words tell which, so every rank prints them.
+        summary = " ".join(str(error).split())[:500]
+        report = (f"[rank {info.rank}] stopped: a collective failed: {type(error).__name__}: "
+                  f"{summary}\n")
+    else:
+        report = f"[rank {info.rank}] {''.join(traceback.format_exception(error))}"
+    print(report, file=sys.stderr, end="", flush=True)
 
 
 def _fail(message, show=True):
@@ -419,305 +474,6 @@ def atomic_save(obj, path):
 
 def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def model_checkpoint(kind, model, config, vocab, **extra):
-    """A weights_only-loadable dict: state dict, architecture config, vocab words."""
-    return {"kind": kind, "model": unwrap(model).state_dict(), "config": config.to_dict(),
-            "vocab": list(vocab.itos), **extra}
-
-
-def load_checkpoint(path, flag):
-    """torch.load(weights_only=True) with one-line errors naming the flag and the file."""
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds; its messages advise on unsafe loading
-        raise UserError(f"{flag} {path}: not a checkpoint of this project (it does not load with "
-                        f"torch.load(weights_only=True): {type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= ckpt.keys():
-        raise UserError(f"{flag} {path}: not a checkpoint of this project "
-                        "(expected a dict with model, config and vocab)")
-    return ckpt
-
-
-def encoder_state(ckpt, flag, path):
-    """The BertModel weights inside any checkpoint: an encoder, or a task model around one."""
-    state = ckpt["model"]
-    if ckpt.get("kind") == "encoder":
-        return state
-    prefix = "bert_model."
-    encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not encoder:
-        raise UserError(f"{flag} {path}: holds no BERT encoder weights")
-    return encoder
-
-
-def load_pretrained(path, flag="--bert-model"):
-    """(config, vocab, encoder weights) from any checkpoint that holds a BERT encoder."""
-    from data import Vocab  # data imports utils
-    from model import BertConfig
-
-    ckpt = load_checkpoint(path, flag)
-    try:
-        config = BertConfig.from_dict(ckpt["config"])
-        vocab = Vocab(ckpt["vocab"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{flag} {path}: its config or vocab is unusable ({e})") from None
-    if config.vocab_size != len(vocab):
-        raise UserError(f"{flag} {path}: its vocab has {len(vocab)} words but its model "
-                        f"{config.vocab_size}")
-    return config, vocab, encoder_state(ckpt, flag, path)
-
-
-def save_vocab_copy(vocab, path, log):
-    """Write a checkpoint's vocab to --save-vocab unless that file already holds it."""
-    import data  # data imports utils
-
-    try:
-        if data.load_vocab(path)[0].itos == vocab.itos:
-            return
-    except (FileNotFoundError, data.DataError):
-        pass
-    data.save_vocab(vocab, path)
-    log(f"wrote the vocab of {len(vocab)} words to {path}")
-
-
-def task_model_from_encoder(task_class, config, encoder, path, device):
-    """A task model (NextSentenceTask, QuestionAnswerTask) around the pretrained encoder
-    weights read from --bert-model `path`."""
-    model = task_class(config)
-    load_into(model.bert_model, encoder, "--bert-model", path)
-    return model.to(device)
-
-
-def load_into(module, state, flag, path):
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise UserError(f"{flag} {path}: weights do not fit the model ({detail})") from None
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-###############################################################################
-# Training loop shared by the three tasks
-###############################################################################
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) set a flag; the loop
-    finishes its step, writes the state file and exits."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is not None:
-                signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def any_rank(self, info):
-        if not info.enabled:
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-@dataclass
-class TrainState:
-    """Where training is; saved in the state file, together with model and optimizer."""
-
-    epoch: int = 1
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best_score: float = None  # lower is better; QA stores -F1
-    train_loss_log: list = field(default_factory=list)
-    val_loss_log: list = field(default_factory=list)
-    epoch_loss_sum: float = 0.0  # of the current epoch so far, for its train_loss_log entry
-
-
-class NonFiniteLoss(UserError):
-    pass
-
-
-class Trainer:
-    """The epoch loop of all three tasks: log, checkpoint, resume, stop on signal or NaN.
-
-    A task supplies `loss_fn(model, batch) -> scalar loss`, `batches(epoch, start)` (the
-    rank's batches of an epoch from batch `start`), `num_batches(epoch)`, `evaluate(model)
-    -> (val_loss, score, extra_text)` where a lower score is better, and `save_best(model)`.
-    """
-
-    def __init__(self, task, model, args, info, device, log):
-        self.task, self.args, self.info, self.device, self.log = task, args, info, device, log
-        self.state = TrainState()
-        self.preemption = Preemption()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-        self.epoch_loss = torch.zeros((), device=device)
-        # The old example's schedule: plain SGD, lr x0.1 whenever validation does not improve.
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 1, gamma=0.1)
-        if args.checkpoint != "None":
-            self.load_state(load_checkpoint(args.checkpoint, "--checkpoint"), model)
-            log(f"resumed from {args.checkpoint} at epoch {self.state.epoch}, "
-                f"step {self.state.step_in_epoch} of the epoch ({self.state.global_step} in all)")
-        self.model = wrap_ddp(model, device, info)
-        if args.compile:
-            self.model = torch.compile(self.model)
-
-    # -- state file ---------------------------------------------------------
-    def state_dict(self, extra):
-        return {
-            "kind": "state", "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-            "rng": rng_state(), "args": vars(self.args).copy(), **extra,
-        }
-
-    def save_state(self, extra):
-        self.state.epoch_loss_sum = float(self.epoch_loss)
-        if self.info.is_main:
-            atomic_save(self.state_dict(extra), self.args.state_file)
-
-    def load_state(self, ckpt, model):
-        if ckpt.get("kind") != "state":
-            raise UserError(f"--checkpoint {self.args.checkpoint}: not a state file")
-        load_into(model, ckpt["model"], "--checkpoint", self.args.checkpoint)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = TrainState(**ckpt["train_state"])
-        set_rng_state(ckpt["rng"])
-
-    def load_best(self, path):
-        """After fit: every rank loads the best model rank 0 saved at `path`; returns the
-        plain module (no DDP, no compile wrapper) for the final evaluation."""
-        barrier(self.info)
-        model = unwrap(self.model)
-        load_into(model, load_checkpoint(path, "best model")["model"], "best model", path)
-        return model
-
-    # -- loop ---------------------------------------------------------------
-    def fit(self, state_extra):
-        """Train until --epochs or --max-steps; returns True when stopped by a signal."""
-        args, st = self.args, self.state
-        while st.epoch <= args.epochs:
-            epoch_start = time.time()
-            stopped = self.train_epoch(state_extra)
-            if stopped == "signal":
-                return True
-            val_loss, score, extra_text = self.task.evaluate(unwrap(self.model))
-            st.val_loss_log.append(val_loss)
-            self.log("-" * 89)
-            self.log(f"| end of epoch {st.epoch:3d} | time: {time.time() - epoch_start:5.2f}s | "
-                     f"valid loss {val_loss:8.5f} | {extra_text}")
-            self.log("-" * 89)
-            if st.best_score is None or score < st.best_score:
-                st.best_score = score
-                if self.info.is_main:
-                    self.task.save_best(unwrap(self.model))
-            else:
-                self.scheduler.step()  # the old schedule: lr x0.1 when validation does not improve
-            st.epoch += 1
-            st.step_in_epoch = 0
-            self.epoch_loss.zero_()
-            self.save_state(state_extra)
-            if stopped == "max_steps":
-                break
-        return False
-
-    def train_epoch(self, state_extra):
-        args, st, model = self.args, self.state, self.model
-        model.train()
-        n_batches = self.task.num_batches(st.epoch)
-        total_loss = torch.zeros((), device=self.device)
-        self.epoch_loss.fill_(st.epoch_loss_sum)
-        first_bad_step = torch.full((), -1, device=self.device)
-        logged = 0
-        start = time.time()
-        for batch in self.task.batches(st.epoch, st.step_in_epoch):
-            batch = to_device(batch, self.device)
-            with autocast(self.device, args.dtype):
-                loss = self.task.loss_fn(model, batch)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            # No .item() here: a host sync every step stalls the GPU. Losses and the
-            # first non-finite step are accumulated on the device and read at log time.
-            loss = loss.detach().float()
-            bad = ~torch.isfinite(loss)
-            first_bad_step = torch.where(bad & (first_bad_step < 0), st.global_step + 1, first_bad_step)
-            total_loss += loss
-            self.epoch_loss += loss
-            st.step_in_epoch += 1
-            st.global_step += 1
-            logged += 1
-
-            at_log = st.step_in_epoch % args.log_interval == 0
-            at_save = args.save_every and st.global_step % args.save_every == 0
-            at_max = args.max_steps and st.global_step >= args.max_steps
-            preempted = self.preemption.any_rank(self.info)
-            if at_log or at_save or at_max or preempted or st.step_in_epoch == n_batches:
-                self.check_finite(first_bad_step)
-            if at_log:
-                cur_loss = total_loss.item() / logged
-                elapsed = time.time() - start
-                self.log(f"| epoch {st.epoch:3d} | {st.step_in_epoch:5d}/{n_batches:5d} batches | "
-                         f"lr {self.scheduler.get_last_lr()[0]:05.5f} | "
-                         f"ms/batch {elapsed * 1000 / logged:5.2f} | loss {cur_loss:5.2f} | "
-                         f"ppl {math.exp(min(cur_loss, 700)):8.2f}")
-                total_loss.zero_()
-                logged, start = 0, time.time()
-            if preempted:
-                self.save_state(state_extra)
-                self.log(f"stopped by a signal at step {st.global_step}; the state is in "
-                         f"{args.state_file}. Resume with: python {os.path.basename(sys.argv[0])} "
-                         f"--checkpoint {args.state_file}")
-                return "signal"
-            if at_save:
-                self.save_state(state_extra)
-            if at_max:
-                break
-        if st.step_in_epoch:
-            st.train_loss_log.append(self.epoch_loss.item() / st.step_in_epoch)
-        self.epoch_loss.zero_()
-        return "max_steps" if (args.max_steps and st.global_step >= args.max_steps) else None
-
-    def check_finite(self, first_bad_step):
-        if self.info.enabled:
-            flag = first_bad_step.clone().float()
-            flag[flag < 0] = math.inf
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            step = int(flag.item()) if math.isfinite(flag.item()) else -1
-        else:
-            step = int(first_bad_step.item())
-        if step >= 0:
-            state_file = self.args.state_file
-            if os.path.exists(state_file):
-                hint = f"the last good state file {state_file} is untouched (resume from it with a lower --lr)"
-            else:
-                hint = "no state file was written before it"
-            raise NonFiniteLoss(f"the training loss became NaN or infinite at step {step}; stopped: {hint}")
 
 
 def explicit_flags(parser, argv):

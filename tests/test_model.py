@@ -1,11 +1,12 @@
 """model.py: shapes, padding never attended, masked-only MLM head, BERT init, config."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import model
 from model import (
     BertConfig,
     BertModel,
@@ -13,7 +14,7 @@ from model import (
     NextSentenceTask,
     QuestionAnswerTask,
     init_bert_weights,
-    padding_attn_mask,
+    padding_mask,
 )
 
 PAD = 1
@@ -54,9 +55,8 @@ def test_shapes():
     assert make_model(BertModel)(ids, types).shape == (3, 12, 32)
     mlm = make_model(MLMTask)
     assert mlm(ids).shape == (3, 12, 50)
-    masked = torch.zeros(3, 12, dtype=torch.bool)
-    masked[0, 1] = masked[2, 5] = masked[2, 7] = True
-    assert mlm(ids, masked).shape == (3, 50)
+    masked_positions = torch.tensor([[1, 4], [2, 3], [5, 7]])
+    assert mlm(ids, masked_positions).shape == (6, 50)
     assert make_model(NextSentenceTask)(ids, types).shape == (3, 2)
     start, end = make_model(QuestionAnswerTask)(ids, types)
     assert start.shape == end.shape == (3, 12)
@@ -64,10 +64,9 @@ def test_shapes():
 
 def test_padding_mask():
     ids, _ = batch()
-    assert padding_attn_mask(ids, PAD) is None  # unpadded: SDPA's fast path
     ids[1, 8:] = PAD
-    mask = padding_attn_mask(ids, PAD)
-    assert mask.shape == (3, 1, 1, 12) and mask.sum() == 3 * 12 - 4
+    mask = padding_mask(ids, PAD)
+    assert mask.shape == (3, 12) and mask.sum() == 3 * 12 - 4 and not mask[1, 8:].any()
 
 
 @pytest.mark.parametrize("extra", [1, 7])
@@ -76,14 +75,16 @@ def test_padding_is_never_attended(extra):
     ids[2, 9:] = PAD  # a row already padded
     real = ids.ne(PAD)
     padded_ids, padded_types = pad(ids, types, extra)
+    mask, padded_mask = padding_mask(ids, PAD), padding_mask(padded_ids, PAD)
     with torch.no_grad():
         encoder = make_model(BertModel)
-        torch.testing.assert_close(encoder(padded_ids, padded_types)[:, :12][real],
-                                   encoder(ids, types)[real], atol=1e-5, rtol=0)
+        torch.testing.assert_close(encoder(padded_ids, padded_types, padded_mask)[:, :12][real],
+                                   encoder(ids, types, mask)[real], atol=1e-5, rtol=0)
         ns = make_model(NextSentenceTask)
-        torch.testing.assert_close(ns(padded_ids, padded_types), ns(ids, types), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ns(padded_ids, padded_types, padded_mask),
+                                   ns(ids, types, mask), atol=1e-5, rtol=0)
         qa = make_model(QuestionAnswerTask)
-        for got, expected in zip(qa(padded_ids, padded_types), qa(ids, types)):
+        for got, expected in zip(qa(padded_ids, padded_types, padded_mask), qa(ids, types, mask)):
             torch.testing.assert_close(got[:, :12][real], expected[real], atol=1e-5, rtol=0)
 
 
@@ -93,7 +94,7 @@ def test_padding_changes_outputs_when_attended():
     padded_ids, padded_types = pad(ids, types, 5)
     encoder = make_model(BertModel)
     with torch.no_grad():
-        attended = encoder(padded_ids, padded_types, attn_mask=None)[:, :12]
+        attended = encoder(padded_ids, padded_types, padding_mask=None)[:, :12]
         assert not torch.allclose(attended, encoder(ids, types), atol=1e-3)
 
 
@@ -101,12 +102,13 @@ def test_masked_only_head_loss_equals_full_head_loss():
     model = make_model(MLMTask)
     ids, _ = batch(batch_size=4, seq=16)
     g = torch.Generator().manual_seed(3)
-    masked = torch.rand(ids.shape, generator=g) < 0.3
-    masked[:, 0] = False
-    targets = torch.randint(5, 50, (int(masked.sum()),), generator=g)
+    masked_positions = torch.rand(4, 15, generator=g).topk(5, dim=1).indices.sort(1).values + 1
+    masked = torch.zeros(ids.shape, dtype=torch.bool).scatter_(1, masked_positions, True)
+    targets = torch.randint(5, 50, (4 * 5,), generator=g)
     with torch.no_grad():
-        selected = model(ids, masked)
+        selected = model(ids, masked_positions)
         full = model(ids)
+    # Row-major order: the same rows as boolean indexing of the full output.
     torch.testing.assert_close(selected, full[masked], atol=1e-5, rtol=0)
     torch.testing.assert_close(F.cross_entropy(selected, targets),
                                F.cross_entropy(full[masked], targets), atol=1e-6, rtol=0)
@@ -114,13 +116,13 @@ def test_masked_only_head_loss_equals_full_head_loss():
 
 def test_masked_only_head_gradients_equal_full_head_gradients():
     ids, _ = batch(batch_size=2, seq=10)
-    masked = torch.zeros(2, 10, dtype=torch.bool)
-    masked[0, [2, 5]] = masked[1, 7] = True
-    targets = torch.tensor([7, 8, 9])
+    masked_positions = torch.tensor([[2, 5], [3, 7]])
+    masked = torch.zeros(2, 10, dtype=torch.bool).scatter_(1, masked_positions, True)
+    targets = torch.tensor([7, 8, 9, 10])
     grads = []
     for select in (True, False):
         model = make_model(MLMTask)
-        logits = model(ids, masked) if select else model(ids)[masked]
+        logits = model(ids, masked_positions) if select else model(ids)[masked]
         F.cross_entropy(logits, targets).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
@@ -177,76 +179,41 @@ def test_emsize_not_divisible_by_nhead_is_refused():
         BertModel(tiny_config(emsize=30, nhead=4))
 
 
-###############################################################################
-# model.linear: oneDNN on the CPU, F.linear elsewhere; same math either way
-###############################################################################
-
-
-def plain_linear(x, layer, gelu=False, residual=None):
-    y = F.linear(x, layer.weight, layer.bias)
-    y = F.gelu(y) if gelu else y
-    return y if residual is None else residual + y
-
-
-@pytest.mark.skipif(not model.ONEDNN, reason="oneDNN linear layers are off here")
-@pytest.mark.parametrize("gelu, residual", [(False, False), (True, False), (False, True)])
-@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24), (0, 24)])
-def test_linear_on_onednn_equals_f_linear(shape, gelu, residual, monkeypatch):
+def test_task_heads_keep_the_encoders_initial_weights():
+    """A head initializes only its own layers: building MLMTask draws the same encoder
+    as building the BertModel alone."""
     torch.manual_seed(0)
-    layer = nn.Linear(24, 24)
-    x = torch.randn(*shape)
-    res = torch.randn(*shape[:-1], 24) if residual else None
-    calls = []
-    onednn = model._onednn_linear
-    monkeypatch.setattr(model, "_onednn_linear", lambda *a: calls.append(1) or onednn(*a))
-    with torch.no_grad():  # inference: one fused call
-        fused = model.linear(x, layer, gelu=gelu, residual=res)
-    torch.testing.assert_close(fused, plain_linear(x, layer, gelu, res), atol=1e-5, rtol=1e-5)
-    # Training: the autograd Function, whose gradients must be F.linear's.
-    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-    outs = [model.linear(xs[0], layer, gelu=gelu, residual=res)]
-    grads_ours = torch.autograd.grad(outs[0].square().sum(), [xs[0], *layer.parameters()])
-    outs.append(plain_linear(xs[1], layer, gelu, res))
-    grads_ref = torch.autograd.grad(outs[1].square().sum(), [xs[1], *layer.parameters()])
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
-    for ours, ref in zip(grads_ours, grads_ref, strict=True):
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    if not (residual and not gelu):  # the fused residual add calls oneDNN directly
-        assert len(calls) == 3  # oneDNN in inference, forward and input gradient
+    encoder = BertModel(tiny_config())
+    for cls in (MLMTask, NextSentenceTask, QuestionAnswerTask):
+        torch.manual_seed(0)
+        task = cls(tiny_config())
+        for (name, a), b in zip(encoder.state_dict().items(), task.bert_model.state_dict().values()):
+            assert torch.equal(a, b), (cls.__name__, name)
 
 
-@pytest.mark.skipif(not model.ONEDNN, reason="oneDNN linear layers are off here")
-def test_frozen_weights_get_only_the_input_gradient():
-    layer = nn.Linear(8, 4).requires_grad_(False)
-    x = torch.randn(5, 8, requires_grad=True)
-    model.linear(x, layer).sum().backward()
-    assert x.grad is not None and layer.weight.grad is None
-    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(5, 8))
+def test_checkpoints_of_the_old_layout_load_and_answer_the_same():
+    """Checkpoints written before model.py was restructured (tests/fixtures) load into
+    today's modules with the same keys and give the outputs they gave then."""
+    import checkpoint
 
-
-def test_linear_obeys_autocast_and_dropout():
-    torch.manual_seed(0)
-    layer, x = nn.Linear(16, 16), torch.randn(4, 16)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.linear(x, layer, gelu=True).dtype == torch.bfloat16
-    dropout = model.Dropout(0.5).train()
-    with torch.no_grad():
-        y = model.linear(x, layer, residual=torch.zeros(4, 16), dropout=dropout)
-    assert (y == 0).float().mean() > 0.3  # dropped, not fused away
-
-
-def test_fast_inference_equals_the_training_path_and_plain_pytorch(monkeypatch):
-    """The whole QA model in eval mode, padding included: no_grad (fused oneDNN calls)
-    == grad enabled (the autograd Function) == F.linear everywhere (oneDNN off)."""
-    qa = make_model(QuestionAnswerTask)
-    ids, types = batch()
-    ids[0, 8:] = PAD
-    with torch.no_grad():
-        fast = qa(ids, types)
-    training_path = [t.detach() for t in qa(ids, types)]
-    monkeypatch.setattr(model, "ONEDNN", False)
-    with torch.no_grad():
-        plain = qa(ids, types)
-    for a, b, c in zip(fast, training_path, plain, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    fixture = torch.load(Path(__file__).parent / "fixtures" / "checkpoints_eda0781.pt",
+                         weights_only=True)
+    inputs = fixture["inputs"]
+    ids, types = inputs["ids"], inputs["token_types"]
+    mask = padding_mask(ids, PAD)
+    masked_positions = inputs["masked_positions"].nonzero()[:, 1].view(len(ids), -1)
+    for kind, cls in (("mlm", MLMTask), ("ns", NextSentenceTask), ("qa", QuestionAnswerTask),
+                      ("encoder", BertModel)):
+        ckpt = fixture[kind]["checkpoint"]
+        config, _ = checkpoint.config_and_vocab(ckpt, "--bert-model", kind)
+        model = cls(config)
+        model.load_state_dict(ckpt["model"], strict=True)
+        model.eval()
+        with torch.no_grad():
+            if kind == "mlm":
+                got = model(ids, masked_positions, types, mask)
+            elif kind == "qa":
+                got = torch.stack(model(ids, types, mask))
+            else:
+                got = model(ids, types, mask)
+        torch.testing.assert_close(got, fixture[kind]["expected"], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,116 @@
+"""Checkpoints: what the scripts write and read, in one place.
+
+A checkpoint is a dict of tensors and plain data, loadable with
+torch.load(weights_only=True); never a pickled module:
+
+    {"kind": "encoder" | "mlm" | "ns" | "qa" | "state",
+     "model": state dict, "config": BertConfig as a dict, "vocab": list of words, ...}
+
+"encoder" holds a BertModel (mlm_bert.pt, ns_bert.pt); "mlm", "ns" and "qa" hold a task
+model whose encoder weights sit under `bert_model.`; "state" is a training state file
+(utils.Trainer writes it) that also holds the optimizer, the RNG and the flags.
+"""
+
+import os
+
+import torch
+
+import data
+from model import BertConfig
+from utils import UserError, atomic_save, unwrap
+
+
+def model_checkpoint(kind, model, config, vocab, **extra):
+    """A weights_only-loadable dict: state dict, architecture config, vocab words."""
+    return {"kind": kind, "model": unwrap(model).state_dict(), "config": config.to_dict(),
+            "vocab": list(vocab.itos), **extra}
+
+
+def save_model(kind, model, config, vocab, path, **extra):
+    atomic_save(model_checkpoint(kind, model, config, vocab, **extra), path)
+
+
+def load_checkpoint(path, flag):
+    """torch.load(weights_only=True) with one-line errors naming the flag and the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds; its messages advise on unsafe loading
+        raise UserError(f"{flag} {path}: not a checkpoint of this project (it does not load with "
+                        f"torch.load(weights_only=True): {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= ckpt.keys():
+        raise UserError(f"{flag} {path}: not a checkpoint of this project "
+                        "(expected a dict with model, config and vocab)")
+    return ckpt
+
+
+def config_and_vocab(ckpt, flag, path):
+    """The BertConfig and Vocab of a loaded checkpoint, checked against each other."""
+    try:
+        config = BertConfig.from_dict(ckpt["config"])
+        vocab = data.Vocab(ckpt["vocab"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{flag} {path}: its config or vocab is unusable ({e})") from None
+    if config.vocab_size != len(vocab):
+        raise UserError(f"{flag} {path}: its vocab has {len(vocab)} words but its model "
+                        f"{config.vocab_size}")
+    return config, vocab
+
+
+def encoder_state(ckpt, flag, path):
+    """The BertModel weights inside any checkpoint: an encoder, or a task model around one."""
+    state = ckpt["model"]
+    if ckpt.get("kind") == "encoder":
+        return state
+    prefix = "bert_model."
+    encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not encoder:
+        raise UserError(f"{flag} {path}: holds no BERT encoder weights")
+    return encoder
+
+
+def load_pretrained(path, flag="--bert-model"):
+    """(config, vocab, encoder weights) from any checkpoint that holds a BERT encoder."""
+    ckpt = load_checkpoint(path, flag)
+    config, vocab = config_and_vocab(ckpt, flag, path)
+    return config, vocab, encoder_state(ckpt, flag, path)
+
+
+def load_into(module, state, flag, path):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"{flag} {path}: weights do not fit the model ({detail})") from None
+
+
+def task_model_from_encoder(task_class, config, encoder, path, device):
+    """A task model (NextSentenceTask, QuestionAnswerTask) around the pretrained encoder
+    weights read from --bert-model `path`."""
+    model = task_class(config)
+    load_into(model.bert_model, encoder, "--bert-model", path)
+    return model.to(device)
+
+
+def load_task_model(task_class, kind, path, flag):
+    """(model, vocab, checkpoint) of a task model written by save_best, e.g. qa_model.pt."""
+    ckpt = load_checkpoint(path, flag)
+    if ckpt.get("kind") != kind:
+        raise UserError(f"{flag} {path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a "
+                        f"{kind} model")
+    config, vocab = config_and_vocab(ckpt, flag, path)
+    model = task_class(config)
+    load_into(model, ckpt["model"], flag, path)
+    return model, vocab, ckpt
+
+
+def save_vocab_copy(vocab, path, log):
+    """Write a checkpoint's vocab to --save-vocab unless that file already holds it."""
+    try:
+        if data.load_vocab(path)[0].itos == vocab.itos:
+            return
+    except (FileNotFoundError, data.DataError):
+        pass
+    data.save_vocab(vocab, path)
+    log(f"wrote the vocab of {len(vocab)} words to {path}")
