@@ -71,13 +71,26 @@ def test_slurm_one_task_per_node_spawns_per_gpu():
            "SLURM_JOB_NODELIST": "node[04-05]", "SLURM_JOB_ID": "123456"}
     per_task, first_rank, world, addr, port = utils.slurm_env(env, gpus_per_node=8)
     assert (per_task, first_rank, world, addr) == (8, 8, 16, "node04")
-    assert port == 10000 + 123456 % 20000
+    assert port == 10000 + 123456 * 16 % 50000
 
 
 def test_slurm_one_task_per_gpu_uses_the_tasks():
     env = {"SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "gpu[1-2]", "SLURM_JOB_ID": "7", "MASTER_PORT": "29511"}
     assert utils.slurm_env(env, gpus_per_node=8) == (1, 9, 16, "gpu1", 29511)
+
+
+def test_slurm_job_step_uses_its_own_nodes_and_port():
+    """A step on a subset of the job's nodes meets on its own first node, and two steps
+    of one job (run at once) get different ports."""
+    job = {"SLURM_JOB_NODELIST": "gpu[1-4]", "SLURM_JOB_NUM_NODES": "4", "SLURM_NTASKS": "16",
+           "SLURM_JOB_ID": "4242", "SLURM_PROCID": "1"}
+    step = {**job, "SLURM_STEP_NODELIST": "gpu[3-4]", "SLURM_STEP_NUM_NODES": "2",
+            "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_ID": "1"}
+    per_task, first_rank, world, addr, port = utils.slurm_env(step, gpus_per_node=4)
+    assert (per_task, first_rank, world, addr) == (1, 1, 8, "gpu3")
+    other = utils.slurm_env({**step, "SLURM_STEP_ID": "2"}, gpus_per_node=4)[4]
+    assert port != other
 
 
 # -- DDP gradients equal a single-process step on the union of the batches ---
@@ -92,10 +105,9 @@ def _batch(rows):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(5, 50, (8, 12), generator=g)
     tokens[:, 0] = data.CLS_ID
-    inputs, targets, masked = data.mask_tokens(tokens, 0.25, 50, generator=g)
-    masked_rows = masked[rows]
-    return {"inputs": inputs[rows], "masked_positions": masked_rows,
-            "targets": tokens[rows][masked_rows]}
+    inputs, targets, masked_positions = data.mask_tokens(tokens, 0.25, 50, generator=g)
+    return {"inputs": inputs[rows], "masked_positions": masked_positions[rows],
+            "targets": tokens[rows].gather(1, masked_positions[rows]).flatten()}
 
 
 def _ddp_grads(rank, world_size, port, out):
@@ -103,7 +115,7 @@ def _ddp_grads(rank, world_size, port, out):
                             world_size=world_size)
     model = DDP(_tiny_model())
     rows = slice(rank * 4, (rank + 1) * 4)
-    MLM.loss_fn(model, _batch(rows)).backward()
+    MLM.loss(model, _batch(rows)).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
     dist.destroy_process_group()
@@ -114,7 +126,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     mp.spawn(_ddp_grads, args=(2, utils._free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     model = _tiny_model()
-    MLM.loss_fn(model, _batch(slice(0, 8))).backward()
+    MLM.loss(model, _batch(slice(0, 8))).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp[name], p.grad, atol=1e-6, rtol=0, msg=name)
 
@@ -146,7 +158,7 @@ def test_sharded_evaluation_equals_single_process(corpus, tmp_path):
     model = MLMTask(config)
     model.load_state_dict(ckpt["model"])
     task = MLM(args, vocab, splits, config, utils.DistInfo(), torch.device("cpu"))
-    loss, _, _ = task.evaluate(model)
+    loss, _, _ = task.evaluate(model, "valid")
     assert abs(loss - printed) < 1e-4
 
 
