@@ -22,8 +22,9 @@ from collections import Counter
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-# How many ids to show in a report line; the rest are only counted so stderr stays one line.
+# How many ids (and characters of a bad value) to show, so that a message stays one line.
 _MAX_IDS_SHOWN = 5
+_MAX_VALUE_CHARS = 60
 # The official v2.0 script's default: no probability exceeds it, so no answer is overridden.
 DEFAULT_NA_PROB_THRESH = 1.0
 
@@ -246,7 +247,6 @@ def evaluate_v2(dataset, predictions, na_probs=None, na_prob_thresh=DEFAULT_NA_P
     has_answer = {qa["id"]: bool(qa["answers"]) for qa in iter_questions(dataset)}
     if not has_answer:
         raise ValueError("dataset contains no questions")
-    thresholded_probs = na_probs
     if na_probs is None:
         thresholded_probs = {qid: 0.0 for qid in predictions}  # the official default
     else:
@@ -256,6 +256,7 @@ def evaluate_v2(dataset, predictions, na_probs=None, na_prob_thresh=DEFAULT_NA_P
                 f"no-answer probabilities lack {len(lacking)} predicted question(s) "
                 f"(ids: {_shown(lacking)})"
             )
+        thresholded_probs = na_probs
     _report_unmatched_ids(list(has_answer), predictions)
     exact_raw, f1_raw = _raw_scores_v2(dataset, predictions)
     exact = _apply_no_answer_threshold(exact_raw, thresholded_probs, has_answer, na_prob_thresh)
@@ -364,13 +365,15 @@ def _load_id_map(path, what, value_ok, value_kind):
     mapping = _load_json(path)
     if not isinstance(mapping, dict):
         raise SquadFormatError(
-            f"{path}: {what}s must be a JSON object of id -> {value_kind}, "
+            f"{path}: expected a JSON object of question id -> {value_kind}, "
             f"got {type(mapping).__name__}"
         )
     for qid, value in mapping.items():
         if not value_ok(value):
+            # Cut, so that a large nested value still gives a short message.
+            shown = repr(value)[:_MAX_VALUE_CHARS]
             raise SquadFormatError(
-                f"{path}: {what} for id {qid!r} must be {value_kind}, got {value!r}"
+                f"{path}: {what} for id {qid!r} must be {value_kind}, got {shown}"
             )
     return mapping
 

@@ -222,8 +222,11 @@ def test_load_predictions(tmp_path):
     assert load_predictions(good) == {"q1": "Paris"}
     with pytest.raises(SquadFormatError, match="JSON object"):
         load_predictions(write_json(tmp_path / "list.json", ["Paris"]))
-    with pytest.raises(SquadFormatError, match="must be a string"):
+    with pytest.raises(SquadFormatError, match="must be a string, got 3$"):
         load_predictions(write_json(tmp_path / "num.json", {"q1": 3}))
+    with pytest.raises(SquadFormatError, match=r"must be a string, got \[0, 0, .{40,}$") as e:
+        load_predictions(write_json(tmp_path / "long.json", {"q1": [0] * 1000}))
+    assert len(str(e.value)) < 200
 
 
 # ---------------------------------------------------------------- legacy token metric
