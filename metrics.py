@@ -25,7 +25,8 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # How many ids (and characters of a bad value) to show, so that a message stays one line.
 _MAX_IDS_SHOWN = 5
 _MAX_VALUE_CHARS = 60
-# The official v2.0 script's default: no probability exceeds it, so no answer is overridden.
+# The official v2.0 script's default: a probability in [0, 1] never exceeds it, so by default
+# no answer is overridden.
 DEFAULT_NA_PROB_THRESH = 1.0
 
 
