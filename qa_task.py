@@ -143,6 +143,11 @@ def read_squad(path):
         dataset = metrics.load_squad_json(path)
     except metrics.SquadFormatError as e:
         raise UserError(str(e)) from None
+    if metrics.has_unanswerable(dataset):
+        # metrics.py scores v2.0 (python metrics.py DEV PREDICTIONS); training and decoding
+        # with a no-answer option are not built yet.
+        raise UserError(f"{path}: a SQuAD v2.0 file (questions without an answer); qa_task.py "
+                        "trains and answers SQuAD v1.1 only")
     questions, seen = [], set()
     for article in dataset:
         for paragraph in article["paragraphs"]:
