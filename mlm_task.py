@@ -4,11 +4,13 @@
 """
 
 import argparse
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
+import corpus
 import data
 import utils
 from model import BertConfig, MLMTask
@@ -53,8 +55,9 @@ class MLM:
 
     def _dataset(self, windows, order, epoch):
         a = self.args
-        return data.MLMBatches(windows, order, a.batch_size, a.mask_frac, len(self.vocab),
-                               a.mask_mode, a.seed, epoch)
+        make_batch = functools.partial(data.mlm_batch, windows, a.mask_frac, len(self.vocab),
+                                       a.mask_mode, a.seed, epoch)
+        return data.Batches(make_batch, order, a.batch_size)
 
     def _order(self, epoch):
         return data.epoch_order(len(self.windows["train"]), self.args.seed, epoch, shuffle=True,
@@ -70,7 +73,9 @@ class MLM:
 
     @staticmethod
     def loss_fn(model, batch, reduction="mean"):
-        logits = model(batch["inputs"], batch["masked_positions"], attn_mask=None)
+        # TEMP shim until model takes indices
+        masked = torch.zeros_like(batch["inputs"], dtype=torch.bool).scatter_(1, batch["masked_positions"], True)
+        logits = model(batch["inputs"], masked, attn_mask=None)
         return F.cross_entropy(logits.float(), batch["targets"], reduction=reduction)
 
     @torch.no_grad()
@@ -105,8 +110,8 @@ def main(args, info):
                               "--mask_frac between 0 and 1")
     # Rank 0 builds the vocab and the token caches; the other ranks then read them.
     with utils.main_rank_first(info):
-        vocab, splits = data.load_splits(args.dataset, args.data_dir, min_freq=args.min_freq,
-                                         vocab_path=args.save_vocab, log=log)
+        vocab, splits = corpus.load_splits(args.dataset, args.data_dir, min_freq=args.min_freq,
+                                           vocab_path=args.save_vocab, log=log)
     config = BertConfig(vocab_size=len(vocab), emsize=args.emsize, nhead=args.nhead,
                         nhid=args.nhid, nlayers=args.nlayers, dropout=args.dropout,
                         max_len=max(512, args.bptt), pad_id=data.PAD_ID)

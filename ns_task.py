@@ -4,10 +4,12 @@
 """
 
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
 
+import corpus
 import data
 import utils
 from model import NextSentenceTask
@@ -60,7 +62,8 @@ class NextSentence:
         order = data.epoch_order(len(pairs["label"]), a.seed, epoch, shuffle=True,
                                  rank=self.info.rank, world_size=self.info.world_size,
                                  batch_size=a.batch_size)
-        return data.NSBatches(self.splits["train"], pairs, order, a.batch_size, a.bptt)
+        make_batch = functools.partial(data.ns_batch, self.splits["train"], pairs, a.bptt)
+        return data.Batches(make_batch, order, a.batch_size)
 
     def num_batches(self, epoch):
         return len(self._train_batches(epoch))
@@ -80,8 +83,8 @@ class NextSentence:
         world_size-th batch and the sums are reduced)."""
         model.eval()
         pairs = self.eval_pairs[split]
-        dataset = data.NSBatches(self.splits[split], pairs, torch.arange(len(pairs["label"])),
-                                 self.args.batch_size, self.args.bptt)
+        make_batch = functools.partial(data.ns_batch, self.splits[split], pairs, self.args.bptt)
+        dataset = data.Batches(make_batch, torch.arange(len(pairs["label"])), self.args.batch_size)
         total = torch.zeros(3, dtype=torch.float64, device=self.device)
         for i in range(self.info.rank, len(dataset), self.info.world_size):
             batch = utils.to_device(dataset[i], self.device)
@@ -113,7 +116,7 @@ def main(args, info):
         raise utils.UserError(f"--bptt {args.bptt} is longer than the {config.max_len} positions "
                               f"of {args.bert_model}")
     with utils.main_rank_first(info):
-        _, splits = data.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
+        _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
     model = utils.task_model_from_encoder(NextSentenceTask, config, encoder, args.bert_model, device)
     log(f"NextSentenceTask from {args.bert_model}: {config.nlayers} layers, hidden {config.emsize}, "

@@ -13,6 +13,7 @@ cut from the original context string, so the official metric sees real answer te
 
 import argparse
 import bisect
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import corpus
 import data
 import metrics
 import utils
@@ -32,10 +34,10 @@ from model import BertConfig, QuestionAnswerTask
 from utils import UserError
 
 SQUAD = {
-    "train": data.Archive("train-v1.1.json", "981b29407e0affa3b1b156f72073b945",
-                          ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",)),
-    "dev": data.Archive("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
-                        ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",)),
+    "train": corpus.Archive("train-v1.1.json", "981b29407e0affa3b1b156f72073b945",
+                            ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",)),
+    "dev": corpus.Archive("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
+                          ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",)),
 }
 
 
@@ -130,7 +132,7 @@ def squad_file(given, split, data_dir, log):
     archive = SQUAD[split]
     path = Path(data_dir) / "squad" / archive.filename
     if not path.exists():
-        data.download_archive(archive, path.parent, log)
+        corpus.download_archive(archive, path.parent, log)
     return path
 
 
@@ -265,7 +267,7 @@ def make_windows(questions, vocab, windowing, training=False):
 
 def collate(windows, indices):
     """A batch of windows, cut to its longest row: the padding beyond that would only be
-    masked, so the math per real token is the same."""
+    masked, so the math per real token is the same. padding_mask is True at the tokens."""
     lengths = windows.lengths[indices]
     seq_len = int(lengths.max())
     position = torch.arange(seq_len)
@@ -277,20 +279,13 @@ def collate(windows, indices):
         "context_mask": (position >= context_offset) & (position < lengths[:, None] - 1),
         "start_positions": windows.start_positions[indices],
         "end_positions": windows.end_positions[indices],
+        "padding_mask": position < lengths[:, None],
     }
 
 
-class WindowBatches(torch.utils.data.Dataset):
-    """Item i is the i-th training batch of an epoch (for data.batch_loader)."""
-
-    def __init__(self, windows, order, batch_size):
-        self.windows, self.order, self.batch_size = windows, order, batch_size
-
-    def __len__(self):
-        return (len(self.order) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, i):
-        return collate(self.windows, self.order[i * self.batch_size:(i + 1) * self.batch_size])
+def window_batch(windows, i, indices):
+    """A make_batch for data.Batches: collate (a batch needs no random draws of its own)."""
+    return collate(windows, indices)
 
 
 ###############################################################################
@@ -439,10 +434,14 @@ class QA:
                                 batch_size=self.args.batch_size, drop_last=False)
 
     def num_batches(self, epoch):
-        return len(WindowBatches(self.train_windows, self._order(epoch), self.args.batch_size))
+        return len(self._train_batches(epoch))
+
+    def _train_batches(self, epoch):
+        make_batch = functools.partial(window_batch, self.train_windows)
+        return data.Batches(make_batch, self._order(epoch), self.args.batch_size)
 
     def batches(self, epoch, start):
-        dataset = WindowBatches(self.train_windows, self._order(epoch), self.args.batch_size)
+        dataset = self._train_batches(epoch)
         return data.batch_loader(dataset, start, self.args.num_workers, self.device.type == "cuda")
 
     @staticmethod
