@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import corpus
 import data
 import model
 import qa_task
@@ -310,16 +311,16 @@ def bench_data(args):
     quiet = lambda *_: None  # noqa: E731
 
     start = time.perf_counter()
-    vocab, splits = data.load_splits("WikiText103", args.data_corpus, vocab_path=vocab_path, log=quiet)
+    vocab, splits = corpus.load_splits("WikiText103", args.data_corpus, vocab_path=vocab_path, log=quiet)
     tokenize_s = time.perf_counter() - start
     n_tokens = sum(len(s.ids) for s in splits.values())
     del splits
     start = time.perf_counter()
-    _, cached = data.load_splits("WikiText103", args.data_corpus, vocab_path=vocab_path, log=quiet)
+    _, cached = corpus.load_splits("WikiText103", args.data_corpus, vocab_path=vocab_path, log=quiet)
     load_s = time.perf_counter() - start
     assert sum(len(s.ids) for s in cached.values()) == n_tokens
 
-    workers = data.default_workers()
+    workers = corpus.default_workers()
     main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     peak_mb = main_mb + workers * worker_mb

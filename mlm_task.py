@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import corpus
 import data
 import utils
 from model import BertConfig, MLMTask, count_parameters
@@ -103,8 +104,8 @@ def main(args, info):
                               "--mask_frac between 0 and 1")
     # Rank 0 builds the vocab and the token caches; the other ranks then read them.
     with utils.main_rank_first(info):
-        vocab, splits = data.load_splits(args.dataset, args.data_dir, min_freq=args.min_freq,
-                                         vocab_path=args.save_vocab, log=log)
+        vocab, splits = corpus.load_splits(args.dataset, args.data_dir, min_freq=args.min_freq,
+                                           vocab_path=args.save_vocab, log=log)
     config = BertConfig(vocab_size=len(vocab), emsize=args.emsize, nhead=args.nhead,
                         nhid=args.nhid, nlayers=args.nlayers, dropout=args.dropout,
                         max_len=max(512, args.bptt), pad_id=data.PAD_ID)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import corpus
 import data
 import utils
 from model import NextSentenceTask
@@ -114,7 +115,7 @@ def main(args, info):
         raise utils.UserError(f"--bptt {args.bptt} is longer than the {config.max_len} positions "
                               f"of {args.bert_model}")
     with utils.main_rank_first(info):
-        _, splits = data.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
+        _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
     model = checkpoint.task_model_from_encoder(NextSentenceTask, config, encoder, args.bert_model,
                                                device)

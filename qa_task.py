@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint
+import corpus
 import data
 import metrics
 import utils
@@ -35,10 +36,10 @@ from trainer import Trainer
 from utils import UserError
 
 SQUAD = {
-    "train": data.Archive("train-v1.1.json", "981b29407e0affa3b1b156f72073b945",
-                          ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",)),
-    "dev": data.Archive("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
-                        ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",)),
+    "train": corpus.Archive("train-v1.1.json", "981b29407e0affa3b1b156f72073b945",
+                            ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",)),
+    "dev": corpus.Archive("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
+                          ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",)),
 }
 
 
@@ -133,7 +134,7 @@ def squad_file(given, split, data_dir, log):
     archive = SQUAD[split]
     path = Path(data_dir) / "squad" / archive.filename
     if not path.exists():
-        data.download_archive(archive, path.parent, log)
+        corpus.download_archive(archive, path.parent, log)
     return path
 
 
@@ -286,20 +287,8 @@ def collate(windows, indices, seq_len=None):
         "context_mask": (position >= context_offset) & (position < lengths[:, None] - 1),
         "start_positions": windows.start_positions[indices],
         "end_positions": windows.end_positions[indices],
+        "padding_mask": position < lengths[:, None],
     }
-
-
-class WindowBatches(torch.utils.data.Dataset):
-    """Item i is the i-th training batch of an epoch (for data.batch_loader)."""
-
-    def __init__(self, windows, order, batch_size):
-        self.windows, self.order, self.batch_size = windows, order, batch_size
-
-    def __len__(self):
-        return (len(self.order) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, i):
-        return collate(self.windows, self.order[i * self.batch_size:(i + 1) * self.batch_size])
 
 
 ###############################################################################

@@ -1,18 +1,12 @@
-"""data.py: tokenizer, vocab, datasets and downloads, token-id cache, MLM masking, NS pairs."""
+"""data.py: tokenizer, vocab, MLM masking, NS pairs, batches and their loader."""
 
-import hashlib
-import io
+import functools
 import math
-import os
 import re
-import urllib.request
-import zipfile
 from collections import Counter
-from dataclasses import replace
 
 import pytest
 import torch
-from conftest import REAL_VALID, toy_lines, write_wikitext
 
 import data
 from data import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIALS, UNK_ID, DataError, Vocab
@@ -141,279 +135,6 @@ def test_vocab_file_without_specials_is_a_data_error(tmp_path):
 
 
 ###############################################################################
-# Datasets and downloads
-###############################################################################
-
-
-def make_zip(members):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, text in members.items():
-            zf.writestr(name, text)
-    return buffer.getvalue()
-
-
-WIKITEXT_MEMBERS = {f"wikitext-2/wiki.{s}.tokens": " = Title = \n some text .\n"
-                    for s in ("train", "valid", "test")}
-
-
-def serve_archive(monkeypatch, folder, payload, urls, md5=None):
-    """Put `payload` in the served folder and point WikiText2's archive at `urls`."""
-    (folder / "wikitext-2-v1.zip").write_bytes(payload)
-    spec = data.DATASETS["WikiText2"]
-    archive = replace(spec.archive, md5=md5 or hashlib.md5(payload).hexdigest(), urls=tuple(urls))
-    monkeypatch.setitem(data.DATASETS, "WikiText2", replace(spec, archive=archive))
-    return archive
-
-
-def test_download_extracts_and_removes_the_archive(tmp_path, http_root, monkeypatch):
-    base, served = http_root
-    serve_archive(monkeypatch, served, make_zip(WIKITEXT_MEMBERS), [f"{base}/wikitext-2-v1.zip"])
-    data_dir = tmp_path / "data"
-    files = data.dataset_files("WikiText2", data_dir, log=lambda *a: None)
-    assert files["train"] == [data_dir / "wikitext-2" / "wiki.train.tokens"]
-    assert files["train"][0].read_text() == WIKITEXT_MEMBERS["wikitext-2/wiki.train.tokens"]
-    assert sorted(os.listdir(data_dir)) == ["wikitext-2"]  # no zip, no partial download
-
-
-def test_download_tries_the_next_host(tmp_path, http_root, closed_url, monkeypatch):
-    base, served = http_root
-    urls = [f"{closed_url}/wikitext-2-v1.zip", f"{base}/missing.zip", f"{base}/wikitext-2-v1.zip"]
-    serve_archive(monkeypatch, served, make_zip(WIKITEXT_MEMBERS), urls)
-    logged = []
-    files = data.dataset_files("WikiText2", tmp_path / "data", log=logged.append)
-    assert files["valid"][0].is_file()
-    assert sum("download failed" in line for line in logged) == 2
-
-
-def test_bad_checksum_leaves_nothing_and_says_what_to_do(tmp_path, http_root, monkeypatch):
-    base, served = http_root
-    url = f"{base}/wikitext-2-v1.zip"
-    archive = serve_archive(monkeypatch, served, make_zip(WIKITEXT_MEMBERS), [url], md5="0" * 32)
-    data_dir = tmp_path / "data"
-    with pytest.raises(DataError) as error:
-        data.dataset_files("WikiText2", data_dir, log=lambda *a: None)
-    message = str(error.value)
-    assert url in message and "MD5" in message
-    assert f"place {archive.filename}" in message and str(data_dir) in message
-    assert os.listdir(data_dir) == []
-
-
-def test_archive_placed_by_hand_is_used_offline(tmp_path, closed_url, monkeypatch):
-    payload = make_zip(WIKITEXT_MEMBERS)
-    served = tmp_path / "unused"
-    served.mkdir()
-    serve_archive(monkeypatch, served, payload, [f"{closed_url}/wikitext-2-v1.zip"])
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "wikitext-2-v1.zip").write_bytes(payload)  # what the error message asks for
-    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
-    files = data.dataset_files("WikiText2", data_dir, log=lambda *a: None)
-    assert files["test"][0].is_file()
-    assert not (data_dir / "wikitext-2-v1.zip").exists()
-
-
-def test_zip_member_escaping_the_folder_is_refused(tmp_path, http_root, monkeypatch):
-    base, served = http_root
-    members = {**WIKITEXT_MEMBERS, "../escaped.txt": "owned", "wikitext-2/../../escaped2.txt": "x"}
-    serve_archive(monkeypatch, served, make_zip(members), [f"{base}/wikitext-2-v1.zip"])
-    data_dir = tmp_path / "data"
-    with pytest.raises(DataError, match="refusing to extract"):
-        data.dataset_files("WikiText2", data_dir, log=lambda *a: None)
-    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "escaped2.txt").exists()
-    assert os.listdir(data_dir) == []  # nothing extracted, archive removed
-
-
-def _no_network(*args, **kwargs):
-    raise AssertionError("the network was touched")
-
-
-def test_present_files_touch_no_network(wikitext_dir, closed_url, monkeypatch):
-    spec = data.DATASETS["WikiText2"]
-    archive = replace(spec.archive, urls=(f"{closed_url}/wikitext-2-v1.zip",))
-    monkeypatch.setitem(data.DATASETS, "WikiText2", replace(spec, archive=archive))
-    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
-    files = data.dataset_files("WikiText2", wikitext_dir)
-    assert all(p.is_file() for paths in files.values() for p in paths)
-
-
-def test_unknown_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="unknown --dataset 'NoSuchSet'.*WikiText2"):
-        data.dataset_files("NoSuchSet", tmp_path)
-
-
-def test_folder_with_split_files(tmp_path):
-    for split in data.SPLITS:
-        (tmp_path / f"{split}.txt").write_text(f"{split} text\n")
-    (tmp_path / "notes.txt").write_text("not a split\n")
-    files = data.dataset_files(str(tmp_path), "unused")
-    assert files == {s: [tmp_path / f"{s}.txt"] for s in data.SPLITS}
-
-
-def test_folder_of_many_files_is_split_by_file(tmp_path):
-    for i in range(40):
-        (tmp_path / f"book{i:02d}.txt").write_text(f"book {i}\n")
-    (tmp_path / "README.md").write_text("not a book\n")
-    files = data.dataset_files(str(tmp_path), "unused")
-    assert [len(files[s]) for s in ("train", "test", "valid")] == [34, 2, 4]  # 85/5/10
-    every = [p for s in data.SPLITS for p in files[s]]
-    assert sorted(every) == sorted(tmp_path.glob("*.txt"))  # disjoint, complete
-    assert files == data.dataset_files(str(tmp_path), "unused")  # a fixed seed
-
-
-def test_folder_of_few_files_is_split_by_text(tmp_path):
-    lines = [f"line {i} of the folder" for i in range(1000)]
-    (tmp_path / "a.txt").write_text("\n".join(lines[:300]) + "\n")
-    (tmp_path / "b.txt").write_text("\n".join(lines[300:]) + "\n")
-    ranges = data.split_byte_ranges(data.dataset_files(str(tmp_path), "unused"))
-    text = {}
-    for split, parts in ranges.items():
-        text[split] = ""
-        for path, start, end in parts:
-            with open(path, "rb") as f:
-                f.seek(start)
-                text[split] += f.read(end - start).decode()
-    # Every line exactly once, in order, cut at line boundaries, about 80/10/10.
-    assert (text["train"] + text["valid"] + text["test"]).splitlines() == lines
-    sizes = [len(text[s].splitlines()) for s in data.SPLITS]
-    assert sizes[0] == pytest.approx(800, abs=5) and sizes[1] == pytest.approx(100, abs=5)
-
-
-def test_folder_without_txt_files_ignores_the_token_cache(tmp_path):
-    # Regression: the .cache/ written beside the data was read as text on the second run.
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "corpus.text").write_text("\n".join(toy_lines(100)) + "\n")
-    first = data.load_splits(str(folder), "unused", log=lambda *a: None)[1]
-    assert list((folder / ".cache").iterdir())
-    second = data.load_splits(str(folder), "unused", log=lambda *a: None)[1]
-    for split in data.SPLITS:
-        assert torch.equal(first[split].ids, second[split].ids)
-
-
-def test_non_utf8_file_is_a_data_error(tmp_path):
-    train = tmp_path / "data" / "wikitext-2" / "wiki.train.tokens"
-    write_wikitext(tmp_path / "data", toy_lines(10), toy_lines(2), toy_lines(2))
-    train.write_bytes(b"good line\n\xff\xfe bad bytes\n")
-    with pytest.raises(DataError, match=f"{re.escape(str(train))} is not UTF-8"):
-        data.load_splits("WikiText2", tmp_path / "data", log=lambda *a: None)
-
-
-###############################################################################
-# Token ids and their cache
-###############################################################################
-
-
-def naive_ids(lines, vocab):
-    return [vocab[w] for line in lines for w in data.basic_english_normalize(line)]
-
-
-def test_load_splits_ids_and_lines(wikitext_dir):
-    vocab, splits = data.load_splits("WikiText2", wikitext_dir, log=lambda *a: None)
-    folder = wikitext_dir / "wikitext-2"
-    train_lines = (folder / "wiki.train.tokens").read_text().splitlines()
-    assert vocab.itos == Vocab.build(Counter(w for line in train_lines for w in line.split())).itos
-    for split in data.SPLITS:
-        lines = (folder / f"wiki.{split}.tokens").read_text().splitlines()
-        got = splits[split]
-        assert got.ids.dtype == torch.int32
-        assert got.ids.tolist() == naive_ids(lines, vocab)
-        assert got.line_offsets.diff().tolist() == [len(line.split()) for line in lines]
-
-
-def _count_calls(monkeypatch):
-    calls = []
-    real = data._map_chunks
-
-    def counting(fn, jobs, *args, **kwargs):
-        calls.append(fn.__name__)
-        return real(fn, jobs, *args, **kwargs)
-
-    monkeypatch.setattr(data, "_map_chunks", counting)
-    return calls
-
-
-def test_second_load_reads_the_cache(wikitext_dir, monkeypatch):
-    vocab, first = data.load_splits("WikiText2", wikitext_dir, log=lambda *a: None)
-
-    def no_tokenizing(*args, **kwargs):
-        raise AssertionError("tokenized again instead of reading the cache")
-
-    monkeypatch.setattr(data, "_map_chunks", no_tokenizing)
-    _, second = data.load_splits("WikiText2", wikitext_dir, vocab=vocab)
-    for split in data.SPLITS:
-        assert torch.equal(first[split].ids, second[split].ids)
-        assert torch.equal(first[split].line_offsets, second[split].line_offsets)
-    cache = next((wikitext_dir / "wikitext-2" / ".cache").glob("train.*.pt"))
-    assert torch.load(cache, weights_only=True)["ids"].dtype == torch.int32
-
-
-def test_cache_is_invalidated_when_a_file_changes(wikitext_dir, monkeypatch):
-    vocab, _ = data.load_splits("WikiText2", wikitext_dir, log=lambda *a: None)
-    calls = _count_calls(monkeypatch)
-    valid = wikitext_dir / "wikitext-2" / "wiki.valid.tokens"
-    valid.write_text("w1 w2 w3\nw4\n")
-    _, splits = data.load_splits("WikiText2", wikitext_dir, vocab=vocab)
-    assert calls == ["_numericalize_chunk"]  # only the changed split
-    assert splits["valid"].ids.tolist() == [vocab[w] for w in "w1 w2 w3 w4".split()]
-
-
-def test_unreadable_cache_is_rebuilt(wikitext_dir):
-    vocab, first = data.load_splits("WikiText2", wikitext_dir, log=lambda *a: None)
-    for cache in (wikitext_dir / "wikitext-2" / ".cache").iterdir():
-        cache.write_bytes(b"truncated")
-    _, second = data.load_splits("WikiText2", wikitext_dir, vocab=vocab)
-    assert torch.equal(first["test"].ids, second["test"].ids)
-
-
-def test_vocab_file_reused_or_rebuilt(wikitext_dir, tmp_path, monkeypatch):
-    vocab_path = tmp_path / "bert_vocab.pt"
-    vocab, _ = data.load_splits("WikiText2", wikitext_dir, vocab_path=vocab_path, log=lambda *a: None)
-    assert data.load_vocab(vocab_path)[1] == {"dataset": "WikiText2", "min_freq": 1}
-    calls = _count_calls(monkeypatch)
-    logged = []
-    again, _ = data.load_splits("WikiText2", wikitext_dir, vocab_path=vocab_path, log=logged.append)
-    assert again.itos == vocab.itos and calls == [] and "using vocab" in logged[0]
-    # Another min_freq (or dataset) rebuilds the vocab and overwrites the file.
-    with open(wikitext_dir / "wikitext-2" / "wiki.train.tokens", "a") as f:
-        f.write("rare\n")
-    rebuilt, _ = data.load_splits("WikiText2", wikitext_dir, min_freq=2, vocab_path=vocab_path,
-                                  log=logged.append)
-    assert "rebuilding" in logged[-2] and calls[0] == "_count_chunk"
-    assert "rare" not in rebuilt.stoi and rebuilt.itos == vocab.itos
-    assert data.load_vocab(vocab_path)[1]["min_freq"] == 2
-    folder = wikitext_dir / "wikitext-2"  # the same files as a folder: another dataset
-    data.load_splits(str(folder), "unused", min_freq=2, vocab_path=vocab_path, log=logged.append)
-    assert "rebuilding" in logged[-2]
-    assert data.load_vocab(vocab_path)[1]["dataset"] == str(folder.resolve())
-
-
-def test_parallel_tokenizing_equals_one_process(tmp_path, monkeypatch):
-    path = tmp_path / "text.txt"
-    # Real text when there is some, plus lines that end in \r\n, other line breaks,
-    # quotes, punctuation and empty lines.
-    text = REAL_VALID.read_text(encoding="utf-8") if REAL_VALID.is_file() else ""
-    lines = text.splitlines()[:400] + toy_lines(50) + [
-        'a "b" c\r', "", "x\x0by\u2028z", "ΟΔΟΣ. <br />end", "(don't) stop: now; ok?!"]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
-    ranges = [(str(path), 0, path.stat().st_size)]
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 2000)  # many chunks, some cut mid-paragraph
-    assert len(data._chunks(ranges)) > 20
-    vocab1, one = data.count_and_numericalize(ranges, min_freq=2, workers=1)
-    vocab2, two = data.count_and_numericalize(ranges, min_freq=2, workers=2)
-    assert vocab1.itos == vocab2.itos
-    expected_lines = path.read_text(encoding="utf-8").splitlines()
-    expected_counts = Counter(w for line in expected_lines for w in data.basic_english_normalize(line))
-    assert vocab1.itos == Vocab.build(expected_counts, min_freq=2).itos
-    expected_ids = naive_ids(expected_lines, vocab1)
-    for split in (one, two, data.numericalize(ranges, vocab1, workers=1),
-                  data.numericalize(ranges, vocab1, workers=2)):
-        assert split.ids.tolist() == expected_ids
-        assert split.line_offsets.diff().tolist() == [
-            len(data.basic_english_normalize(line)) for line in expected_lines]
-
-
-###############################################################################
 # Masked-LM batches
 ###############################################################################
 
@@ -425,27 +146,61 @@ def random_tokens(batch, seq, vocab_size=1000, seed=0):
     return tokens
 
 
+def as_bool_mask(masked_positions, seq):
+    return torch.zeros(len(masked_positions), seq, dtype=torch.bool).scatter_(1, masked_positions, True)
+
+
 @pytest.mark.parametrize("seq, mask_frac", [(32, 0.15), (128, 0.15), (17, 0.5), (9, 0.1)])
 def test_mask_tokens_counts_and_targets(seq, mask_frac):
     tokens = random_tokens(64, seq)
-    inputs, targets, masked = data.mask_tokens(tokens, mask_frac, 1000,
-                                               generator=torch.Generator().manual_seed(1))
-    assert masked.shape == tokens.shape and masked.dtype == torch.bool
-    assert (masked.sum(1) == max(1, round(mask_frac * (seq - 1)))).all()
-    assert not masked[:, 0].any()
-    assert torch.equal(targets, tokens[masked])
+    inputs, targets, positions = data.mask_tokens(tokens, mask_frac, 1000,
+                                                  generator=torch.Generator().manual_seed(1))
+    n_mask = max(1, round(mask_frac * (seq - 1)))
+    assert positions.shape == (64, n_mask) and positions.dtype == torch.int64
+    assert (positions.diff(dim=1) > 0).all()  # ascending, so distinct
+    assert (positions >= 1).all() and (positions < seq).all()  # never <cls>
+    assert torch.equal(targets, tokens.gather(1, positions).flatten())
+    masked = as_bool_mask(positions, seq)
+    assert torch.equal(targets, tokens[masked])  # the same order as a boolean mask's
     assert (inputs[masked] == MASK_ID).all()
     assert torch.equal(inputs[~masked], tokens[~masked])
     # Every position but <cls> gets masked sometimes: the choice is not biased.
     many = data.mask_tokens(random_tokens(2000, seq), mask_frac, 1000,
                             generator=torch.Generator().manual_seed(2))[2]
-    assert many[:, 1:].any(0).all()
+    assert as_bool_mask(many, seq)[:, 1:].any(0).all()
+
+
+def boolean_mask_tokens(tokens, mask_frac, vocab_size, mask_mode, generator):
+    """mask_tokens as it was with (batch, seq) boolean masks: the same draws must give the
+    same inputs and targets, so runs and checkpoints from before stay reproducible."""
+    batch, seq = tokens.shape
+    n_mask = max(1, round(mask_frac * (seq - 1)))
+    chosen = torch.rand(batch, seq - 1, generator=generator).topk(n_mask, dim=1).indices + 1
+    masked = torch.zeros(batch, seq, dtype=torch.bool).scatter_(1, chosen, True)
+    targets = tokens[masked]
+    replacement = torch.full_like(targets, MASK_ID)
+    if mask_mode == "bert":
+        r = torch.rand(targets.shape, generator=generator)
+        random_words = torch.randint(len(SPECIALS), vocab_size, targets.shape,
+                                     generator=generator, dtype=targets.dtype)
+        replacement = torch.where(r < 0.8, MASK_ID, torch.where(r < 0.9, random_words, targets))
+    return tokens.masked_scatter(masked, replacement), targets, masked
+
+
+@pytest.mark.parametrize("mask_mode", ["mask", "bert"])
+def test_mask_tokens_equal_the_boolean_mask_version(mask_mode):
+    tokens = random_tokens(50, 65)
+    got = data.mask_tokens(tokens, 0.15, 1000, mask_mode, torch.Generator().manual_seed(4))
+    expected = boolean_mask_tokens(tokens, 0.15, 1000, mask_mode, torch.Generator().manual_seed(4))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(as_bool_mask(got[2], 65), expected[2])
 
 
 def test_bert_mask_mode_80_10_10():
     tokens = random_tokens(400, 129, vocab_size=30000)
-    inputs, targets, masked = data.mask_tokens(tokens, 0.15, 30000, "bert",
-                                               torch.Generator().manual_seed(3))
+    inputs, targets, positions = data.mask_tokens(tokens, 0.15, 30000, "bert",
+                                                  torch.Generator().manual_seed(3))
+    masked = as_bool_mask(positions, 129)
     replaced = inputs[masked]
     n = len(targets)
     as_mask = (replaced == MASK_ID).float().mean().item()
@@ -465,7 +220,8 @@ def test_masks_depend_only_on_seed_epoch_batch():
     order = torch.arange(64)
 
     def batch(seed, epoch, i):
-        return data.MLMBatches(windows, order, 8, 0.15, 500, "mask", seed, epoch)[i]
+        make_batch = functools.partial(data.mlm_batch, windows, 0.15, 500, "mask", seed, epoch)
+        return data.Batches(make_batch, order, 8)[i]
 
     a, b = batch(1, 2, 3), batch(1, 2, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -475,7 +231,8 @@ def test_masks_depend_only_on_seed_epoch_batch():
     # Rows are <cls> + the ordered windows; the targets are the original tokens.
     assert (a["inputs"][:, 0] == CLS_ID).all() and a["inputs"].shape == (8, 32)
     original = torch.cat([torch.full((8, 1), CLS_ID), windows[24:32].long()], dim=1)
-    assert torch.equal(a["targets"], original[a["masked_positions"]])
+    assert torch.equal(a["targets"], original.gather(1, a["masked_positions"]).flatten())
+    assert "padding_mask" not in a  # MLM rows are never padded
 
 
 def test_mlm_windows():
@@ -546,6 +303,7 @@ def test_ns_pairs_layout_types_padding_and_labels():
         assert (inputs[row, n:] == PAD_ID).all()
         assert types[row, :n].tolist() == [0] * (len(a) + 2) + [1] * (n - len(a) - 2)
         assert (types[row, n:] == 0).all()
+        assert batch["padding_mask"][row].tolist() == [True] * n + [False] * (bptt - n)
 
 
 def test_ns_pairs_are_cut_to_bptt():
@@ -553,7 +311,7 @@ def test_ns_pairs_are_cut_to_bptt():
     pairs = data.ns_pairs(split, 20, 0.0, torch.Generator().manual_seed(0))
     batch = data.ns_collate(split, pairs, torch.arange(8), bptt=16)
     assert batch["inputs"].shape == (8, 16)
-    assert not (batch["inputs"] == PAD_ID).any()
+    assert not (batch["inputs"] == PAD_ID).any() and batch["padding_mask"].all()
     assert (batch["labels"] == 1).all()
     for row in range(8):
         cut = int(pairs["cut"][row])
@@ -569,3 +327,49 @@ def test_ns_label_fraction_on_many_lines():
         assert negatives.float().mean().item() == pytest.approx(frac, abs=1e-3)
         # A positive pair's B is the rest of its own line.
         assert torch.equal(pairs["other"][~negatives], pairs["line"][~negatives])
+
+
+###############################################################################
+# Batches and their loader
+###############################################################################
+
+
+def index_and_rows(i, rows):
+    return {"index": torch.tensor(i), "rows": rows}
+
+
+def test_batches_cut_the_order_into_batches():
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    batches = data.Batches(index_and_rows, order, batch_size=4)
+    assert len(batches) == 3  # the last batch is short
+    assert [batches[i]["rows"].tolist() for i in range(3)] == [
+        order[:4].tolist(), order[4:8].tolist(), order[8:].tolist()]
+    assert [int(batches[i]["index"]) for i in range(3)] == [0, 1, 2]
+    assert len(data.Batches(index_and_rows, order, batch_size=5)) == 2
+
+
+def loader_datasets():
+    """An MLM and a next-sentence dataset of whole batches, as the task scripts make them."""
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(len(SPECIALS), 500, (40, 15), dtype=torch.int32, generator=g)
+    mlm = functools.partial(data.mlm_batch, windows, 0.15, 500, "bert", 3, 1)
+    split = lines_split([25, 3, 40, 19, 30] * 8)
+    pairs = data.ns_pairs(split, 10, 0.5, g)
+    ns = functools.partial(data.ns_batch, split, pairs, 32)
+    return [data.Batches(mlm, data.epoch_order(40, 3, 1, shuffle=True, batch_size=4), 4),
+            data.Batches(ns, data.epoch_order(len(pairs["label"]), 3, 1, shuffle=True), 5)]
+
+
+def test_loader_workers_give_the_batches_of_the_main_process():
+    for dataset in loader_datasets():
+        in_process = list(data.batch_loader(dataset, 2, num_workers=0, pin_memory=False))
+        loader = data.batch_loader(dataset, 2, num_workers=2, pin_memory=False)
+        # Never a fork of this process (it may hold CUDA or NCCL state): a fresh interpreter
+        # imports the project's modules, so make_batch must pickle and the repo be on the path.
+        expected = "forkserver" if "forkserver" in torch.multiprocessing.get_all_start_methods() else "spawn"
+        assert loader.multiprocessing_context.get_start_method() == expected
+        from_workers = list(loader)
+        assert len(from_workers) == len(in_process) == len(dataset) - 2
+        for a, b in zip(in_process, from_workers):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+

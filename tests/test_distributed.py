@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import utils
+from corpus import load_splits
 from mlm_task import MLM
 from model import BertConfig, MLMTask
 
@@ -151,8 +152,8 @@ def test_sharded_evaluation_equals_single_process(corpus, tmp_path):
               "--parallel", "DDP", "--world_size", "2", cwd=tmp_path)
     printed = float(out.stdout.split("valid loss")[1].split("|")[0])
     args = __import__("mlm_task").get_parser().parse_args([*data_flags(corpus), *TINY])
-    vocab, splits = data.load_splits("WikiText2", str(corpus), vocab_path=str(tmp_path / "bert_vocab.pt"),
-                                     log=lambda *a: None)
+    vocab, splits = load_splits("WikiText2", str(corpus), vocab_path=str(tmp_path / "bert_vocab.pt"),
+                                log=lambda *a: None)
     ckpt = torch.load(tmp_path / "full_mlm_model.pt", weights_only=True)
     config = BertConfig.from_dict(ckpt["config"])
     model = MLMTask(config)

@@ -15,6 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import corpus  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 import qa_task  # noqa: E402
@@ -249,6 +250,7 @@ def test_trimmed_batches_give_the_same_loss_and_spans_as_full_padding():
     indices = torch.arange(len(windows))
     trimmed = qa_task.collate(windows, indices)
     assert trimmed["inputs"].shape[1] == int(windows.lengths.max()) < 64
+    assert torch.equal(trimmed["padding_mask"], trimmed["inputs"] != PAD_ID)  # True at tokens
     full = dict(trimmed)
     extra = 64 - trimmed["inputs"].shape[1]
     full["inputs"] = torch.nn.functional.pad(trimmed["inputs"], (0, extra), value=PAD_ID)
@@ -338,7 +340,7 @@ def test_squad_files_are_downloaded_only_when_absent(tmp_path, monkeypatch):
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / archive.filename).write_text("{}")
 
-    monkeypatch.setattr(data, "download_archive", fake_download)
+    monkeypatch.setattr(corpus, "download_archive", fake_download)
     path = qa_task.squad_file(None, "dev", tmp_path, print)
     assert path == tmp_path / "squad" / "dev-v1.1.json" and path.exists()
     assert fetched == [("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
