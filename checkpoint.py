@@ -93,12 +93,12 @@ def task_model_from_encoder(task_class, config, encoder, path, device):
     return model.to(device)
 
 
-def load_task_model(task_class, kind, path, flag):
-    """(model, vocab, checkpoint) of a task model written by save_best, e.g. qa_model.pt."""
+def load_task_model(task_class, kind, path, flag, what):
+    """(model, vocab, checkpoint) of a task model of `kind`, e.g. qa_model.pt; `what` says
+    what it is and which script writes it, for the error message."""
     ckpt = load_checkpoint(path, flag)
     if ckpt.get("kind") != kind:
-        raise UserError(f"{flag} {path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a "
-                        f"{kind} model")
+        raise UserError(f"{flag} {path}: a {ckpt.get('kind', 'unknown')} checkpoint, not {what}")
     config, vocab = config_and_vocab(ckpt, flag, path)
     model = task_class(config)
     load_into(model, ckpt["model"], flag, path)

@@ -474,7 +474,9 @@ def window_batch(windows, seq_len, index, rows):
 
 def load_qa_model(path):
     """(model, vocab, windowing saved with it) from a checkpoint written by --save."""
-    model, vocab, ckpt = checkpoint.load_task_model(QuestionAnswerTask, "qa", path, "--qa-model")
+    model, vocab, ckpt = checkpoint.load_task_model(
+        QuestionAnswerTask, "qa", path, "--qa-model",
+        "a question-answering model (qa_task.py writes those to --save)")
     return model, vocab, ckpt.get("windowing", {})
 
 

@@ -178,7 +178,7 @@ def test_qa_batches_under_compile_have_one_shape():
     fixed = data.Batches(functools.partial(qa_task.window_batch, windows, 24), order, 2)
     trimmed, fixed = ([batches[i] for i in range(len(batches))] for batches in (trimmed, fixed))
     assert len({batch["inputs"].shape[1] for batch in trimmed}) > 1
-    assert {batch["inputs"].shape for batch in fixed} == {(2, 24)}
+    assert {batch["inputs"].shape[1] for batch in fixed} == {24}
     for short, full in zip(trimmed, fixed, strict=True):
         length = short["inputs"].shape[1]
         assert torch.equal(full["inputs"][:, :length], short["inputs"])

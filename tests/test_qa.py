@@ -251,11 +251,8 @@ def test_trimmed_batches_give_the_same_loss_and_spans_as_full_padding():
     trimmed = qa_task.collate(windows, indices)
     assert trimmed["inputs"].shape[1] == int(windows.lengths.max()) < 64
     assert torch.equal(trimmed["padding_mask"], trimmed["inputs"] != PAD_ID)  # True at tokens
-    full = dict(trimmed)
-    extra = 64 - trimmed["inputs"].shape[1]
-    full["inputs"] = torch.nn.functional.pad(trimmed["inputs"], (0, extra), value=PAD_ID)
-    full["token_types"] = torch.nn.functional.pad(trimmed["token_types"], (0, extra))
-    full["context_mask"] = torch.nn.functional.pad(trimmed["context_mask"], (0, extra))
+    full = qa_task.collate(windows, indices, seq_len=64)  # as --compile pads them
+    assert full["inputs"].shape[1] == 64 and not full["padding_mask"][:, 63].any()
     with torch.no_grad():
         results = []
         for batch in (trimmed, full):
@@ -275,7 +272,7 @@ class PointingModel(torch.nn.Module):
         super().__init__()
         self.start_id, self.end_id = start_id, end_id
 
-    def forward(self, src, token_type_input=None):
+    def forward(self, src, token_type_input=None, padding_mask=None):
         return (src == self.start_id).float() * 5, (src == self.end_id).float() * 5
 
 
@@ -603,3 +600,15 @@ def test_window_starts_are_berts(window_len):
             assert starts == bert_window_starts(n_context, window_len, stride)
             # The last window ends with the context (and is shorter when that comes early).
             assert min(starts[-1] + window_len, n_context) == n_context
+
+
+def test_squad_v2_files_are_refused_with_one_line(tmp_path):
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [{
+        "context": "Rollo led the Normans.",
+        "qas": [{"id": "a", "question": "Who led?", "is_impossible": False,
+                 "answers": [{"text": "Rollo", "answer_start": 0}]},
+                {"id": "b", "question": "Who followed?", "is_impossible": True, "answers": []}],
+    }]}]}))
+    with pytest.raises(utils.UserError, match="SQuAD v2.0 file"):
+        qa_task.read_squad(path)
