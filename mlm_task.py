@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import checkpoint
 import corpus
 import data
+import trainer
 import utils
 from model import BertConfig, MLMTask, count_parameters
-from trainer import train_and_test_encoder
 
 
 def get_parser():
@@ -26,9 +26,7 @@ def get_parser():
     parser.add_argument("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
                         help="mask: every masked token becomes <MASK> (the old example); bert: "
                              "80%% <MASK>, 10%% random word, 10%% unchanged (default mask)")
-    parser.add_argument("--dataset", type=str, default="WikiText2",
-                        help="WikiText2, WikiText103, EnWik9, BookCorpus, or a folder of text files "
-                             "(default WikiText2)")
+    utils.add_dataset_flag(parser, default="WikiText2")
     parser.add_argument("--min-freq", type=int, default=1,
                         help="words seen fewer times in the train split become <unk> (default 1)")
     utils.add_common_flags(parser, lr=6.0, clip=0.1, epochs=8, batch_size=32, bptt=128,
@@ -73,23 +71,19 @@ class MLM:
         logits = model(batch["inputs"], batch["masked_positions"])  # MLM batches have no padding
         return F.cross_entropy(logits.float(), batch["targets"], reduction=reduction)
 
-    @torch.no_grad()
     def evaluate(self, model, split):
         """Mean loss over every masked token of the split; the masks are fixed (same for
-        every epoch and any number of ranks), each rank takes every world_size-th batch."""
-        model.eval()
+        every epoch and any number of ranks)."""
         windows = self.windows[split]
         batches = self._batches(windows, torch.arange(len(windows)), f"eval-{split}")
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i in range(self.info.rank, len(batches), self.info.world_size):
-            batch = utils.to_device(batches[i], self.device)
-            with utils.autocast(self.device, self.args.dtype):
-                total[0] += self.loss(model, batch, reduction="sum").double()
-            total[1] += batch["targets"].numel()
-        utils.all_reduce_sum(total, self.info)
-        model.train()
-        loss = (total[0] / total[1]).item()
+        loss_sum, n_targets = trainer.evaluation_sums(
+            model, batches, self._sums, 2, self.info, self.device, self.args.dtype)
+        loss = loss_sum / n_targets
         return loss, loss, f"{split} ppl {math.exp(min(loss, 700)):8.2f}"
+
+    def _sums(self, model, batch):
+        loss_sum = self.loss(model, batch, reduction="sum").double()
+        return torch.stack([loss_sum, loss_sum.new_tensor(batch["targets"].numel())])
 
     def save_best(self, model):
         checkpoint.save_model("mlm", model, self.config, self.vocab, self.full_model_path)
@@ -115,7 +109,7 @@ def main(args, info):
     log(f"MLMTask: {count_parameters(model) / 1e6:.1f}M parameters, "
         f"vocab {len(vocab)}, {len(splits['train'].ids)} train tokens, device {device}, "
         f"{info.world_size} process(es)")
-    train_and_test_encoder(task, model, args, info, device, log, "mlm_loss.txt")
+    trainer.train_and_test_encoder(task, model, args, info, device, log, "mlm_loss.txt")
 
 
 if __name__ == "__main__":

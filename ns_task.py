@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import checkpoint
 import corpus
 import data
+import trainer
 import utils
 from model import NextSentenceTask
-from trainer import train_and_test_encoder
 
 
 def get_parser():
@@ -22,9 +22,7 @@ def get_parser():
     parser.add_argument("--bert-model", type=str, default="mlm_bert.pt",
                         help="pretrained encoder (or any task checkpoint holding one); "
                              "architecture and vocab come from it (default mlm_bert.pt)")
-    parser.add_argument("--dataset", type=str, default="WikiText103",
-                        help="WikiText2, WikiText103, EnWik9, BookCorpus, or a folder of text files "
-                             "(default WikiText103)")
+    utils.add_dataset_flag(parser, default="WikiText103")
     parser.add_argument("--frac_ns", type=float, default=0.5,
                         help="fraction of pairs whose second part comes from another line (default 0.5)")
     parser.add_argument("--min_sentence_len", type=int, default=60,
@@ -78,25 +76,20 @@ class NextSentence:
     def loss(self, model, batch):
         return F.cross_entropy(self.logits(model, batch), batch["labels"])
 
-    @torch.no_grad()
     def evaluate(self, model, split):
-        """Mean loss over every pair of the split (fixed pairs; each rank takes every
-        world_size-th batch and the sums are reduced)."""
-        model.eval()
+        """Mean loss and accuracy over every pair of the split (fixed pairs)."""
         pairs = self.eval_pairs[split]
         batches = self._batches(split, pairs, torch.arange(len(pairs["label"])))
-        total = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for i in range(self.info.rank, len(batches), self.info.world_size):
-            batch = utils.to_device(batches[i], self.device)
-            with utils.autocast(self.device, self.args.dtype):
-                logits = self.logits(model, batch)
-            total[0] += F.cross_entropy(logits, batch["labels"], reduction="sum").double()
-            total[1] += (logits.argmax(-1) == batch["labels"]).sum()
-            total[2] += len(batch["labels"])
-        utils.all_reduce_sum(total, self.info)
-        model.train()
-        loss, accuracy = (total[0] / total[2]).item(), (total[1] / total[2]).item()
-        return loss, loss, f"{split} accuracy {100 * accuracy:5.2f}%"
+        loss_sum, n_right, n_pairs = trainer.evaluation_sums(
+            model, batches, self._sums, 3, self.info, self.device, self.args.dtype)
+        loss = loss_sum / n_pairs
+        return loss, loss, f"{split} accuracy {100 * n_right / n_pairs:5.2f}%"
+
+    def _sums(self, model, batch):
+        logits, labels = self.logits(model, batch), batch["labels"]
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum").double()
+        return torch.stack([loss_sum, (logits.argmax(-1) == labels).sum().double(),
+                            loss_sum.new_tensor(len(labels))])
 
     def save_best(self, model):
         checkpoint.save_model("ns", model, self.config, self.vocab, self.full_model_path)
@@ -121,7 +114,7 @@ def main(args, info):
                                                device)
     log(f"NextSentenceTask from {args.bert_model}: {config.nlayers} layers, hidden {config.emsize}, "
         f"vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
-    train_and_test_encoder(task, model, args, info, device, log, "ns_loss.txt")
+    trainer.train_and_test_encoder(task, model, args, info, device, log, "ns_loss.txt")
 
 
 if __name__ == "__main__":

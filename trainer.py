@@ -273,6 +273,22 @@ class Trainer:
             raise NonFiniteLoss(f"the training loss became NaN or infinite at step {step}; stopped: {hint}")
 
 
+@torch.no_grad()
+def evaluation_sums(model, batches, sums, n_sums, info, device, dtype):
+    """`n_sums` sums over every batch of a split, `sums(model, batch)` giving a batch's as
+    a float64 tensor. Each rank takes every world_size-th batch and the sums are reduced
+    (on the training device), so every rank gets the single-process result."""
+    model.eval()
+    total = torch.zeros(n_sums, dtype=torch.float64, device=device)
+    for i in range(info.rank, len(batches), info.world_size):
+        batch = utils.to_device(batches[i], device)
+        with utils.autocast(device, dtype):
+            total += sums(model, batch)
+    utils.all_reduce_sum(total, info)
+    model.train()
+    return total.tolist()
+
+
 def train_and_test_encoder(task, model, args, info, device, log, loss_file):
     """What mlm_task.py and ns_task.py share: train, test the best model, then write the
     encoder (--save), the vocab (--save-vocab) and the old example's loss log."""

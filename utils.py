@@ -365,6 +365,12 @@ def add_common_flags(parser, **defaults):
                         help=f"full training state for --checkpoint, written atomically (default {d['state_file']})")
 
 
+def add_dataset_flag(parser, default):
+    parser.add_argument("--dataset", type=str, default=default,
+                        help="WikiText2, WikiText103, EnWik9, BookCorpus, or a folder of text files "
+                             f"(default {default})")
+
+
 MODEL_FLAGS = ("emsize", "nhid", "nlayers", "nhead", "dropout")
 
 
