@@ -153,8 +153,10 @@ def training_dtype(device):
     """bf16 on GPUs that compute in it natively (emulated bf16 is slower than fp32, and
     would set a different MFU denominator); fp32 on the CPU, the precision the targets
     are set in."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return "bf16"
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # is_bf16_supported asks about the current device
+            if torch.cuda.is_bf16_supported(including_emulation=False):
+                return "bf16"
     return "fp32"
 
 
