@@ -1,0 +1,85 @@
+"""bench.py's pieces on a tiny config on the CPU: each runs, and what it compares is the
+same math in ours and transformers'. transformers is a dev dependency: skipped without it.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import bench  # noqa: E402
+import qa_task  # noqa: E402
+from model import BertConfig  # noqa: E402
+
+TINY = dict(emsize=32, nlayers=2, nhead=2, nhid=64)
+CPU = torch.device("cpu")
+
+
+def tiny_mlm_config(dropout=0.0):
+    return BertConfig(vocab_size=300, max_len=bench.SEQ_LEN, dropout=dropout, **TINY)
+
+
+def test_mlm_batch_masks_sorted_distinct_positions_with_matching_labels():
+    src, masked_positions, labels = bench.mlm_batch(4, 20, 5, 100, torch.Generator().manual_seed(0))
+    assert masked_positions.shape == (4, 5) and masked_positions.dtype == torch.int64
+    assert (masked_positions.diff(dim=1) > 0).all()  # sorted, none twice
+    masked = torch.zeros_like(src, dtype=torch.bool).scatter_(1, masked_positions, True)
+    assert torch.equal(labels[masked], src[masked]) and (labels[~masked] == -100).all()
+    assert (src >= 5).all()  # no special tokens, no padding
+
+
+def test_mlm_steps_compute_the_same_loss_in_both_models():
+    # Same weights and batch, no dropout: ours (logits at the masked positions, gathered
+    # in row-major order) and theirs (labels -100 elsewhere) are the same loss.
+    steps = bench.mlm_steps(tiny_mlm_config(), 3, CPU, "fp32", seed=0)
+    torch.testing.assert_close(steps["ours"](), steps["theirs"](), atol=1e-5, rtol=0)
+
+
+def test_bench_mlm_times_both_models_and_the_calls_it_is_given():
+    ours_tps, theirs_tps, seconds = bench.bench_mlm(
+        tiny_mlm_config(dropout=0.1), 2, rounds=1, steps=1, device=CPU,
+        also_time={"nothing": lambda: None})
+    assert ours_tps > 0 and theirs_tps > 0
+    assert set(seconds) == {"nothing"} and seconds["nothing"] >= 0
+
+
+def test_matmul_calls_compute_the_product_they_count():
+    calls = {name: call for name, call in bench.matmul_calls(CPU, "fp32", (8, 4, 6)).items()
+             if name.startswith("ffn")}  # the 2048-cube is only timed
+    assert calls and all(flops == 2 * 8 * 4 * 6 for flops, _ in calls.values())
+    a, b = calls["ffn 8x4x6 torch.mm"][1].args
+    for _, fn in calls.values():
+        torch.testing.assert_close(fn(), a @ b)
+
+
+def test_their_qa_answers_agree_with_ours_on_synthetic_squad(tmp_path):
+    path, what, count = bench.squad_for_bench(tmp_path, 10)
+    assert what == "synthetic text" and count == 10
+    questions, _ = qa_task.read_squad(path)
+    vocab = bench.qa_vocab(questions)
+    ours, theirs = bench.qa_models(TINY, len(vocab), CPU, seed=0)
+    windowing = qa_task.Windowing()
+    # Ours one window per forward, so without padding: this checks bench's transformers
+    # path (padded to --bptt, batched), not qa_task's own padding (tests/test_qa.py).
+    with torch.inference_mode():
+        mine = qa_task.predict_answers(ours, questions, vocab, windowing, batch_size=1)
+    their = bench.their_qa_answers(theirs, path, vocab, windowing, batch_size=3, device=CPU)
+    assert set(mine) == set(their) == {q.qid for q in questions}
+    for qid, (text, score) in mine.items():
+        # Ours checks every span, theirs only the 20 best starts and ends: ours never
+        # scores lower, and the same answer has the same score.
+        assert score >= their[qid][1] - 1e-4
+        if text == their[qid][0]:
+            assert score == pytest.approx(their[qid][1], abs=1e-4)
+    agree, n_differ, higher = bench.answer_agreement(mine, their)
+    assert agree > 0 and higher <= n_differ
+
+
+def test_bench_qa_runs_on_synthetic_squad():
+    ratio = bench.bench_qa(TINY, 4, CPU, squad_file=None, n_questions=5, rounds=1)
+    assert ratio > 0
+
+
+def test_a_missing_squad_file_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--squad-file", str(tmp_path / "absent.json")])
