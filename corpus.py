@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import utils
 from data import (
     SPLITS,
     UNK_ID,
@@ -404,11 +405,8 @@ def _map_chunks(fn, jobs, workers, initializer=None, initargs=()):
 
 
 def default_workers():
-    try:
-        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (containers)
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return min(cpus, 8)
+    return min(utils.available_cpus(), 8)
+
 
 def _tokenized_split(ids, lengths):
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
