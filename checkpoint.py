@@ -4,7 +4,8 @@ A checkpoint is a dict of tensors and plain data, loadable with
 torch.load(weights_only=True); never a pickled module:
 
     {"kind": "encoder" | "mlm" | "ns" | "qa" | "state",
-     "model": state dict, "config": BertConfig as a dict, "vocab": list of words, ...}
+     "model": state dict, "config": BertConfig as a dict, "vocab": list of words,
+     "tokenizer": {"kind": "basic_english"} or {"kind": "wordpiece", "json": ...}, ...}
 
 "encoder" holds a BertModel (mlm_bert.pt, ns_bert.pt); "mlm", "ns" and "qa" hold a task
 model whose encoder weights sit under `bert_model.`; "state" is a training state file
@@ -21,9 +22,10 @@ from utils import UserError, atomic_save, unwrap
 
 
 def model_checkpoint(kind, model, config, vocab, **extra):
-    """A weights_only-loadable dict: state dict, architecture config, vocab words."""
+    """A weights_only-loadable dict: state dict, architecture config, the tokenizer (its
+    word list, and its state: the tokenizer.json content for WordPiece)."""
     return {"kind": kind, "model": unwrap(model).state_dict(), "config": config.to_dict(),
-            "vocab": list(vocab.itos), **extra}
+            "vocab": list(vocab.itos), "tokenizer": vocab.state(), **extra}
 
 
 def save_model(kind, model, config, vocab, path, **extra):
@@ -46,11 +48,11 @@ def load_checkpoint(path, flag):
 
 
 def config_and_vocab(ckpt, flag, path):
-    """The BertConfig and Vocab of a loaded checkpoint, checked against each other."""
+    """The BertConfig and tokenizer of a loaded checkpoint, checked against each other."""
     try:
         config = BertConfig.from_dict(ckpt["config"])
-        vocab = data.Vocab(ckpt["vocab"])
-    except (TypeError, ValueError) as e:
+        vocab = data.tokenizer_from_checkpoint(ckpt)
+    except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"{flag} {path}: its config or vocab is unusable ({e})") from None
     if config.vocab_size != len(vocab):
         raise UserError(f"{flag} {path}: its vocab has {len(vocab)} words but its model "

@@ -19,8 +19,10 @@ from array import array
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import utils
@@ -33,6 +35,7 @@ from data import (
     load_vocab,
     normalize_text,
     save_vocab,
+    train_wordpiece,
 )
 from utils import atomic_save
 
@@ -268,7 +271,7 @@ def _line_boundary(paths, sizes, position):
 # Token ids, cached
 ###############################################################################
 
-CACHE_VERSION = 1  # bump when tokenization changes
+CACHE_VERSION = 1  # bump when tokenization changes (the tokenizer itself is in the key)
 # Text one worker tokenizes at a time. Bounds a worker's memory (its word list takes about
 # 12x the chunk's bytes) and is small enough that 2-8 workers get an even share of a corpus.
 _CHUNK_BYTES = 4 << 20
@@ -423,6 +426,8 @@ def numericalize(ranges, vocab, workers=None):
 
     Workers return compact int32 arrays, so memory stays at about 8 bytes a token (the
     chunks and their concatenation): never a Python list of all token ids."""
+    if vocab.kind == "wordpiece":
+        return _numericalize_wordpiece(ranges, vocab)
     ids, lengths = [], []
     with _one_torch_thread():
         for chunk_ids, _ in _map_chunks(_numericalize_chunk, _chunks(ranges),
@@ -432,6 +437,32 @@ def numericalize(ranges, vocab, workers=None):
             ids.append(chunk_ids)
             lengths.append(chunk_lengths)
     return _tokenized_split(_cat(ids, torch.int32), _cat(lengths, torch.int64))
+
+
+def _numericalize_wordpiece(ranges, tokenizer):
+    """numericalize for WordPiece: the tokenizers library encodes each chunk's lines on
+    all cores itself (no process pool), and each chunk becomes int32 right away."""
+    ids, lengths = [], []
+    for job in _chunks(ranges):
+        encoded = tokenizer.encode_batch(_read_text(*job).splitlines())
+        counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        ids.append(torch.from_numpy(np.fromiter(chain.from_iterable(encoded), dtype=np.int32,
+                                                count=int(counts.sum()))))
+        lengths.append(torch.from_numpy(counts))
+    return _tokenized_split(_cat(ids, torch.int32), _cat(lengths, torch.int64))
+
+
+# A WordPiece vocabulary is learned from at most this much of the train split, in chunks
+# spread evenly over it: enough text for a 30k vocabulary, in seconds on a laptop.
+WORDPIECE_SAMPLE_BYTES = 64 << 20
+
+
+def _sample_lines(ranges, max_bytes=WORDPIECE_SAMPLE_BYTES):
+    jobs = _chunks(ranges)
+    total = sum(end - start for _, start, end in jobs)
+    step = max(1, -(-total // max_bytes))  # every step-th chunk
+    for job in jobs[::step]:
+        yield from _read_text(*job).splitlines()
 
 
 def count_and_numericalize(ranges, min_freq=1, workers=None):
@@ -482,22 +513,31 @@ def _load_cache(path):
 
 
 def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=print,
-                workers=None):
+                workers=None, tokenizer="basic_english", vocab_size=30522):
     """Returns (vocab, {split: TokenizedSplit}) for `dataset`.
 
-    The vocab is `vocab` if given, else the one at `vocab_path` if it was built from the
-    same dataset and min_freq, else built from the train split (and saved at vocab_path).
-    Token ids are cached beside the data in `.cache/`, keyed by the vocab and the files'
-    sizes and mtimes, so a second run skips tokenization."""
+    The vocab (a data.Vocab or data.WordPiece: the tokenizer) is `vocab` if given, else
+    the one at `vocab_path` if it was built from the same dataset with the same settings,
+    else built from the train split (and saved at vocab_path): basic_english's word list
+    of the words seen `min_freq` times, or a `tokenizer="wordpiece"` vocabulary of
+    `vocab_size` learned from (a sample of) the train split. Token ids are cached beside
+    the data in `.cache/`, keyed by the tokenizer and the files' sizes and mtimes, so a
+    second run skips tokenization."""
     ranges = split_byte_ranges(dataset_files(dataset, data_dir, log=log))
     splits = {}
     if vocab is None:
-        meta = {"dataset": dataset if dataset in DATASETS else os.path.abspath(dataset),
-                "min_freq": min_freq}
+        name = dataset if dataset in DATASETS else os.path.abspath(dataset)
+        meta = ({"dataset": name, "min_freq": min_freq} if tokenizer == "basic_english"
+                else {"dataset": name, "tokenizer": tokenizer, "vocab_size": vocab_size})
         vocab = _saved_vocab(vocab_path, meta, log)
         if vocab is None:
-            vocab, splits["train"] = count_and_numericalize(ranges["train"], min_freq, workers)
-            log(f"built a vocab of {len(vocab)} words from the train split (min_freq {min_freq})")
+            if tokenizer == "basic_english":
+                vocab, splits["train"] = count_and_numericalize(ranges["train"], min_freq, workers)
+                log(f"built a vocab of {len(vocab)} words from the train split "
+                    f"(min_freq {min_freq})")
+            else:
+                vocab = train_wordpiece(_sample_lines(ranges["train"]), vocab_size)
+                log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split")
             if vocab_path:
                 save_vocab(vocab, vocab_path, **meta)
     cache_dir = Path(ranges["train"][0][0]).parent / ".cache" if ranges["train"] else None

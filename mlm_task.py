@@ -17,10 +17,24 @@ import trainer
 import utils
 from model import BertConfig, MLMTask, count_parameters
 
+# The architecture of a model pretrained from scratch (BERT-base), flags left out.
+FRESH_MODEL = dict(emsize=768, nhid=3072, nlayers=12, nhead=12, dropout=0.2)
+
 
 def get_parser():
     parser = argparse.ArgumentParser(description="BERT masked-language-model pretraining")
-    utils.add_model_flags(parser, emsize=768, nhid=3072, nlayers=12, nhead=12, dropout=0.2)
+    parser.add_argument("--bert-model", type=str, default=None,
+                        help="continue pretraining this checkpoint (any of this project's holding "
+                             "an encoder, or a transformers BERT folder); architecture and "
+                             "tokenizer come from it (default None: a new model)")
+    parser.add_argument("--tokenizer", type=str, default=None,
+                        help="basic_english (the old example's words), wordpiece (BERT's, "
+                             "learned from the train split), or PATH: a BERT vocab.txt, a "
+                             "tokenizer.json or a transformers model folder (default "
+                             "basic_english; with --bert-model, its tokenizer)")
+    parser.add_argument("--vocab-size", type=int, default=30522,
+                        help="tokens of a --tokenizer wordpiece vocabulary (default 30522)")
+    utils.add_model_flags(parser, **FRESH_MODEL)
     parser.add_argument("--mask_frac", type=float, default=0.15,
                         help="fraction of the tokens of each sequence that are masked (default 0.15)")
     parser.add_argument("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
@@ -56,8 +70,9 @@ class MLM:
 
     def _batches(self, windows, order, epoch):
         a = self.args
-        make_batch = functools.partial(data.mlm_batch, windows, a.mask_frac, len(self.vocab),
-                                       a.mask_mode, a.seed, epoch)
+        masking = data.Masking.of(self.vocab, a.mask_frac, a.mask_mode)
+        make_batch = functools.partial(data.mlm_batch, windows, self.vocab.cls_id, masking,
+                                       a.seed, epoch)
         return data.Batches(make_batch, order, a.batch_size)
 
     def train_batches(self, epoch):
@@ -89,6 +104,30 @@ class MLM:
         checkpoint.save_model("mlm", model, self.config, self.vocab, self.full_model_path)
 
 
+def start_from(args):
+    """(config, tokenizer, (kind, weights)) of --bert-model, or (None, tokenizer or None,
+    None) for a new model with --tokenizer."""
+    if args.vocab_size < 6:
+        raise utils.UserError(f"--vocab-size {args.vocab_size}: must be at least 6")
+    if args.bert_model is None:
+        if args.tokenizer in (None, "basic_english", "wordpiece"):
+            return None, None, None
+        return None, data.load_tokenizer(args.tokenizer), None
+    if args.tokenizer is not None:
+        raise utils.UserError(f"--tokenizer {args.tokenizer}: --bert-model {args.bert_model} "
+                              "brings its own tokenizer; leave --tokenizer out")
+    ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
+    config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
+    utils.apply_model_flags(config, args, source=args.bert_model)
+    if args.bptt > config.max_len:
+        raise utils.UserError(f"--bptt {args.bptt} is longer than the {config.max_len} positions "
+                              f"of {args.bert_model}")
+    if ckpt.get("kind") == "mlm":
+        return config, vocab, ("mlm", ckpt["model"])
+    return config, vocab, ("encoder", checkpoint.encoder_state(ckpt, "--bert-model",
+                                                               args.bert_model))
+
+
 def main(args, info):
     log = utils.make_logger(info)
     device = utils.setup_device(args, info)
@@ -96,16 +135,26 @@ def main(args, info):
     if args.bptt < 2 or args.batch_size < 1 or not 0 < args.mask_frac < 1:
         raise utils.UserError("--bptt must be at least 2, --batch_size at least 1, and "
                               "--mask_frac between 0 and 1")
+    config, vocab, weights = start_from(args)
     # Rank 0 builds the vocab and the token caches; the other ranks then read them.
     with utils.main_rank_first(info):
-        vocab, splits = corpus.load_splits(args.dataset, args.data_dir, min_freq=args.min_freq,
-                                           vocab_path=args.save_vocab, log=log)
-    config = BertConfig(vocab_size=len(vocab), emsize=args.emsize, nhead=args.nhead,
-                        nhid=args.nhid, nlayers=args.nlayers, dropout=args.dropout,
-                        max_len=max(512, args.bptt), pad_id=data.PAD_ID)
-    utils.apply_model_flags(config, args)
+        vocab, splits = corpus.load_splits(
+            args.dataset, args.data_dir, vocab=vocab, min_freq=args.min_freq,
+            vocab_path=args.save_vocab, log=log, tokenizer=args.tokenizer or "basic_english",
+            vocab_size=args.vocab_size)
+    if config is None:
+        config = BertConfig(vocab_size=len(vocab), max_len=max(512, args.bptt),
+                            pad_id=vocab.pad_id, **{name: value if getattr(args, name) is None
+                                                    else getattr(args, name)
+                                                    for name, value in FRESH_MODEL.items()})
+        utils.apply_model_flags(config, args)
     task = MLM(args, vocab, splits, config, info, device)
-    model = MLMTask(config).to(device)
+    model = MLMTask(config)
+    if weights is not None:
+        # A full MLM model continues with its head; an encoder gets a fresh head.
+        module = model if weights[0] == "mlm" else model.bert_model
+        checkpoint.load_into(module, weights[1], "--bert-model", args.bert_model)
+    model = model.to(device)
     log(f"MLMTask: {count_parameters(model) / 1e6:.1f}M parameters, "
         f"vocab {len(vocab)}, {len(splits['train'].ids)} train tokens, device {device}, "
         f"{info.world_size} process(es)")

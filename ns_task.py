@@ -57,7 +57,9 @@ class NextSentence:
         }
 
     def _batches(self, split, pairs, order):
-        make_batch = functools.partial(data.ns_batch, self.splits[split], pairs, self.args.bptt)
+        specials = (self.vocab.cls_id, self.vocab.sep_id, self.vocab.pad_id)
+        make_batch = functools.partial(data.ns_batch, self.splits[split], pairs, self.args.bptt,
+                                       specials)
         return data.Batches(make_batch, order, self.args.batch_size)
 
     def train_batches(self, epoch):

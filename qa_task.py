@@ -30,7 +30,6 @@ import corpus
 import data
 import metrics
 import utils
-from data import CLS_ID, PAD_ID, SEP_ID
 from model import QuestionAnswerTask
 from trainer import Trainer
 from utils import UserError
@@ -230,14 +229,12 @@ def make_windows(questions, vocab, windowing, training=False):
     windows comparable when decoding picks the best one."""
     w = windowing
     tokenized = {}  # context -> (ids, spans): the questions of a paragraph share one
-    tokens, padding = array("i"), array("i", [PAD_ID]) * w.bptt
+    tokens, padding = array("i"), array("i", [vocab.pad_id]) * w.bptt
     rows = []  # per window: the Windows fields from lengths to end_positions, in order
     context_spans, unusable, n_answers = [], [], 0
     for index, question in enumerate(questions):
         if question.context not in tokenized:
-            context_tokens = data.tokenize_with_spans(question.context)
-            tokenized[question.context] = (vocab.lookup_indices([t for t, _, _ in context_tokens]),
-                                           [(start, end) for _, start, end in context_tokens])
+            tokenized[question.context] = vocab.encode_with_spans(question.context)
         context_ids, spans = tokenized[question.context]
         context_spans.append(spans)
         answer_spans = [answer_token_span(question.context, spans, text, start)
@@ -247,15 +244,15 @@ def make_windows(questions, vocab, windowing, training=False):
         answer = next((span for span in answer_spans if span is not None), None)
         if training and answer is None:
             continue
-        question_ids = vocab.lookup_indices(data.basic_english_normalize(question.text))
-        question_ids = question_ids[:w.max_query_len]
+        question_ids = vocab.encode(question.text)[:w.max_query_len]
         offset = len(question_ids) + 2
         window_len = w.bptt - offset - 1
         # Consecutive windows overlap by at least max_answer_len - 1 tokens, so every span
         # the decoder may predict lies whole inside some window.
         stride = max(1, min(w.doc_stride, window_len - w.max_answer_len + 1))
         for start in window_starts(len(context_ids), window_len, stride):
-            row = [CLS_ID, *question_ids, SEP_ID, *context_ids[start:start + window_len], SEP_ID]
+            row = [vocab.cls_id, *question_ids, vocab.sep_id,
+                   *context_ids[start:start + window_len], vocab.sep_id]
             tokens.extend(row)
             tokens.extend(padding[:w.bptt - len(row)])
             if answer is None:

@@ -102,7 +102,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
         self.epoch_loss = torch.zeros((), device=device)
         # What every state file holds besides the training state, built once.
-        self.extra = {"config": task.config.to_dict(), "vocab": task.vocab.itos}
+        self.extra = {"config": task.config.to_dict(), "vocab": task.vocab.itos,
+                      "tokenizer": task.vocab.state()}
         # The old example's schedule: plain SGD, lr x0.1 whenever validation does not improve.
         self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 1, gamma=0.1)

@@ -374,15 +374,17 @@ def add_dataset_flag(parser, default):
 MODEL_FLAGS = ("emsize", "nhid", "nlayers", "nhead", "dropout")
 
 
-def add_model_flags(parser, **defaults):
-    """Architecture flags. Scripts that start from --bert-model default them to None (take
-    the checkpoint's); a value given that contradicts the checkpoint is an error."""
+def add_model_flags(parser, **fresh):
+    """Architecture flags. They default to None: a script that starts from --bert-model
+    takes the checkpoint's (a value given that contradicts it is an error); mlm_task.py,
+    which can also start from scratch, passes the sizes of a `fresh` model for the help."""
     helps = {"emsize": "hidden size", "nhid": "feed-forward size", "nlayers": "encoder layers",
              "nhead": "attention heads", "dropout": "dropout probability"}
     for name in MODEL_FLAGS:
-        default = defaults.get(name)
-        shown = default if default is not None else "from --bert-model"
-        parser.add_argument(f"--{name}", type=float if name == "dropout" else int, default=default,
+        shown = "from --bert-model"
+        if name in fresh:
+            shown = f"{fresh[name]}, or from --bert-model when given"
+        parser.add_argument(f"--{name}", type=float if name == "dropout" else int, default=None,
                             help=f"{helps[name]} (default {shown})")
 
 

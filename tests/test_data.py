@@ -150,10 +150,18 @@ def as_bool_mask(masked_positions, seq):
     return torch.zeros(len(masked_positions), seq, dtype=torch.bool).scatter_(1, masked_positions, True)
 
 
+def masking(frac, vocab_size, mode="mask"):
+    """basic_english's masking for a vocabulary of vocab_size words."""
+    return data.Masking(frac, mode, MASK_ID, torch.arange(len(SPECIALS), vocab_size))
+
+
+SPECIALS_IDS = (data.CLS_ID, data.SEP_ID, PAD_ID)
+
+
 @pytest.mark.parametrize("seq, mask_frac", [(32, 0.15), (128, 0.15), (17, 0.5), (9, 0.1)])
 def test_mask_tokens_counts_and_targets(seq, mask_frac):
     tokens = random_tokens(64, seq)
-    inputs, targets, positions = data.mask_tokens(tokens, mask_frac, 1000,
+    inputs, targets, positions = data.mask_tokens(tokens, masking(mask_frac, 1000),
                                                   generator=torch.Generator().manual_seed(1))
     n_mask = max(1, round(mask_frac * (seq - 1)))
     assert positions.shape == (64, n_mask) and positions.dtype == torch.int64
@@ -165,7 +173,7 @@ def test_mask_tokens_counts_and_targets(seq, mask_frac):
     assert (inputs[masked] == MASK_ID).all()
     assert torch.equal(inputs[~masked], tokens[~masked])
     # Every position but <cls> gets masked sometimes: the choice is not biased.
-    many = data.mask_tokens(random_tokens(2000, seq), mask_frac, 1000,
+    many = data.mask_tokens(random_tokens(2000, seq), masking(mask_frac, 1000),
                             generator=torch.Generator().manual_seed(2))[2]
     assert as_bool_mask(many, seq)[:, 1:].any(0).all()
 
@@ -190,7 +198,8 @@ def boolean_mask_tokens(tokens, mask_frac, vocab_size, mask_mode, generator):
 @pytest.mark.parametrize("mask_mode", ["mask", "bert"])
 def test_mask_tokens_equal_the_boolean_mask_version(mask_mode):
     tokens = random_tokens(50, 65)
-    got = data.mask_tokens(tokens, 0.15, 1000, mask_mode, torch.Generator().manual_seed(4))
+    got = data.mask_tokens(tokens, masking(0.15, 1000, mask_mode),
+                          torch.Generator().manual_seed(4))
     expected = boolean_mask_tokens(tokens, 0.15, 1000, mask_mode, torch.Generator().manual_seed(4))
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert torch.equal(as_bool_mask(got[2], 65), expected[2])
@@ -198,7 +207,7 @@ def test_mask_tokens_equal_the_boolean_mask_version(mask_mode):
 
 def test_bert_mask_mode_80_10_10():
     tokens = random_tokens(400, 129, vocab_size=30000)
-    inputs, targets, positions = data.mask_tokens(tokens, 0.15, 30000, "bert",
+    inputs, targets, positions = data.mask_tokens(tokens, masking(0.15, 30000, "bert"),
                                                   torch.Generator().manual_seed(3))
     masked = as_bool_mask(positions, 129)
     replaced = inputs[masked]
@@ -220,7 +229,8 @@ def test_masks_depend_only_on_seed_epoch_batch():
     order = torch.arange(64)
 
     def batch(seed, epoch, i):
-        make_batch = functools.partial(data.mlm_batch, windows, 0.15, 500, "mask", seed, epoch)
+        make_batch = functools.partial(data.mlm_batch, windows, data.CLS_ID,
+                                       masking(0.15, 500), seed, epoch)
         return data.Batches(make_batch, order, 8)[i]
 
     a, b = batch(1, 2, 3), batch(1, 2, 3)
@@ -285,7 +295,7 @@ def test_ns_pairs_layout_types_padding_and_labels():
     assert sorted(pairs["line"].tolist()) == long_lines  # short lines excluded
     assert (pairs["label"] == 0).sum() == int(0.5 * len(long_lines))
     bptt = 64
-    batch = data.ns_collate(split, pairs, torch.arange(len(long_lines)), bptt)
+    batch = data.ns_collate(split, pairs, torch.arange(len(long_lines)), bptt, SPECIALS_IDS)
     inputs, types = batch["inputs"], batch["token_types"]
     assert inputs.shape == types.shape == (len(long_lines), bptt)
     assert torch.equal(batch["labels"], pairs["label"])
@@ -309,7 +319,7 @@ def test_ns_pairs_layout_types_padding_and_labels():
 def test_ns_pairs_are_cut_to_bptt():
     split = lines_split([50] * 8)
     pairs = data.ns_pairs(split, 20, 0.0, torch.Generator().manual_seed(0))
-    batch = data.ns_collate(split, pairs, torch.arange(8), bptt=16)
+    batch = data.ns_collate(split, pairs, torch.arange(8), 16, SPECIALS_IDS)
     assert batch["inputs"].shape == (8, 16)
     assert not (batch["inputs"] == PAD_ID).any() and batch["padding_mask"].all()
     assert (batch["labels"] == 1).all()
@@ -352,10 +362,10 @@ def loader_datasets():
     """An MLM and a next-sentence dataset of whole batches, as the task scripts make them."""
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(len(SPECIALS), 500, (40, 15), dtype=torch.int32, generator=g)
-    mlm = functools.partial(data.mlm_batch, windows, 0.15, 500, "bert", 3, 1)
+    mlm = functools.partial(data.mlm_batch, windows, data.CLS_ID, masking(0.15, 500, "bert"), 3, 1)
     split = lines_split([25, 3, 40, 19, 30] * 8)
     pairs = data.ns_pairs(split, 10, 0.5, g)
-    ns = functools.partial(data.ns_batch, split, pairs, 32)
+    ns = functools.partial(data.ns_batch, split, pairs, 32, SPECIALS_IDS)
     return [data.Batches(mlm, data.epoch_order(40, 3, 1, shuffle=True, batch_size=4), 4),
             data.Batches(ns, data.epoch_order(len(pairs["label"]), 3, 1, shuffle=True), 5)]
 

@@ -106,7 +106,8 @@ def _batch(rows):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(5, 50, (8, 12), generator=g)
     tokens[:, 0] = data.CLS_ID
-    inputs, targets, masked_positions = data.mask_tokens(tokens, 0.25, 50, generator=g)
+    inputs, targets, masked_positions = data.mask_tokens(
+        tokens, data.Masking(0.25, "mask", data.MASK_ID, torch.arange(5, 50)), generator=g)
     return {"inputs": inputs[rows], "masked_positions": masked_positions[rows],
             "targets": tokens[rows].gather(1, masked_positions[rows]).flatten()}
 
