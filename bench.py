@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 import corpus
 import data
-import kernels
 import qa_task
 import utils
 from model import BertConfig, MLMTask, QuestionAnswerTask, flops_per_token_train
@@ -267,8 +266,8 @@ def bench_mlm(config, batch_size, rounds, steps, device, dtype="fp32", seed=0, c
 def matmul_calls(device, dtype, ffn_shape):
     """{name: (FLOPs per call, fn)}: products whose fastest rate is this device's matmul
     FLOP/s. A large square product and the model's own largest encoder product,
-    `ffn_shape` = (batch*seq, emsize, nhid); each with PyTorch's matmul and, on the CPU,
-    with oneDNN's (which our linear layers use in inference)."""
+    `ffn_shape` = (batch*seq, emsize, nhid); each with PyTorch's matmul, which our linear
+    layers use."""
     n = 2048 if device.type == "cpu" else 8192
     # Operands in the training precision up front: under autocast the casts of fp32
     # operands would be timed with the product.
@@ -279,9 +278,6 @@ def matmul_calls(device, dtype, ffn_shape):
         b = torch.randn(inner, cols, device=device, dtype=operand_dtype)
         flops, label = 2 * rows * inner * cols, f"{name} {rows}x{inner}x{cols}"
         calls[f"{label} torch.mm"] = (flops, partial(torch.mm, a, b))
-        # Even with BERT_ONEDNN=0: the denominator is the fastest product there is.
-        if device.type == "cpu" and dtype == "fp32" and kernels.ONEDNN_AVAILABLE:
-            calls[f"{label} oneDNN"] = (flops, partial(kernels.onednn_linear, a, b.t()))
     return calls
 
 
@@ -411,8 +407,8 @@ def bench_qa(arch, batch_size, device, squad_file=None, n_questions=0, rounds=2,
     fed windows padded to --bptt, with its examples' post-processing). Both read and window
     the JSON the same way (the last window of a long context holds what is left of it, as
     in BERT and transformers' examples, so it is often short): the difference is the model
-    call (ours: windows sorted by length, each batch cut to its longest window, oneDNN
-    kernels) and the decoding. `batch_size` is windows per forward, both models."""
+    call (ours: windows sorted by length, each batch cut to its longest window) and the
+    decoding. `batch_size` is windows per forward, both models."""
     windowing = qa_task.Windowing()
     with tempfile.TemporaryDirectory() as folder:
         path, what, count = squad_for_bench(folder, n_questions, squad_file)
@@ -426,7 +422,7 @@ def bench_qa(arch, batch_size, device, squad_file=None, n_questions=0, rounds=2,
                                                device)
 
         run_theirs = partial(their_qa_answers, theirs, path, vocab, windowing, batch_size, device)
-        # The untimed warm-up round (allocator, thread pools, oneDNN's kernel cache) gives
+        # The untimed warm-up round (allocator, thread pools) gives
         # the answers compared: both are deterministic.
         answers = {"ours": run_ours(), "theirs": run_theirs()}
         median = interleaved_medians({"ours": (run_ours, 1), "theirs": (run_theirs, 1)},

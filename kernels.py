@@ -1,48 +1,18 @@
 """CPU kernels behind model.py's layers: the seam between the readable model and speed.
 
-model.py builds its layers from `Linear`, `Dropout` and `attention` below. Each is the
-plain PyTorch operation everywhere except on the CPU, where a measured faster kernel
+model.py builds its layers with `Dropout` and `attention` below. Each is the plain
+PyTorch operation everywhere except in CPU training, where a measured faster kernel
 computes the same math (tests/test_kernels.py checks each against the plain one):
 
-- `Linear` runs inference in fp32 on oneDNN's matmul, on x86-64 CPUs only.
 - `Dropout` draws its keep mask with `torch.rand` instead of `bernoulli_`.
 - `attention` writes out softmax(q k^T) v when it has to apply dropout.
 
-BERT_ONEDNN=0 in the environment turns the oneDNN matmul off, to compare. GPUs, autocast
-and torch.compile always take the plain PyTorch path.
+GPUs keep PyTorch's fused kernels.
 """
-
-import os
-import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available()
-                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-# Measured on x86-64 only; ARM laptops have a faster BLAS of their own.
-ONEDNN = (ONEDNN_AVAILABLE and platform.machine().lower() in ("x86_64", "amd64")
-          and os.environ.get("BERT_ONEDNN", "1") != "0")
-
-
-def onednn_linear(x, weight, bias=None):
-    """x @ weight.T + bias in one oneDNN call (any strides)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same checkpoint keys) whose inference runs on oneDNN's
-    fp32 matmul on x86-64 CPUs: 10-20% faster than PyTorch's default there on this
-    model's shapes (bench.py's QA ratio). Training keeps F.linear: a oneDNN training path
-    measured no faster on an AMD EPYC and slower on an Intel Xeon."""
-
-    def forward(self, x):
-        if (ONEDNN and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            return onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
 
 
 def dropout(x, p, training):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import Dropout, Linear, attention
+from kernels import Dropout, attention
 
 
 @dataclass
@@ -101,8 +101,8 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"emsize {d_model} is not divisible by nhead {nhead}")
         self.nhead = nhead
         self.attn_dropout = dropout  # on the attention probabilities
-        self.in_proj = Linear(d_model, 3 * d_model)
-        self.out_proj = Linear(d_model, d_model)
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
 
     def forward(self, x, attn_mask=None):
         batch, seq, d_model = x.shape
@@ -118,8 +118,8 @@ class TransformerEncoderLayer(nn.Module):
     def __init__(self, d_model, nhead, dim_feedforward, dropout, layer_norm_eps=1e-12):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout)
-        self.linear1 = Linear(d_model, dim_feedforward)
-        self.linear2 = Linear(dim_feedforward, d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.dropout = Dropout(dropout)
@@ -195,9 +195,9 @@ class MLMTask(nn.Module):
         self.bert_model = BertModel(config)
         # Checkpoint names of the old example: mlm_span is BERT's "transform" dense layer,
         # norm_layer its LayerNorm, mlm_head the decoder onto the vocabulary.
-        self.mlm_span = Linear(config.emsize, config.emsize)
+        self.mlm_span = nn.Linear(config.emsize, config.emsize)
         self.norm_layer = nn.LayerNorm(config.emsize, eps=config.layer_norm_eps)
-        self.mlm_head = Linear(config.emsize, config.vocab_size)
+        self.mlm_head = nn.Linear(config.emsize, config.vocab_size)
         init_head(self.mlm_span, self.norm_layer, self.mlm_head)
 
     def forward(self, src, masked_positions=None, token_type_input=None, padding_mask=None):
@@ -222,8 +222,8 @@ class NextSentenceTask(nn.Module):
         self.bert_model = BertModel(config)
         # Checkpoint names of the old example: linear_layer is BERT's pooler dense layer,
         # ns_span the next-sentence classifier.
-        self.linear_layer = Linear(config.emsize, config.emsize)
-        self.ns_span = Linear(config.emsize, 2)
+        self.linear_layer = nn.Linear(config.emsize, config.emsize)
+        self.ns_span = nn.Linear(config.emsize, 2)
         init_head(self.linear_layer, self.ns_span)
 
     def forward(self, src, token_type_input=None, padding_mask=None):
@@ -238,7 +238,7 @@ class QuestionAnswerTask(nn.Module):
         super().__init__()
         self.bert_model = BertModel(config)
         # qa_span: the old example's name for BERT's qa_outputs (start and end logits).
-        self.qa_span = Linear(config.emsize, 2)
+        self.qa_span = nn.Linear(config.emsize, 2)
         init_head(self.qa_span)
 
     def forward(self, src, token_type_input=None, padding_mask=None):

@@ -3,59 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import kernels
-import model
-from model import BertConfig, QuestionAnswerTask
 
 ATOL = 1e-5
-
-
-@pytest.mark.skipif(not kernels.ONEDNN, reason="the oneDNN matmul is off here (not x86-64, "
-                    "no oneDNN in this PyTorch, or BERT_ONEDNN=0)")
-@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24), (0, 24)])
-def test_linear_inference_on_onednn_equals_f_linear(shape, monkeypatch):
-    torch.manual_seed(0)
-    layer = kernels.Linear(24, 16)
-    x = torch.randn(*shape)
-    calls = []
-    onednn = kernels.onednn_linear
-    monkeypatch.setattr(kernels, "onednn_linear", lambda *a: calls.append(1) or onednn(*a))
-    with torch.no_grad():
-        got = layer(x)
-    assert calls, "the oneDNN path was not taken"
-    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), atol=ATOL, rtol=1e-5)
-
-
-def test_linear_trains_with_f_linear_and_obeys_autocast(monkeypatch):
-    torch.manual_seed(0)
-    layer, x = kernels.Linear(16, 8), torch.randn(4, 16, requires_grad=True)
-    monkeypatch.setattr(kernels, "onednn_linear", lambda *a: pytest.fail("oneDNN in training"))
-    layer(x).sum().backward()
-    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(4, 16))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(x).dtype == torch.bfloat16
-
-
-def test_linear_keeps_nn_linear_state_dict_keys():
-    assert kernels.Linear(4, 3).state_dict().keys() == nn.Linear(4, 3).state_dict().keys()
-
-
-def test_whole_model_inference_equals_plain_pytorch(monkeypatch):
-    """The QA model in eval mode, padding included: oneDNN on == oneDNN off."""
-    torch.manual_seed(0)
-    qa = QuestionAnswerTask(BertConfig(vocab_size=50, emsize=32, nhead=4, nhid=64, nlayers=2,
-                                       dropout=0.0, max_len=64)).eval()
-    ids = torch.randint(5, 50, (3, 12))
-    ids[0, 8:] = 1
-    mask = model.padding_mask(ids, 1)
-    with torch.no_grad():
-        fast = qa(ids, None, mask)
-        monkeypatch.setattr(kernels, "ONEDNN", False)
-        plain = qa(ids, None, mask)
-    for a, b in zip(fast, plain, strict=True):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("padded", [False, True])
