@@ -110,7 +110,8 @@ def load_task_model(task_class, kind, path, flag, what):
 def save_vocab_copy(vocab, path, log):
     """Write a checkpoint's vocab to --save-vocab unless that file already holds it."""
     try:
-        if data.load_vocab(path)[0].itos == vocab.itos:
+        saved = data.load_vocab(path)[0]
+        if saved.itos == vocab.itos and saved.state() == vocab.state():
             return
     except (FileNotFoundError, data.DataError):
         pass
