@@ -445,14 +445,16 @@ def bench_qa(arch, batch_size, device, squad_file=None, n_questions=0, rounds=2,
 ###############################################################################
 
 
-def bench_data(text_file, corpus_dir):
+def bench_data(text_file, corpus_dir, tokenizer="basic_english"):
     """Tokenize, numericalize and cache a WikiText-103-sized corpus, then load the cache.
 
     The corpus is `text_file` (by default the real WikiText-2 validation split) repeated
     480 times (~540 MB from WikiText-2's 1.12 MB, built once in `corpus_dir`), laid out as
     WikiText-103. Run alone (python bench.py --data) so that the peak resident memory
     measured is the pipeline's: this process's plus the tokenizer workers' (an upper
-    bound: the largest worker's peak times their number).
+    bound: the largest worker's peak times their number). With --tokenizer wordpiece,
+    the `tokenizers` library alone then trains on the same sample and batch-encodes the
+    same text, for the ratio of our pipeline's time to the library's.
     """
     if not Path(text_file).is_file():
         # Real text only: the numbers stand for WikiText-103's vocabulary and line lengths.
@@ -472,19 +474,49 @@ def bench_data(text_file, corpus_dir):
     shutil.rmtree(folder / ".cache", ignore_errors=True)
     vocab_path = Path(corpus_dir) / "bench_vocab.pt"
     vocab_path.unlink(missing_ok=True)
-    quiet = lambda *_: None  # noqa: E731
+
+    def load():
+        return corpus.load_splits("WikiText103", corpus_dir, vocab_path=vocab_path,
+                                  log=lambda *_: None, tokenizer=tokenizer)
 
     start = time.perf_counter()
-    vocab, splits = corpus.load_splits("WikiText103", corpus_dir, vocab_path=vocab_path, log=quiet)
+    vocab, splits = load()
     tokenize_s = time.perf_counter() - start
     n_tokens = sum(len(s.ids) for s in splits.values())
     del splits
     start = time.perf_counter()
-    _, cached = corpus.load_splits("WikiText103", corpus_dir, vocab_path=vocab_path, log=quiet)
+    _, cached = load()
     load_s = time.perf_counter() - start
     assert sum(len(s.ids) for s in cached.values()) == n_tokens
+    # WordPiece encodes on threads of the tokenizers library, in this process.
+    workers = corpus.default_workers() if tokenizer == "basic_english" else 0
+    report_data(train, n_tokens, vocab, tokenize_s, load_s, workers)
+    if tokenizer == "wordpiece":
+        library_s = library_wordpiece_seconds(folder, len(vocab))
+        print(f"data: the tokenizers library alone (train on the same sample, batch-encode "
+              f"every split) {library_s:.1f} s; ours / library {tokenize_s / library_s:.2f}")
+        print(f"data_wordpiece_ratio {tokenize_s / library_s:.2f}")
 
-    workers = corpus.default_workers()
+
+def library_wordpiece_seconds(folder, vocab_size):
+    """Seconds the `tokenizers` library alone takes to learn a vocabulary from the sample
+    our pipeline learns from, then batch-encode the text of every split (in the same
+    chunks, so that memory stays bounded as ours does)."""
+    from tokenizers import trainers
+
+    ranges = corpus.split_byte_ranges(corpus.dataset_files("WikiText103", folder.parent))
+    start = time.perf_counter()
+    library = data.bert_wordpiece_pipeline()
+    specials = list(data.WORDPIECE_SPECIALS.values())
+    library.train_from_iterator(corpus._sample_lines(ranges["train"]), trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+    for split in data.SPLITS:
+        for job in corpus._chunks(ranges[split]):
+            library.encode_batch(corpus._read_text(*job).splitlines(), add_special_tokens=False)
+    return time.perf_counter() - start
+
+
+def report_data(train, n_tokens, vocab, tokenize_s, load_s, workers):
     main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     peak_mb = main_mb + workers * worker_mb
@@ -540,6 +572,11 @@ def parse_args(argv=None):
                         help="text that --data repeats into its corpus, WikiText layout (default "
                              "../shared/data/wikitext-2/wiki.valid.tokens beside the repo; "
                              "--data stops with an error when it is absent)")
+    parser.add_argument("--tokenizer", choices=["basic_english", "wordpiece"],
+                        default="basic_english",
+                        help="--data: the tokenizer of the pipeline; wordpiece learns a 30522-token "
+                             "vocabulary and compares with the tokenizers library alone "
+                             "(default basic_english)")
     parser.add_argument("--data-corpus", type=Path, default=Path("/tmp/bert_bench_corpus"),
                         help="where --data builds its corpus (default /tmp/bert_bench_corpus)")
     args = parser.parse_args(argv)
@@ -553,7 +590,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.data:
-        return bench_data(args.text_file, args.data_corpus)
+        return bench_data(args.text_file, args.data_corpus, args.tokenizer)
 
     spec = CONFIGS[args.config]
     arch = {k: spec[k] for k in ARCH}
