@@ -102,13 +102,16 @@ DATASETS = {
 
 
 
-def download_archive(archive, data_dir, log=print):
+def download_archive(archive, data_dir, log=print, expected=()):
     """Fetch `archive` into data_dir, verify its MD5, extract it and remove it if a zip.
 
     Hosts are tried in order. The download goes to a temporary name and is only renamed
-    once the checksum matches; a failure leaves no file behind. An archive already in
-    data_dir (placed there by hand to work offline) is used as is if its MD5 matches."""
+    once the checksum matches; a failure leaves nothing behind, not even the folders it
+    made. An archive already in data_dir (placed there by hand to work offline) is used
+    as is if its MD5 matches. `expected`: the files the archive provides, named in the
+    error as the other way to work offline."""
     data_dir = Path(data_dir)
+    made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / archive.filename
     if target.exists():
@@ -117,7 +120,15 @@ def download_archive(archive, data_dir, log=print):
                             f"remove it, or replace it with a good copy")
         log(f"using {target}")
     else:
-        _download(archive, target, log)
+        try:
+            _download(archive, target, log, expected)
+        except BaseException:
+            for folder in made:  # deepest first; stops at the first that is not empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
     if not archive.filename.endswith(".zip"):
         return  # a plain file (SQuAD's JSON) is used as downloaded
     try:
@@ -134,7 +145,7 @@ def _md5(path):
     return md5.hexdigest()
 
 
-def _download(archive, target, log):
+def _download(archive, target, log, expected=()):
     errors = []
     for url in archive.urls:
         log(f"downloading {url}")
@@ -157,9 +168,11 @@ def _download(archive, target, log):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    extracted = f", or its files ({', '.join(map(str, expected))})" if expected else ""
     raise DataError(
         f"could not download {archive.filename} ({'; '.join(errors)}); to work offline, "
-        f"place {archive.filename} (MD5 {archive.md5}) in {target.parent}/ and run again"
+        f"place {archive.filename} (MD5 {archive.md5}) in {target.parent}/{extracted}, "
+        "and run again"
     )
 
 
@@ -190,16 +203,21 @@ def dataset_files(dataset, data_dir, download=True, log=print):
 
     if spec.splits is not None:
         files = {s: [folder / f for f in names] for s, names in spec.splits.items()}
-        missing = [p for paths in files.values() for p in paths if not p.exists()]
-        if missing and download and spec.archive is not None:
-            download_archive(spec.archive, data_dir, log)
+        every = [p for paths in files.values() for p in paths]
+        missing = [p for p in every if not p.exists()]
+        # Download only when none is there: a partial folder is a mistake to name, not to
+        # paper over with a download.
+        if len(missing) == len(every) and download and spec.archive is not None:
+            download_archive(spec.archive, data_dir, log, expected=missing)
             missing = [p for p in missing if not p.exists()]
         if missing:
-            raise DataError(f"missing {', '.join(map(str, missing))}")
+            raise DataError(f"missing {', '.join(map(str, missing))} (the other files of "
+                            f"{dataset} are in {folder})" if len(missing) < len(every)
+                            else f"missing {', '.join(map(str, missing))}")
         return files
 
     if spec.archive is not None and not folder.exists() and download:
-        download_archive(spec.archive, data_dir, log)
+        download_archive(spec.archive, data_dir, log, expected=[folder])
     if not folder.is_dir():
         raise DataError(f"dataset folder {folder} does not exist (put the {dataset} text files there)")
     # A folder with wiki.{split}.tokens or {split}.txt files uses them as the splits.

@@ -133,7 +133,7 @@ def squad_file(given, split, data_dir, log):
     archive = SQUAD[split]
     path = Path(data_dir) / "squad" / archive.filename
     if not path.exists():
-        corpus.download_archive(archive, path.parent, log)
+        corpus.download_archive(archive, path.parent, log, expected=[path])
     return path
 
 

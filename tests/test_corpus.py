@@ -74,7 +74,19 @@ def test_bad_checksum_leaves_nothing_and_says_what_to_do(tmp_path, http_root, mo
     message = str(error.value)
     assert url in message and "MD5" in message
     assert f"place {archive.filename}" in message and str(data_dir) in message
-    assert os.listdir(data_dir) == []
+    assert "wiki.train.tokens" in message  # the extracted files are the other way
+    assert not data_dir.exists()  # not even the folder it made is left behind
+
+
+def test_a_partial_dataset_folder_names_the_missing_file(tmp_path, closed_url, monkeypatch):
+    """A WikiText folder without its valid split: no download, one line naming the file."""
+    folder = tmp_path / "data" / "wikitext-2"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        (folder / f"wiki.{split}.tokens").write_text("a b c\n")
+    monkeypatch.setattr(corpus.DATASETS["WikiText2"].archive, "urls", (f"{closed_url}/x.zip",))
+    with pytest.raises(DataError, match=r"missing .*wiki\.valid\.tokens \(the other files"):
+        corpus.dataset_files("WikiText2", tmp_path / "data", log=lambda *a: None)
 
 
 def test_archive_placed_by_hand_is_used_offline(tmp_path, closed_url, monkeypatch):
