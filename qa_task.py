@@ -1,4 +1,4 @@
-"""Fine-tuning a pretrained BERT encoder on SQuAD v1.1 question answering.
+"""Fine-tuning a pretrained BERT encoder on SQuAD v1.1 or v2.0 question answering.
 
     python qa_task.py --bert-model ns_bert.pt                    # qa_model.pt, predictions.json
     python metrics.py .data/squad/dev-v1.1.json predictions.json  # the official EM / F1
@@ -9,6 +9,11 @@ character span of every token, then cut into overlapping windows
 `<cls> question <sep> context window <sep>` of at most --bptt tokens. Every window is
 scored, and the answer is the best span over all windows of the question (best_spans),
 cut from the original context string, so the official metric sees real answer text.
+
+SQuAD v2.0 data (questions without an answer: an empty answers list) is recognized from
+the files. Training points an unanswerable question at <cls> in every window; decoding
+answers "" when the question's <cls> score (its no-answer score) beats the best span by
+more than --null-threshold, and --na-probs gets that margin for the official v2.0 metric.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import functools
 import json
 import math
 import os
+import sys
 from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +46,11 @@ SQUAD = {
     "dev": corpus.Archive("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
                           ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",)),
 }
+
+
+# --null-threshold's default: answer "" when the no-answer score beats the best span at all,
+# as Google BERT's run_squad.py (null_score_diff_threshold 0.0).
+DEFAULT_NULL_THRESHOLD = 0.0
 
 
 @dataclass
@@ -71,7 +82,8 @@ class Windowing:
 
 def get_parser():
     w = Windowing
-    parser = argparse.ArgumentParser(description="BERT question answering on SQuAD v1.1")
+    parser = argparse.ArgumentParser(description="BERT question answering on SQuAD v1.1 and "
+                                     "v2.0")
     parser.add_argument("--bert-model", type=str, default="ns_bert.pt",
                         help="pretrained encoder (mlm_bert.pt, ns_bert.pt, or any checkpoint "
                              "holding one); architecture and vocab come from it "
@@ -104,6 +116,16 @@ def get_parser():
                         help="--predict: a JSON list of {\"context\", \"question\"[, \"id\"]} "
                              "objects (prints one JSON line each), or a SQuAD-layout file "
                              "(writes --predictions and prints EM / F1)")
+    parser.add_argument("--null-threshold", type=float, default=DEFAULT_NULL_THRESHOLD,
+                        help="models trained on SQuAD v2.0 data: answer \"\" (no answer) when "
+                             "the question's no-answer score minus its best span's score, both "
+                             "start + end logits, is above this; higher answers more questions "
+                             f"(default {DEFAULT_NULL_THRESHOLD})")
+    parser.add_argument("--na-probs", type=str, default=None,
+                        help="SQuAD v2.0 dev data: where to write {question id: no-answer score "
+                             "- best span score} for every question (logits, as Google BERT's "
+                             "null_odds.json), the official script's --na-prob-file (default "
+                             "na_probs.json in the folder of --predictions)")
     utils.add_model_flags(parser)
     utils.add_common_flags(parser, lr=5.0, clip=0.1, epochs=2, batch_size=72, bptt=w.bptt,
                            seed=21192391, log_interval=200, save="qa_model.pt",
@@ -122,6 +144,7 @@ class Question:
     text: str
     context: str  # the paragraph, shared by its questions
     answers: list  # [(answer text, answer_start)]; answer_start None when the file has none
+    unanswerable: bool = False  # SQuAD v2.0: no answer in the context (an empty answers list)
 
 
 def squad_file(given, split, data_dir, log):
@@ -138,16 +161,13 @@ def squad_file(given, split, data_dir, log):
 
 
 def read_squad(path):
-    """(questions, the file's `data` list) of a SQuAD-layout file; UserError if unusable."""
+    """(questions, the file's `data` list) of a SQuAD v1.1 or v2.0 file; UserError if
+    unusable (load_squad_json checks, among the rest, that v2.0's is_impossible agrees
+    with the answers list). metrics.has_unanswerable(data) tells v2.0 data."""
     try:
         dataset = metrics.load_squad_json(path)
     except metrics.SquadFormatError as e:
         raise UserError(str(e)) from None
-    if metrics.has_unanswerable(dataset):
-        # metrics.py scores v2.0 (python metrics.py DEV PREDICTIONS); training and decoding
-        # with a no-answer option are not built yet.
-        raise UserError(f"{path}: a SQuAD v2.0 file (questions without an answer); qa_task.py "
-                        "trains and answers SQuAD v1.1 only")
     questions, seen = [], set()
     for article in dataset:
         for paragraph in article["paragraphs"]:
@@ -162,7 +182,8 @@ def read_squad(path):
                     if not isinstance(start, int) or isinstance(start, bool):
                         start = None  # unusable for training, like a wrong one
                     answers.append((answer["text"], start))
-                questions.append(Question(qa["id"], qa["question"], paragraph["context"], answers))
+                questions.append(Question(qa["id"], qa["question"], paragraph["context"], answers,
+                                          unanswerable=not answers))
     return questions, dataset
 
 
@@ -205,7 +226,8 @@ class Windows:
     context_start: torch.Tensor  # (n,) index of that token among the context's tokens
     question: torch.Tensor  # (n,) index into `questions`
     # Training targets (row positions): the answer's first and last token when the window
-    # holds the whole answer, else 0 (<cls>); -1 when the question has no usable answer.
+    # holds the whole answer, else 0 (<cls>); 0 in every window of an unanswerable question
+    # (SQuAD v2.0); -1 when the question has answers but none usable.
     start_positions: torch.Tensor
     end_positions: torch.Tensor
     unusable_answers: list  # the question id of every answer not found at its answer_start
@@ -220,8 +242,12 @@ def make_windows(questions, vocab, windowing, training=False):
 
     Answers are placed by answer_start; one whose text is not at answer_start in the
     context is not used (listed in `unusable_answers`). With training=True a question
-    without a usable answer gets no window; otherwise every question gets at least one,
-    so no question is ever dropped from an evaluation.
+    whose answers are all unusable gets no window; otherwise every question gets at least
+    one, so no question is ever dropped from an evaluation.
+
+    An unanswerable question (SQuAD v2.0) targets <cls> in every window, in training as
+    in evaluation (so the dev loss counts it), as BERT does: the <cls> score becomes the
+    model's score for "no answer".
 
     Training windows that do not hold the whole answer are kept with both targets at
     <cls> (position 0), as in BERT's own SQuAD code: they teach the model to score spans
@@ -242,7 +268,7 @@ def make_windows(questions, vocab, windowing, training=False):
         n_answers += len(answer_spans)
         unusable += [question.qid] * answer_spans.count(None)
         answer = next((span for span in answer_spans if span is not None), None)
-        if training and answer is None:
+        if training and answer is None and not question.unanswerable:
             continue
         question_ids = vocab.encode(question.text)[:w.max_query_len]
         offset = len(question_ids) + 2
@@ -255,7 +281,9 @@ def make_windows(questions, vocab, windowing, training=False):
                    *context_ids[start:start + window_len], vocab.sep_id]
             tokens.extend(row)
             tokens.extend(padding[:w.bptt - len(row)])
-            if answer is None:
+            if question.unanswerable:
+                target = (0, 0)
+            elif answer is None:
                 target = (-1, -1)
             elif start <= answer[0] and answer[1] < start + window_len:
                 target = (answer[0] - start + offset, answer[1] - start + offset)
@@ -333,68 +361,160 @@ def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="
                      rank=0, world_size=1):
     """Score the windows of every world_size-th question from `rank`.
 
-    Returns ({question id: (answer text, score)}, loss sum, windows in the loss): the
-    answer is the best span over all windows of the question, cut from the original
-    context; "" (score -inf) only for a context without a single token. Windows go in
-    order of length, so each batch is trimmed to little padding."""
+    Returns ({question id: (answer text, score)}, {question id: no-answer score}, loss sum,
+    windows in the loss): the answer is the best span over all windows of the question,
+    cut from the original context; "" (score -inf) only for a context without a single
+    token. The no-answer score is the <cls> start + end logit of the window where it is
+    lowest, as Google BERT's score_null. Windows go in order of length, so each batch is
+    trimmed to little padding."""
     was_training = model.training
     model.eval()
     mine = torch.nonzero(windows.question % world_size == rank).flatten()
     mine = mine[torch.argsort(windows.lengths[mine], stable=True)]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    spans = []  # (score, start, end) per batch, left on the device until the end
+    spans = []  # (score, start, end, <cls> score) per batch, left on the device until the end
     for indices in mine.split(batch_size):
         batch = utils.to_device(collate(windows, indices), device)
         with utils.autocast(device, dtype):
             start_logits, end_logits = span_logits(model, batch)
         loss_sum += span_loss(start_logits, end_logits, batch, reduction="sum")
-        spans.append(best_spans(start_logits, end_logits, batch["context_mask"], max_answer_len))
+        spans.append((*best_spans(start_logits, end_logits, batch["context_mask"], max_answer_len),
+                      start_logits[:, 0] + end_logits[:, 0]))
     model.train(was_training)
     if not spans:  # more ranks than questions
-        return {}, 0.0, 0
+        return {}, {}, 0.0, 0
     n_loss = int((windows.start_positions[mine] >= 0).sum())
-    score, start, end = (torch.cat(part).cpu() for part in zip(*spans))
+    score, start, end, cls_score = (torch.cat(part).cpu() for part in zip(*spans))
     # Row positions to indices of context tokens.
     to_context_token = windows.context_start[mine] - windows.context_offset[mine]
     first_token, last_token = (start + to_context_token).tolist(), (end + to_context_token).tolist()
     best = {}  # question index -> (score, first token, last token) of its best window
-    for question, *span in zip(windows.question[mine].tolist(), score.tolist(), first_token,
-                               last_token):
+    null = {}  # question index -> its lowest <cls> score over its windows
+    for question, null_score, *span in zip(windows.question[mine].tolist(), cls_score.tolist(),
+                                           score.tolist(), first_token, last_token):
         if question not in best or span[0] > best[question][0]:
             best[question] = span
-    answers = {}
+        null[question] = min(null_score, null.get(question, math.inf))
+    answers, null_scores = {}, {}
     for question, (span_score, first, last) in best.items():
         q, char_spans = windows.questions[question], windows.context_spans[question]
         if span_score == -math.inf:
             answers[q.qid] = ("", span_score)
         else:
             answers[q.qid] = (q.context[char_spans[first][0]:char_spans[last][1]], span_score)
-    return answers, loss_sum.item(), n_loss
+        null_scores[q.qid] = null[question]
+    return answers, null_scores, loss_sum.item(), n_loss
 
 
 def evaluate_all(model, windows, max_answer_len, batch_size, device, dtype, info):
-    """evaluate_windows over all ranks: every rank gets every answer and the mean loss."""
-    answers, loss_sum, n_loss = evaluate_windows(model, windows, max_answer_len, batch_size,
-                                                 device, dtype, info.rank, info.world_size)
+    """evaluate_windows over all ranks: every rank gets every answer, every no-answer score
+    and the mean loss."""
+    answers, null_scores, loss_sum, n_loss = evaluate_windows(
+        model, windows, max_answer_len, batch_size, device, dtype, info.rank, info.world_size)
     if info.enabled:
         gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, (answers, loss_sum, n_loss))
-        answers = {qid: a for part, _, _ in gathered for qid, a in part.items()}
-        loss_sum, n_loss = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+        dist.all_gather_object(gathered, (answers, null_scores, loss_sum, n_loss))
+        answers = {qid: a for part, _, _, _ in gathered for qid, a in part.items()}
+        null_scores = {qid: s for _, part, _, _ in gathered for qid, s in part.items()}
+        loss_sum, n_loss = sum(g[2] for g in gathered), sum(g[3] for g in gathered)
     # Back in the questions' order, so predictions files list them as the dataset does.
     answers = {q.qid: answers[q.qid] for q in windows.questions}
-    return answers, loss_sum / n_loss if n_loss else math.nan
+    return answers, null_scores, loss_sum / n_loss if n_loss else math.nan
+
+
+def score_questions(model, questions, vocab, windowing=None, batch_size=64, device="cpu",
+                    dtype="fp32"):
+    """({question id: (best span text, score)}, {question id: no-answer score}) for
+    Questions (see read_squad): raw text in, answer strings out, in one process."""
+    windowing = windowing or Windowing()
+    windows = make_windows(questions, vocab, windowing)
+    answers, null_scores, _, _ = evaluate_windows(model, windows, windowing.max_answer_len,
+                                                  batch_size, torch.device(device), dtype)
+    return {q.qid: answers[q.qid] for q in questions}, null_scores
 
 
 def predict_answers(model, questions, vocab, windowing=None, batch_size=64, device="cpu",
                     dtype="fp32"):
-    """{question id: (answer text, score)} for Questions (see read_squad): raw text in,
-    answer strings out, in one process."""
-    windowing = windowing or Windowing()
-    windows = make_windows(questions, vocab, windowing)
-    answers, _, _ = evaluate_windows(model, windows, windowing.max_answer_len, batch_size,
-                                     torch.device(device), dtype)
-    return {q.qid: answers[q.qid] for q in questions}
+    """{question id: (answer text, score)}: the best span of each question, as a model
+    trained on SQuAD v1.1 answers."""
+    return score_questions(model, questions, vocab, windowing, batch_size, device, dtype)[0]
+
+
+###############################################################################
+# No answer (SQuAD v2.0)
+###############################################################################
+
+
+def no_answer_odds(answers, null_scores):
+    """{question id: no-answer score - best span score}, Google BERT's null_odds.json and
+    the official v2.0 script's --na-prob-file (any increasing score will do there). A
+    question without a span (a context without a token) gets the largest float: JSON has
+    no infinity, and the official best-threshold search sorts by these values."""
+    return {qid: min(null_scores[qid] - score, sys.float_info.max)
+            for qid, (_, score) in answers.items()}
+
+
+def to_predictions(answers, null_scores, null_threshold=None):
+    """{question id: answer text}: the best span, or "" (no answer) where the no-answer
+    score beats it by more than null_threshold. None: always the span, as a model trained
+    on SQuAD v1.1 answers (it never learned what "no answer" is)."""
+    if null_threshold is None:
+        return {qid: text for qid, (text, _) in answers.items()}
+    odds = no_answer_odds(answers, null_scores)
+    return {qid: "" if odds[qid] > null_threshold else text
+            for qid, (text, _) in answers.items()}
+
+
+def na_probs_path(args):
+    """--na-probs, by default na_probs.json beside --predictions."""
+    return args.na_probs or os.path.join(os.path.dirname(args.predictions), "na_probs.json")
+
+
+def check_na_probs_path(args, data_paths):
+    """The --na-probs file, written for SQuAD v2.0 data, must not be --predictions or one
+    of data_paths [(flag, path)]: it would overwrite them."""
+    path = os.path.realpath(na_probs_path(args))
+    for flag, other in (("--predictions", args.predictions), *data_paths):
+        if path == os.path.realpath(other):
+            raise UserError(f"--na-probs {na_probs_path(args)} is also {flag}: it would be "
+                            "overwritten; give --na-probs another file")
+
+
+def files_written(args, dataset):
+    """The files write_predictions writes, for the log."""
+    if metrics.has_unanswerable(dataset):
+        return [args.predictions, na_probs_path(args)]
+    return [args.predictions]
+
+
+def write_predictions(args, dataset, answers, null_scores, null_threshold):
+    """Write --predictions (and --na-probs for SQuAD v2.0 data); return (exact, f1, the
+    v2.0 line for the log or None): the official scores of the files as written."""
+    predictions = to_predictions(answers, null_scores, null_threshold)
+    utils.atomic_write_text(args.predictions, json.dumps(predictions))
+    predictions = metrics.load_predictions(args.predictions)
+    if not metrics.has_unanswerable(dataset):
+        return *official_scores(dataset, predictions), None
+    utils.atomic_write_text(na_probs_path(args), json.dumps(no_answer_odds(answers, null_scores)))
+    # The na_probs feed the best-threshold search only; na_prob_thresh inf scores the
+    # answers as written (the official default, 1.0, would also count "" for a span whose
+    # value is above 1).
+    scores = metrics.evaluate_v2(dataset, predictions, metrics.load_na_probs(na_probs_path(args)),
+                                 na_prob_thresh=math.inf)
+    return scores["exact"], scores["f1"], v2_summary(scores, predictions)
+
+
+def v2_summary(scores, predictions):
+    """One log line of evaluate_v2's scores beyond exact and f1."""
+    parts = [f"| SQuAD v2.0 | {sum(not text for text in predictions.values())} of "
+             f"{len(predictions)} answered \"\""]
+    for prefix in ("HasAns", "NoAns"):
+        if f"{prefix}_total" in scores:
+            parts.append(f"{prefix} exact {scores[prefix + '_exact']:.2f}% f1 "
+                         f"{scores[prefix + '_f1']:.2f}% ({scores[prefix + '_total']})")
+    parts.append(f"best exact {scores['best_exact']:.2f}% at {scores['best_exact_thresh']:.4f}, "
+                 f"best f1 {scores['best_f1']:.2f}% at {scores['best_f1_thresh']:.4f}")
+    return " | ".join(parts)
 
 
 ###############################################################################
@@ -408,8 +528,12 @@ class QA:
     def __init__(self, args, vocab, config, windowing, train_path, dev_path, info, device, log):
         self.args, self.vocab, self.config, self.windowing = args, vocab, config, windowing
         self.info, self.device = info, device
-        train_questions, _ = read_squad(train_path)
+        train_questions, train_dataset = read_squad(train_path)
         dev_questions, self.dev_dataset = read_squad(dev_path)
+        # Trained on SQuAD v2.0 data, the model learns to answer "" (saved with it, for
+        # --predict); the metric follows the dev data.
+        self.squad_v2 = metrics.has_unanswerable(train_dataset)
+        self.null_threshold = args.null_threshold if self.squad_v2 else None
         self.train_windows = make_windows(train_questions, vocab, windowing, training=True)
         self.dev_windows = make_windows(dev_questions, vocab, windowing)
         for path, windows, use in ((train_path, self.train_windows, "skipped for training"),
@@ -422,9 +546,9 @@ class QA:
             raise UserError(f"{train_path}: no question with an answer found in its context "
                             "at answer_start: nothing to train on")
         without = int((self.train_windows.start_positions == 0).sum())
-        log(f"train: {len(train_questions)} questions, {len(self.train_windows)} windows "
-            f"({without} without the answer: targets at <cls>); dev: {len(dev_questions)} "
-            f"questions, {len(self.dev_windows)} windows")
+        log(f"train: {count_questions(train_questions)}, {len(self.train_windows)} windows "
+            f"({without} without the answer: targets at <cls>); dev: "
+            f"{count_questions(dev_questions)}, {len(self.dev_windows)} windows")
 
     def train_batches(self, epoch):
         # drop_last=False: a small train file still makes a batch; every rank gets the same
@@ -443,20 +567,38 @@ class QA:
         return span_loss(start_logits, end_logits, batch)
 
     def predict(self, model):
-        """({question id: (answer, score)} for every dev question, mean dev loss)."""
+        """({question id: (best span, score)}, {question id: no-answer score}, mean dev loss)
+        for every dev question."""
         a = self.args
         return evaluate_all(model, self.dev_windows, a.max_answer_len, a.batch_size, self.device,
                             a.dtype, self.info)
 
     def evaluate(self, model, split="valid"):
-        answers, loss = self.predict(model)
-        predictions = {qid: text for qid, (text, _) in answers.items()}
-        scores = metrics.evaluate(self.dev_dataset, predictions)
-        return loss, -scores["f1"], f"exact {scores['exact_match']:.2f}% | f1 {scores['f1']:.2f}%"
+        answers, null_scores, loss = self.predict(model)
+        predictions = to_predictions(answers, null_scores, self.null_threshold)
+        exact, f1 = official_scores(self.dev_dataset, predictions)
+        return loss, -f1, f"exact {exact:.2f}% | f1 {f1:.2f}%"
 
     def save_best(self, model):
         checkpoint.save_model("qa", model, self.config, self.vocab, self.args.save,
-                              windowing=asdict(self.windowing))
+                              windowing=asdict(self.windowing), squad_v2=self.squad_v2)
+
+
+def count_questions(questions):
+    """"N questions", and how many have no answer when some do (SQuAD v2.0)."""
+    unanswerable = sum(q.unanswerable for q in questions)
+    return f"{len(questions)} questions" + (f" ({unanswerable} unanswerable)" if unanswerable
+                                            else "")
+
+
+def official_scores(dataset, predictions):
+    """(exact, f1) percentages by the official metric of the data: v2.0 when it has
+    unanswerable questions, else v1.1."""
+    if metrics.has_unanswerable(dataset):
+        scores = metrics.evaluate_v2(dataset, predictions)
+        return scores["exact"], scores["f1"]
+    scores = metrics.evaluate(dataset, predictions)
+    return scores["exact_match"], scores["f1"]
 
 
 def window_batch(windows, seq_len, index, rows):
@@ -470,11 +612,13 @@ def window_batch(windows, seq_len, index, rows):
 
 
 def load_qa_model(path):
-    """(model, vocab, windowing saved with it) from a checkpoint written by --save."""
+    """(model, vocab, windowing saved with it, whether it was trained on SQuAD v2.0 data)
+    from a checkpoint written by --save."""
     model, vocab, ckpt = checkpoint.load_task_model(
         QuestionAnswerTask, "qa", path, "--qa-model",
         "a question-answering model (qa_task.py writes those to --save)")
-    return model, vocab, ckpt.get("windowing", {})
+    # Checkpoints from before SQuAD v2.0 support have no squad_v2: v1.1 models.
+    return model, vocab, ckpt.get("windowing", {}), bool(ckpt.get("squad_v2", False))
 
 
 def read_predict_file(path):
@@ -505,7 +649,7 @@ def predict(args, device, log):
     if args.predict_file is None and (args.context is None or args.question is None):
         raise UserError("--predict needs --context and --question, or --predict-file")
     path = args.qa_model or args.save
-    model, vocab, saved_windowing = load_qa_model(path)
+    model, vocab, saved_windowing, squad_v2 = load_qa_model(path)
     # The model answers best with the windows it was trained on: the settings saved with
     # it apply to every windowing flag left at its default.
     defaults, flags = asdict(Windowing()), asdict(Windowing.from_args(args))
@@ -516,19 +660,37 @@ def predict(args, device, log):
         questions, dataset = [Question("0", args.question, args.context, [])], None
     else:
         questions, dataset = read_predict_file(args.predict_file)
-    answers = predict_answers(model.to(device), questions, vocab, windowing, args.batch_size,
-                              device, args.dtype)
+        if dataset is not None and metrics.has_unanswerable(dataset):
+            check_na_probs_path(args, [("--predict-file", args.predict_file)])
+    answers, null_scores = score_questions(model.to(device), questions, vocab, windowing,
+                                           args.batch_size, device, args.dtype)
+    null_threshold = args.null_threshold if squad_v2 else None
     if dataset is None:
-        for q in questions:
-            text, score = answers[q.qid]
-            line = {"answer": text, "score": round(score, 4) if math.isfinite(score) else None}
-            print(json.dumps(line if args.predict_file is None else {"id": q.qid, **line}))
+        print_answers(questions, answers, null_scores, null_threshold, args.predict_file)
         return
-    predictions = {qid: text for qid, (text, _) in answers.items()}
-    utils.atomic_write_text(args.predictions, json.dumps(predictions))
-    scores = metrics.evaluate(dataset, predictions)
-    log(f"wrote {args.predictions}: {len(predictions)} answers | "
-        f"exact {scores['exact_match']:.2f}% | f1 {scores['f1']:.2f}%")
+    exact, f1, v2_line = write_predictions(args, dataset, answers, null_scores, null_threshold)
+    log(f"wrote {' and '.join(files_written(args, dataset))}: {len(answers)} answers | "
+        f"exact {exact:.2f}% | f1 {f1:.2f}%")
+    if v2_line:
+        log(v2_line)
+
+
+def print_answers(questions, answers, null_scores, null_threshold, predict_file):
+    """One JSON line per question: its answer and the best span's score; from a model
+    trained on SQuAD v2.0 (null_threshold given) also whether the answer is "no answer"
+    and the no-answer score it was decided by."""
+    predictions = to_predictions(answers, null_scores, null_threshold)
+    for q in questions:
+        line = {"answer": predictions[q.qid], "score": rounded(answers[q.qid][1])}
+        if null_threshold is not None:
+            line = {"answer": predictions[q.qid], "no_answer": not predictions[q.qid],
+                    "score": line["score"], "null_score": rounded(null_scores[q.qid])}
+        print(json.dumps(line if predict_file is None else {"id": q.qid, **line}))
+
+
+def rounded(score):
+    """A score for a JSON line: 4 decimals, None for -inf (no span at all)."""
+    return round(score, 4) if math.isfinite(score) else None
 
 
 ###############################################################################
@@ -540,6 +702,9 @@ def main(args, info):
     log = utils.make_logger(info)
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
+    if not math.isfinite(args.null_threshold):
+        raise UserError(f"--null-threshold {args.null_threshold}: must be a finite number (a "
+                        "difference of logits)")
     if args.predict:
         if info.is_main:
             predict(args, device, log)
@@ -555,6 +720,8 @@ def main(args, info):
         train_path = squad_file(args.train_file, "train", args.data_dir, log)
         dev_path = squad_file(args.dev_file, "dev", args.data_dir, log)
     task = QA(args, vocab, config, windowing, train_path, dev_path, info, device, log)
+    if metrics.has_unanswerable(task.dev_dataset):
+        check_na_probs_path(args, [("--train-file", train_path), ("--dev-file", dev_path)])
     model = checkpoint.task_model_from_encoder(QuestionAnswerTask, config, encoder,
                                                args.bert_model, device)
     log(f"QuestionAnswerTask from {args.bert_model}: {config.nlayers} layers, hidden "
@@ -563,21 +730,23 @@ def main(args, info):
     if trainer.fit():
         return
 
-    # Evaluate the best model once more and write the official predictions file.
-    answers, test_loss = task.predict(trainer.load_best(args.save))
+    # Evaluate the best model once more and write the official predictions file (and, for
+    # SQuAD v2.0 dev data, the no-answer values); the EM / F1 printed are those of the files
+    # as written.
+    answers, null_scores, test_loss = task.predict(trainer.load_best(args.save))
     if info.is_main:
-        utils.atomic_write_text(args.predictions,
-                                json.dumps({qid: text for qid, (text, _) in answers.items()}))
-        # The EM / F1 printed are those of the file as written.
-        scores = metrics.evaluate(task.dev_dataset, metrics.load_predictions(args.predictions))
+        exact, f1, v2_line = write_predictions(args, task.dev_dataset, answers, null_scores,
+                                               task.null_threshold)
         log("=" * 89)
-        log(f"| End of training | test loss {test_loss:8.5f} | "
-            f"exact {scores['exact_match']:.2f}% | f1 {scores['f1']:.2f}%")
+        log(f"| End of training | test loss {test_loss:8.5f} | exact {exact:.2f}% | f1 {f1:.2f}%")
+        if v2_line:
+            log(v2_line)
         log("=" * 89)
         st = trainer.state
         utils.print_loss_log("qa_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
         checkpoint.save_vocab_copy(vocab, args.save_vocab, log)
-        log(f"wrote {args.save} (best model), {args.predictions} and qa_loss.txt")
+        log(f"wrote {args.save} (best model), {', '.join(files_written(args, task.dev_dataset))} "
+            "and qa_loss.txt")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """qa_task.py: character spans, windows, decoding, the loss, and whole runs of the script."""
 
+import argparse
 import json
+import math
 import os
 import random
 import re
@@ -26,6 +28,9 @@ from qa_task import Question, Windowing  # noqa: E402
 
 NOTRE_DAME = Path(__file__).resolve().parents[2] / "shared/data/squad/train-v1.1-notre-dame.json"
 needs_notre_dame = pytest.mark.skipif(not NOTRE_DAME.exists(), reason=f"{NOTRE_DAME} not present")
+# One real SQuAD v2.0 dev article: 39 paragraphs, 208 questions, 112 without an answer.
+NORMANS = NOTRE_DAME.parent / "dev-v2.0-normans.json"
+needs_normans = pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
 
 TRICKY_CONTEXTS = [
     'He said "Hello, World!" and left.',
@@ -300,8 +305,10 @@ def _ddp_eval_rank(rank, port, windows, state, out_dir):
     model = QuestionAnswerTask(BertConfig(**state["config"]))
     model.load_state_dict(state["model"])
     info = utils.DistInfo(rank, 2)
-    answers, loss = qa_task.evaluate_all(model, windows, 5, 3, torch.device("cpu"), "fp32", info)
-    torch.save({"answers": answers, "loss": loss}, Path(out_dir) / f"rank{rank}.pt")
+    answers, null_scores, loss = qa_task.evaluate_all(model, windows, 5, 3, torch.device("cpu"),
+                                                      "fp32", info)
+    torch.save({"answers": answers, "null_scores": null_scores, "loss": loss},
+               Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -316,8 +323,9 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
     windows = qa_task.make_windows(questions, vocab, Windowing(bptt=32, doc_stride=8,
                                                                max_query_len=6, max_answer_len=5))
     model = tiny_model(len(vocab), max_len=32)
-    single, single_loss = qa_task.evaluate_all(model, windows, 5, 3, torch.device("cpu"), "fp32",
-                                               utils.DistInfo())
+    single, single_null, single_loss = qa_task.evaluate_all(model, windows, 5, 3,
+                                                            torch.device("cpu"), "fp32",
+                                                            utils.DistInfo())
     state = {"config": model.bert_model.config.to_dict(), "model": model.state_dict()}
     torch.multiprocessing.spawn(_ddp_eval_rank, args=(utils._free_port(), windows, state, tmp_path),
                                 nprocs=2)
@@ -327,6 +335,7 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
         texts = {qid: answer[0] for qid, answer in result["answers"].items()}
         assert texts == {qid: answer[0] for qid, answer in single.items()}
         assert result["loss"] == pytest.approx(single_loss, rel=1e-5)
+        assert result["null_scores"] == pytest.approx(single_null, abs=1e-4)
 
 
 def test_squad_files_are_downloaded_only_when_absent(tmp_path, monkeypatch):
@@ -395,8 +404,7 @@ def pretrained(tmp_path_factory):
     """A tiny mlm_task.py run on a WikiText-layout folder; returns its folder."""
     folder = tmp_path_factory.mktemp("pretrain")
     texts = [json.loads(write_rivers_squad(folder / "text.json", 0, 20).read_text())]
-    if NOTRE_DAME.exists():
-        texts.append(json.loads(NOTRE_DAME.read_text()))
+    texts += [json.loads(path.read_text()) for path in (NOTRE_DAME, NORMANS) if path.exists()]
     lines = [" ".join([p["context"], *(qa["question"] for qa in p["qas"])])
              for t in texts for a in t["data"] for p in a["paragraphs"]]
     corpus = folder / "wikitext-2"
@@ -455,7 +463,10 @@ def test_fine_tune_end_to_end(fine_tuned):
     check_predictions(dev, folder / "preds.json", result.stdout, folder)
     ckpt = torch.load(folder / "qa_model.pt", weights_only=True)
     assert ckpt["kind"] == "qa" and {"model", "config", "vocab"} <= ckpt.keys()
+    assert ckpt["squad_v2"] is False
     assert "test loss" in (folder / "qa_loss.txt").read_text()
+    assert not (folder / "na_probs.json").exists()  # SQuAD v1.1: no no-answer values
+    assert "SQuAD v2.0" not in result.stdout and "unanswerable" not in result.stdout
 
 
 @needs_notre_dame
@@ -481,6 +492,7 @@ def test_predict_one_question(fine_tuned, tmp_path):
     assert result.returncode == 0, result.stderr
     line = json.loads(result.stdout)
     assert line["answer"] and line["answer"] in context and isinstance(line["score"], float)
+    assert list(line) == ["answer", "score"]  # a SQuAD v1.1 model: as before v2.0 support
 
 
 def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
@@ -494,6 +506,7 @@ def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
     utils.launch(qa_task.main, qa_task.get_parser().parse_args(
         [*model, "--predict-file", "questions.json"]))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [list(line) for line in lines] == [["id", "answer", "score"]] * 2
     assert [line["id"] for line in lines] == ["x", "1"]
     assert lines[0]["answer"] in context and lines[1]["answer"] in "Short."
 
@@ -527,6 +540,11 @@ def bad_input_dir(fine_tuned, tmp_path, monkeypatch):
         {"data": [{"paragraphs": [{"qas": []}]}]}))
     (tmp_path / "empty.json").write_text(json.dumps({"data": []}))
     (tmp_path / "not_a_model.pt").write_bytes(b"\x00 not a checkpoint")
+    (tmp_path / "v2.json").write_text(json.dumps(rollo_v2()))
+    contradicting = rollo_v2()
+    contradicting["data"][0]["paragraphs"][0]["qas"][1]["answers"] = [
+        {"text": "Rollo", "answer_start": 0}]
+    (tmp_path / "v2_bad.json").write_text(json.dumps(contradicting))
     return {"qa_model": folder / "qa_model.pt", "train": train, "dev": dev}
 
 
@@ -552,6 +570,16 @@ def bad_cases(paths, bert):
                                     "--question", "a?"], "not a question-answering model"),
         "predict without question": (["--predict", "--qa-model", paths["qa_model"],
                                       "--context", "a b"], "--question"),
+        "v2 answers on an impossible question": (["--bert-model", bert, "--train-file",
+                                                  "v2_bad.json", *dev],
+                                                 "'is_impossible' true but 1 answer(s)"),
+        "null threshold not finite": (["--bert-model", bert, *train, *dev, "--null-threshold",
+                                       "nan"], "--null-threshold nan: must be a finite number"),
+        "na-probs is --predictions": (["--bert-model", bert, *train, "--dev-file", "v2.json",
+                                       "--na-probs", "predictions.json"],
+                                      "is also --predictions"),
+        "na-probs is the dev file": (["--bert-model", bert, *train, "--dev-file", "v2.json",
+                                      "--na-probs", "v2.json"], "is also --dev-file"),
     }, common
 
 
@@ -559,7 +587,10 @@ def bad_cases(paths, bert):
                                   "missing train file", "missing bert model",
                                   "bert model not a checkpoint", "contradicting --emsize",
                                   "bptt too long", "qa model is an encoder",
-                                  "predict without question"])
+                                  "predict without question",
+                                  "v2 answers on an impossible question",
+                                  "null threshold not finite", "na-probs is --predictions",
+                                  "na-probs is the dev file"])
 def test_bad_input_is_one_error_line(case, bad_input_dir, pretrained, capsys):
     cases, common = bad_cases(bad_input_dir, pretrained / "mlm_bert.pt")
     argv, expected = cases[case]
@@ -602,13 +633,205 @@ def test_window_starts_are_berts(window_len):
             assert min(starts[-1] + window_len, n_context) == n_context
 
 
-def test_squad_v2_files_are_refused_with_one_line(tmp_path):
-    path = tmp_path / "v2.json"
-    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [{
-        "context": "Rollo led the Normans.",
+
+
+###############################################################################
+# SQuAD v2.0: questions without an answer
+###############################################################################
+
+
+def rollo_v2():
+    """A SQuAD v2.0 file's content: one answerable question, two without an answer."""
+    context = "Rollo led the Normans to Normandy."
+    return {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{
+        "context": context,
         "qas": [{"id": "a", "question": "Who led?", "is_impossible": False,
                  "answers": [{"text": "Rollo", "answer_start": 0}]},
-                {"id": "b", "question": "Who followed?", "is_impossible": True, "answers": []}],
-    }]}]}))
-    with pytest.raises(utils.UserError, match="SQuAD v2.0 file"):
-        qa_task.read_squad(path)
+                {"id": "b", "question": "Who followed?", "is_impossible": True, "answers": [],
+                 "plausible_answers": [{"text": "Normans", "answer_start": 14}]},
+                {"id": "c", "question": "When?", "is_impossible": True, "answers": []}],
+    }]}]}
+
+
+def test_read_squad_marks_unanswerable_questions(tmp_path):
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(rollo_v2()))
+    questions, dataset = qa_task.read_squad(path)
+    assert metrics.has_unanswerable(dataset)
+    assert [(q.qid, q.unanswerable, q.answers) for q in questions] == [
+        ("a", False, [("Rollo", 0)]), ("b", True, []), ("c", True, [])]  # plausible: unread
+
+
+def test_unanswerable_questions_target_cls_in_every_window():
+    words = [f"w{i}" for i in range(200)]
+    context = " ".join(words)
+    answer_text = "w150 w151"
+    answerable = Question("yes", "where?", context, [(answer_text, context.index(answer_text))])
+    unanswerable = Question("no", "where not?", context, [], unanswerable=True)
+    unusable = Question("bad", "where else?", context, [(answer_text, 3)])
+    vocab = vocab_of([context, "where not else?"])
+    windowing = Windowing(bptt=48, doc_stride=16, max_query_len=8, max_answer_len=10)
+    alone = qa_task.make_windows([answerable], vocab, windowing, training=True)
+    for training in (True, False):
+        windows = qa_task.make_windows([answerable, unanswerable, unusable], vocab, windowing,
+                                       training=training)
+        targets = torch.stack([windows.start_positions, windows.end_positions], 1)
+        per_question = {i: targets[windows.question == i] for i in range(3)}
+        assert len(per_question[1]) > 3  # a long context: many windows, all at <cls>
+        assert per_question[1].eq(0).all()
+        assert torch.equal(per_question[0], torch.stack([alone.start_positions,
+                                                         alone.end_positions], 1))
+        # Answers that are all unusable: skipped for training, out of the dev loss.
+        assert len(per_question[2]) == 0 if training else per_question[2].eq(-1).all()
+        assert windows.unusable_answers == ["bad"]
+
+
+class NullModel(torch.nn.Module):
+    """Start logits 5 on token `start_id`, end logits 5 on `end_id`, 0 elsewhere; at <cls>
+    both are the number of `marker_id` tokens in the window, so that each window of a
+    question has its own no-answer score."""
+
+    def __init__(self, start_id, end_id, marker_id):
+        super().__init__()
+        self.start_id, self.end_id, self.marker_id = start_id, end_id, marker_id
+
+    def forward(self, src, token_type_input=None, padding_mask=None):
+        start, end = (src == self.start_id).float() * 5, (src == self.end_id).float() * 5
+        markers = (src == self.marker_id).sum(1).float()
+        start[:, 0], end[:, 0] = markers, markers
+        return start, end
+
+
+def test_no_answer_score_is_the_lowest_cls_score_and_decides_empty_answers():
+    dense = " ".join("mark" if i % 2 else f"w{i}" for i in range(60))
+    sparse = " ".join(f"v{i}" for i in range(60))
+    questions = [Question("a", "Who founded it?", f"{dense} founded by Father Sorin. {sparse}", []),
+                 Question("b", "Who?", "mark mark nobody here", []),
+                 Question("c", "Nothing?", '""', [])]
+    vocab = vocab_of([q.context for q in questions])
+    model = NullModel(vocab["father"], vocab["sorin"], vocab["mark"])
+    windowing = Windowing(bptt=40, doc_stride=10, max_query_len=8, max_answer_len=5)
+    answers, null_scores = qa_task.score_questions(model, questions, vocab, windowing,
+                                                   batch_size=3)
+    windows = qa_task.make_windows(questions, vocab, windowing)
+    for i, q in enumerate(questions):
+        markers = (windows.tokens[windows.question == i] == vocab["mark"]).sum(1)
+        assert null_scores[q.qid] == 2 * markers.min()  # start + end, lowest window
+    marks_a = (windows.tokens[windows.question == 0] == vocab["mark"]).sum(1)
+    assert marks_a.min() == 0 < marks_a.max()  # the min differs from other windows' scores
+    assert answers["a"] == ("Father Sorin", 10.0) and answers["c"] == ("", -math.inf)
+    assert answers["b"][1] == 0.0 and null_scores["b"] == 4.0
+
+    odds = qa_task.no_answer_odds(answers, null_scores)
+    assert odds == {"a": -10.0, "b": 4.0, "c": sys.float_info.max}  # finite: JSON has no inf
+
+    def predicted(threshold):
+        return qa_task.to_predictions(answers, null_scores, threshold)
+
+    assert predicted(0.0) == {"a": "Father Sorin", "b": "", "c": ""}
+    assert predicted(-10.0)["a"] == "Father Sorin"  # not above the threshold: the span
+    assert predicted(-10.5)["a"] == ""
+    assert predicted(4.0)["b"] == answers["b"][0] != ""
+    assert predicted(None) == {qid: text for qid, (text, _) in answers.items()}  # v1.1 models
+
+
+def test_written_na_probs_and_scores_are_the_official_ones(tmp_path):
+    dataset = rollo_v2()["data"]
+    answers = {"a": ("Rollo", 3.0), "b": ("the Normans", 1.0), "c": ("led", 2.5)}
+    null_scores = {"a": 1.0, "b": 2.0, "c": 2.0}
+    args = argparse.Namespace(predictions=str(tmp_path / "out" / "preds.json"), na_probs=None)
+    exact, f1, line = qa_task.write_predictions(args, dataset, answers, null_scores, 0.0)
+    predictions = json.loads((tmp_path / "out" / "preds.json").read_text())
+    na_probs = metrics.load_na_probs(tmp_path / "out" / "na_probs.json")  # beside --predictions
+    assert predictions == {"a": "Rollo", "b": "", "c": "led"}
+    assert na_probs == {"a": -2.0, "b": 1.0, "c": -0.5}  # null - best span, every question
+    official = metrics.evaluate_v2(dataset, predictions, na_probs)
+    assert (exact, f1) == (official["exact"], official["f1"]) == pytest.approx((200 / 3, 200 / 3))
+    # By rising value: a (answered right) raises the score from the 2 unanswerable ones to 3;
+    # c (answered "led" where there is no answer) lowers it again.
+    assert official["best_exact"] == 100.0 and official["best_exact_thresh"] == -2.0
+    assert line == ('| SQuAD v2.0 | 1 of 3 answered "" | HasAns exact 100.00% f1 100.00% (1) | '
+                    "NoAns exact 50.00% f1 50.00% (2) | best exact 100.00% at -2.0000, "
+                    "best f1 100.00% at -2.0000")
+
+    v1 = [{"paragraphs": [{"context": "Rollo led.", "qas": [
+        {"id": "a", "question": "Who?", "answers": [{"text": "Rollo", "answer_start": 0}]}]}]}]
+    args = argparse.Namespace(predictions=str(tmp_path / "v1" / "preds.json"), na_probs=None)
+    assert qa_task.write_predictions(args, v1, {"a": ("Rollo", 1.0)}, {"a": 9.0}, None) == (
+        100.0, 100.0, None)
+    assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == ["preds.json"]
+
+
+def v2_line_scores(stdout):
+    """The numbers of the | SQuAD v2.0 | log line."""
+    match = re.search(r"\| SQuAD v2\.0 \| (\d+) of (\d+) answered \"\" \| HasAns exact (\S+)% "
+                      r"f1 (\S+)% \((\d+)\) \| NoAns exact (\S+)% f1 (\S+)% \((\d+)\) \| "
+                      r"best exact (\S+)% at (\S+), best f1 (\S+)% at (\S+)", stdout)
+    assert match, stdout
+    return [float(x) for x in match.groups()]
+
+
+def write_normans_split(folder):
+    """The Normans article as a train part (its first 30 paragraphs) and a dev part."""
+    article = json.loads(NORMANS.read_text())["data"][0]
+    for name, paragraphs in (("train", article["paragraphs"][:30]),
+                             ("dev", article["paragraphs"][30:])):
+        (folder / f"{name}.json").write_text(json.dumps(
+            {"version": "v2.0", "data": [{"title": article["title"], "paragraphs": paragraphs}]}))
+    return folder / "train.json", folder / "dev.json"
+
+
+@needs_normans
+def test_squad_v2_end_to_end_on_the_normans(pretrained, tmp_path, monkeypatch, capsys):
+    train, dev = write_normans_split(tmp_path)
+    result = run(["--bert-model", pretrained / "mlm_bert.pt", "--device", "cpu", "--epochs", 1,
+                  "--max-steps", 10, "--batch_size", 16, "--train-file", train, "--dev-file",
+                  dev, "--predictions", "preds.json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "train: 167 questions (91 unanswerable)" in result.stdout
+    assert "dev: 41 questions (21 unanswerable)" in result.stdout
+    predictions = json.loads((tmp_path / "preds.json").read_text())
+    na_probs = json.loads((tmp_path / "na_probs.json").read_text())
+    contexts = {qa["id"]: p["context"] for a in json.loads(dev.read_text())["data"]
+                for p in a["paragraphs"] for qa in p["qas"]}
+    assert list(predictions) == list(na_probs) == list(contexts)
+    for qid, answer in predictions.items():
+        assert (answer == "") == (na_probs[qid] > qa_task.DEFAULT_NULL_THRESHOLD)
+        assert answer in contexts[qid]
+    # What it printed is what the official metric says of the files it wrote.
+    official = run([dev, "preds.json", "--na-prob-file", "na_probs.json"], tmp_path, "metrics.py")
+    assert official.returncode == 0, official.stderr
+    scores = json.loads(official.stdout)
+    assert end_of_training(result.stdout) == (round(scores["exact"], 2), round(scores["f1"], 2))
+    n_empty, total, *rest = v2_line_scores(result.stdout)
+    assert (n_empty, total) == (sum(not a for a in predictions.values()), 41)
+    keys = ["HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1", "NoAns_total",
+            "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"]
+    assert rest == pytest.approx([round(scores[k], 4 if "thresh" in k else 2) for k in keys])
+    assert torch.load(tmp_path / "qa_model.pt", weights_only=True)["squad_v2"] is True
+
+    # --predict with the v2.0 model: a threshold in the middle of the values answers "" for
+    # half of the questions and a span of the context for the others.
+    monkeypatch.chdir(tmp_path)
+    threshold = sorted(na_probs.values())[len(na_probs) // 2]
+    model = ["--predict", "--device", "cpu", "--null-threshold", str(threshold)]
+    utils.launch(qa_task.main, qa_task.get_parser().parse_args(
+        [*model, "--predict-file", str(dev), "--predictions", "again.json", "--na-probs",
+         "again_na.json"]))
+    out = capsys.readouterr().out
+    again = json.loads(Path("again.json").read_text())
+    assert json.loads(Path("again_na.json").read_text()) == pytest.approx(na_probs, abs=1e-4)
+    assert 0 < sum(not a for a in again.values()) < len(again)
+    assert all(a in contexts[qid] for qid, a in again.items())
+    scores = metrics.evaluate_v2(json.loads(dev.read_text())["data"], again)
+    assert f"exact {scores['exact']:.2f}% | f1 {scores['f1']:.2f}%" in out and "| SQuAD v2.0 |" in out
+
+    context = contexts[next(iter(contexts))]
+    for threshold, no_answer in ((1e6, False), (-1e6, True)):
+        utils.launch(qa_task.main, qa_task.get_parser().parse_args(
+            ["--predict", "--device", "cpu", "--null-threshold", str(threshold), "--context",
+             context, "--question", "Who ruled Normandy?"]))
+        line = json.loads(capsys.readouterr().out)
+        assert list(line) == ["answer", "no_answer", "score", "null_score"]
+        assert line["no_answer"] is no_answer and (line["answer"] == "") is no_answer
+        assert line["answer"] in context and isinstance(line["null_score"], float)
