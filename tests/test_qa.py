@@ -341,7 +341,7 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
 def test_squad_files_are_downloaded_only_when_absent(tmp_path, monkeypatch):
     fetched = []
 
-    def fake_download(archive, folder, log):
+    def fake_download(archive, folder, log, expected=()):
         fetched.append((archive.filename, archive.md5, archive.urls[0], Path(folder)))
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / archive.filename).write_text("{}")
