@@ -27,6 +27,7 @@ import torch
 
 import utils
 from data import (
+    SPECIALS,
     SPLITS,
     UNK_ID,
     DataError,
@@ -551,6 +552,9 @@ def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=
         if vocab is None:
             if tokenizer == "basic_english":
                 vocab, splits["train"] = count_and_numericalize(ranges["train"], min_freq, workers)
+                if len(vocab) == len(SPECIALS):
+                    raise DataError(f"--min-freq {min_freq}: no word of the train split is seen "
+                                    "that often; every token would be <unk>")
                 log(f"built a vocab of {len(vocab)} words from the train split "
                     f"(min_freq {min_freq})")
             else:

@@ -3,7 +3,6 @@
     python mlm_task.py            # WikiText-2, BERT-base size -> mlm_bert.pt
 """
 
-import argparse
 import functools
 import math
 
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import checks
 import corpus
 import data
 import trainer
@@ -22,7 +22,8 @@ FRESH_MODEL = dict(emsize=768, nhid=3072, nlayers=12, nhead=12, dropout=0.2)
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="BERT masked-language-model pretraining")
+    parser = checks.ArgumentParser(prog="mlm_task.py",
+                                   description="BERT masked-language-model pretraining")
     parser.add_argument("--bert-model", type=str, default=None,
                         help="continue pretraining this checkpoint (any of this project's holding "
                              "an encoder, or a transformers BERT folder); architecture and "
@@ -132,9 +133,14 @@ def main(args, info):
     log = utils.make_logger(info)
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
-    if args.bptt < 2 or args.batch_size < 1 or not 0 < args.mask_frac < 1:
-        raise utils.UserError("--bptt must be at least 2, --batch_size at least 1, and "
-                              "--mask_frac between 0 and 1")
+    tokenizer_file = args.tokenizer not in (None, "basic_english", "wordpiece")
+    checks.prepare_run(
+        info, inputs={"--bert-model": args.bert_model,
+                      "--tokenizer": args.tokenizer if tokenizer_file else None},
+        outputs={"--save": args.save, "--state-file": args.state_file,
+                 "--save-vocab": args.save_vocab, "the best model": MLM.full_model_path,
+                 "the loss log": "mlm_loss.txt"},
+        data_dir=args.data_dir)
     config, vocab, weights = start_from(args)
     # Rank 0 builds the vocab and the token caches; the other ranks then read them.
     with utils.main_rank_first(info):
@@ -143,11 +149,13 @@ def main(args, info):
             vocab_path=args.save_vocab, log=log, tokenizer=args.tokenizer or "basic_english",
             vocab_size=args.vocab_size)
     if config is None:
-        config = BertConfig(vocab_size=len(vocab), max_len=max(512, args.bptt),
-                            pad_id=vocab.pad_id, **{name: value if getattr(args, name) is None
-                                                    else getattr(args, name)
-                                                    for name, value in FRESH_MODEL.items()})
-        utils.apply_model_flags(config, args)
+        sizes = {name: value if getattr(args, name) is None else getattr(args, name)
+                 for name, value in FRESH_MODEL.items()}
+        try:
+            config = BertConfig(vocab_size=len(vocab), max_len=max(512, args.bptt),
+                                pad_id=vocab.pad_id, **sizes)
+        except ValueError as e:  # flags that do not make a model, e.g. --emsize 30 --nhead 4
+            raise utils.UserError(f"the model flags do not make a BERT: {e}") from None
     task = MLM(args, vocab, splits, config, info, device)
     model = MLMTask(config)
     if weights is not None:
@@ -162,4 +170,4 @@ def main(args, info):
 
 
 if __name__ == "__main__":
-    utils.launch(main, utils.parse_args(get_parser()))
+    utils.launch(main, checks.parse_args(get_parser()))

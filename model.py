@@ -31,6 +31,21 @@ class BertConfig:
     # transformers' BertForQuestionAnswering does not. Kept as the default for continuity.
     qa_gelu: bool = True
 
+    def __post_init__(self):
+        sizes = ("vocab_size", "emsize", "nhead", "nhid", "nlayers", "max_len", "type_vocab_size")
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} {value!r} must be a positive integer")
+        if self.emsize % self.nhead:
+            raise ValueError(f"emsize {self.emsize} is not divisible by nhead {self.nhead}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout {self.dropout!r} must be in [0, 1)")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"pad_id {self.pad_id!r} is not an id of the vocabulary")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps {self.layer_norm_eps!r} must be > 0")
+
     def to_dict(self):
         return asdict(self)
 

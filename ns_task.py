@@ -3,13 +3,13 @@
     python ns_task.py --bert-model mlm_bert.pt      # -> ns_bert.pt
 """
 
-import argparse
 import functools
 
 import torch
 import torch.nn.functional as F
 
 import checkpoint
+import checks
 import corpus
 import data
 import trainer
@@ -18,7 +18,7 @@ from model import NextSentenceTask
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="BERT next-sentence task")
+    parser = checks.ArgumentParser(prog="ns_task.py", description="BERT next-sentence task")
     parser.add_argument("--bert-model", type=str, default="mlm_bert.pt",
                         help="pretrained encoder (or any task checkpoint holding one); "
                              "architecture and vocab come from it (default mlm_bert.pt)")
@@ -101,11 +101,14 @@ def main(args, info):
     log = utils.make_logger(info)
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
+    checks.prepare_run(
+        info, inputs={"--bert-model": args.bert_model},
+        outputs={"--save": args.save, "--state-file": args.state_file,
+                 "--save-vocab": args.save_vocab, "the best model": NextSentence.full_model_path,
+                 "the loss log": "ns_loss.txt"},
+        data_dir=args.data_dir)
     config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
     utils.apply_model_flags(config, args, source=args.bert_model)
-    if args.batch_size < 1 or args.bptt < 4 or not 0 <= args.frac_ns <= 1:
-        raise utils.UserError("--batch_size must be at least 1, --bptt at least 4, and "
-                              "--frac_ns between 0 and 1")
     if args.bptt > config.max_len:
         raise utils.UserError(f"--bptt {args.bptt} is longer than the {config.max_len} positions "
                               f"of {args.bert_model}")
@@ -120,4 +123,4 @@ def main(args, info):
 
 
 if __name__ == "__main__":
-    utils.launch(main, utils.parse_args(get_parser()))
+    utils.launch(main, checks.parse_args(get_parser()))

@@ -16,7 +16,6 @@ answers "" when the question's <cls> score (its no-answer score) beats the best 
 more than --null-threshold, and --na-probs gets that margin for the official v2.0 metric.
 """
 
-import argparse
 import bisect
 import functools
 import json
@@ -32,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint
+import checks
 import corpus
 import data
 import metrics
@@ -82,8 +82,8 @@ class Windowing:
 
 def get_parser():
     w = Windowing
-    parser = argparse.ArgumentParser(description="BERT question answering on SQuAD v1.1 and "
-                                     "v2.0")
+    parser = checks.ArgumentParser(prog="qa_task.py", description="BERT question answering "
+                                   "on SQuAD v1.1 and v2.0")
     parser.add_argument("--bert-model", type=str, default="ns_bert.pt",
                         help="pretrained encoder (mlm_bert.pt, ns_bert.pt, or any checkpoint "
                              "holding one); architecture and vocab come from it "
@@ -470,14 +470,29 @@ def na_probs_path(args):
     return args.na_probs or os.path.join(os.path.dirname(args.predictions), "na_probs.json")
 
 
-def check_na_probs_path(args, data_paths):
-    """The --na-probs file, written for SQuAD v2.0 data, must not be --predictions or one
-    of data_paths [(flag, path)]: it would overwrite them."""
-    path = os.path.realpath(na_probs_path(args))
-    for flag, other in (("--predictions", args.predictions), *data_paths):
-        if path == os.path.realpath(other):
-            raise UserError(f"--na-probs {na_probs_path(args)} is also {flag}: it would be "
-                            "overwritten; give --na-probs another file")
+def check_paths(args, info):
+    """qa_task.py's inputs and outputs (see checks.prepare_run), before any work."""
+    if args.predict:
+        if args.predict_file is not None and (args.context or args.question):
+            raise UserError("--predict: give --context and --question, or --predict-file, "
+                            "not both")
+        if args.predict_file is None and (args.context is None or args.question is None):
+            raise UserError("--predict needs --context and --question, or --predict-file")
+        writes = args.predict_file is not None
+        return checks.prepare_run(
+            info, inputs={"--qa-model": args.qa_model or args.save,
+                          "--predict-file": args.predict_file},
+            outputs={"--predictions": args.predictions if writes else None,
+                     "--na-probs": na_probs_path(args) if writes else None})
+    squad = {f"--{split}-file": given or os.path.join(args.data_dir, "squad", SQUAD[split].filename)
+             for split, given in (("train", args.train_file), ("dev", args.dev_file))}
+    checks.prepare_run(
+        info, inputs={"--bert-model": args.bert_model, "--train-file": args.train_file,
+                      "--dev-file": args.dev_file},
+        outputs={"--save": args.save, "--state-file": args.state_file,
+                 "--save-vocab": args.save_vocab, "--predictions": args.predictions,
+                 "--na-probs": na_probs_path(args), "the loss log": "qa_loss.txt"},
+        data_dir=args.data_dir, also_read=squad)
 
 
 def files_written(args, dataset):
@@ -646,8 +661,6 @@ def read_predict_file(path):
 
 
 def predict(args, device, log):
-    if args.predict_file is None and (args.context is None or args.question is None):
-        raise UserError("--predict needs --context and --question, or --predict-file")
     path = args.qa_model or args.save
     model, vocab, saved_windowing, squad_v2 = load_qa_model(path)
     # The model answers best with the windows it was trained on: the settings saved with
@@ -660,8 +673,6 @@ def predict(args, device, log):
         questions, dataset = [Question("0", args.question, args.context, [])], None
     else:
         questions, dataset = read_predict_file(args.predict_file)
-        if dataset is not None and metrics.has_unanswerable(dataset):
-            check_na_probs_path(args, [("--predict-file", args.predict_file)])
     answers, null_scores = score_questions(model.to(device), questions, vocab, windowing,
                                            args.batch_size, device, args.dtype)
     null_threshold = args.null_threshold if squad_v2 else None
@@ -702,16 +713,12 @@ def main(args, info):
     log = utils.make_logger(info)
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
-    if not math.isfinite(args.null_threshold):
-        raise UserError(f"--null-threshold {args.null_threshold}: must be a finite number (a "
-                        "difference of logits)")
+    check_paths(args, info)
     if args.predict:
         if info.is_main:
             predict(args, device, log)
         return
 
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
     config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
     utils.apply_model_flags(config, args, source=args.bert_model)
     windowing = Windowing.from_args(args)
@@ -720,8 +727,6 @@ def main(args, info):
         train_path = squad_file(args.train_file, "train", args.data_dir, log)
         dev_path = squad_file(args.dev_file, "dev", args.data_dir, log)
     task = QA(args, vocab, config, windowing, train_path, dev_path, info, device, log)
-    if metrics.has_unanswerable(task.dev_dataset):
-        check_na_probs_path(args, [("--train-file", train_path), ("--dev-file", dev_path)])
     model = checkpoint.task_model_from_encoder(QuestionAnswerTask, config, encoder,
                                                args.bert_model, device)
     log(f"QuestionAnswerTask from {args.bert_model}: {config.nlayers} layers, hidden "
@@ -750,4 +755,4 @@ def main(args, info):
 
 
 if __name__ == "__main__":
-    utils.launch(main, utils.parse_args(get_parser()))
+    utils.launch(main, checks.parse_args(get_parser()))

@@ -27,16 +27,23 @@ from utils import UserError
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) set a flag; the loop
-    finishes its step, writes the state file and exits."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) and Ctrl-C (SIGINT) set a
+    flag; the loop finishes its step, writes the state file and exits. A second Ctrl-C
+    stops at once."""
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        self.requested = self.interrupted = False
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
             if sig is not None:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt  # the second Ctrl-C: exit 130 now (utils._run_rank)
+            self.interrupted = True
+            print("\nCtrl-C: stopping after this step to write the state file "
+                  "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
         self.requested = True
 
 
@@ -92,6 +99,10 @@ class NonFiniteLoss(UserError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the state file was written: exit code 130, as a shell expects."""
+
+
 class Trainer:
     """The epoch loop of all three tasks (see the module docstring for the task's part)."""
 
@@ -133,6 +144,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
                 "rng": rng, "args": vars(self.args).copy(), **self.extra,
+                # Which script may resume it (checks.parse_args refuses the others).
+                "script": getattr(self.args, "script", None),
             }, self.args.state_file)
 
     def load_state(self, ckpt, model):
@@ -254,6 +267,8 @@ class Trainer:
                 self.log(f"stopped by a signal at step {st.global_step}; the state is in "
                          f"{args.state_file}. Resume with: python {os.path.basename(sys.argv[0])} "
                          f"--checkpoint {args.state_file}")
+                if self.preemption.interrupted:
+                    raise Interrupted
                 return "signal"
             if at_save:
                 self.save_state()

@@ -1,9 +1,7 @@
 """What the three task scripts share: device and precision, distributed setup, flags,
 logging, and atomic file writes. (Checkpoints: checkpoint.py; the loop: trainer.py.)"""
 
-import argparse
 import contextlib
-import copy
 import datetime
 import os
 import re
@@ -200,6 +198,9 @@ def _spawn(main, args, infos, init):
     for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
         if sig is not None:
             signal.signal(sig, forward)
+    # Ctrl-C reaches every process of the terminal's group: the ranks stop by themselves
+    # (after writing the state file; at once on a second Ctrl-C) and this parent waits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         while not context.join():
             pass
@@ -388,13 +389,9 @@ def add_model_flags(parser, **fresh):
                             help=f"{helps[name]} (default {shown})")
 
 
-def apply_model_flags(config, args, source=None):
+def apply_model_flags(config, args, source):
     """Raise if an architecture flag disagrees with `config` (read from checkpoint `source`).
     --dropout is not architecture: when given, it replaces the checkpoint's in `config`."""
-    if source is None:
-        if config.emsize % config.nhead:
-            raise UserError(f"--emsize {config.emsize} is not divisible by --nhead {config.nhead}")
-        return
     for name in MODEL_FLAGS:
         given = getattr(args, name, None)
         if name != "dropout" and given is not None and given != getattr(config, name):
@@ -402,27 +399,6 @@ def apply_model_flags(config, args, source=None):
                             f"{name} {getattr(config, name)}; leave the flag out to use the checkpoint's")
     if getattr(args, "dropout", None) is not None:
         config.dropout = args.dropout
-
-
-def parse_args(parser, argv=None):
-    """Parse flags; with --checkpoint, start from the flags saved in the state file and
-    apply only those given on this command line."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    if args.checkpoint == "None":
-        return args
-    try:
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        _fail(f"--checkpoint {args.checkpoint}: no such file")
-    except Exception as e:
-        _fail(f"--checkpoint {args.checkpoint}: not a state file of this project ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "state" or "args" not in ckpt:
-        _fail(f"--checkpoint {args.checkpoint}: not a state file (those are written to --state-file)")
-    merged = dict(ckpt["args"])
-    given = explicit_flags(parser, argv)
-    merged.update({k: v for k, v in vars(args).items() if k in given or k not in merged})
-    return argparse.Namespace(**merged)
 
 
 ###############################################################################
@@ -456,23 +432,36 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class WriteError(UserError, OSError):
+    """A file could not be written (full disk, permissions): one line naming it. Still an
+    OSError, for callers that carry on without the file (the token cache)."""
+
+
 def _atomic_write(path, write):
     """Write to a temporary file in the same folder, fsync, then rename over `path`:
-    a crash at any point leaves either the old file or the new one, never half of one."""
+    a crash at any point leaves either the old file or the new one, never half of one,
+    and a failure leaves no temporary file."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = None
     try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        # torch.save reports a full disk as a RuntimeError of its zip writer.
+        if isinstance(e, OSError | RuntimeError) and not isinstance(e, WriteError):
+            detail = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+            raise WriteError(f"cannot write {path}: {detail}; the previous file, if any, "
+                             "is unchanged") from None
         raise
 
 
@@ -482,12 +471,3 @@ def atomic_save(obj, path):
 
 def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def explicit_flags(parser, argv):
-    """The flags given on the command line (not defaults): on resume they override the
-    saved ones, everything else comes from the state file."""
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))

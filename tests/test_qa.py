@@ -17,6 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import checks  # noqa: E402
 import corpus  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
@@ -525,7 +526,7 @@ def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
 
 def run_in_process(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(qa_task.main, utils.parse_args(qa_task.get_parser(), [str(a) for a in argv]))
+        utils.launch(qa_task.main, checks.parse_args(qa_task.get_parser(), [str(a) for a in argv]))
     err = capsys.readouterr().err
     return exit_info.value.code, err
 

@@ -202,8 +202,10 @@ def test_continue_pretraining_from_a_checkpoint(tmp_path):
     data_flags = ["--data-dir", "D", "--dataset", "WikiText2"]
     run("mlm_task.py", *data_flags, *TINY, "--tokenizer", "wordpiece", "--vocab-size", "100",
         "--max-steps", "10", cwd=tmp_path)
-    first = torch.load(tmp_path / "full_mlm_model.pt", weights_only=True)
-    out = run("mlm_task.py", *data_flags, "--bert-model", "full_mlm_model.pt", "--device", "cpu",
+    # Continuing from the file a run writes as its best model is refused: copy it first.
+    (tmp_path / "first.pt").write_bytes((tmp_path / "full_mlm_model.pt").read_bytes())
+    first = torch.load(tmp_path / "first.pt", weights_only=True)
+    out = run("mlm_task.py", *data_flags, "--bert-model", "first.pt", "--device", "cpu",
               "--bptt", "48", "--batch_size", "8", "--epochs", "1", "--max-steps", "1",
               "--lr", "1e-9", "--save", "again.pt", cwd=tmp_path)
     assert "End of training" in out
