@@ -1,0 +1,192 @@
+"""Bad input and interruptions: one `error:` line, exit 2 (130 for Ctrl-C), no traceback,
+before any work, and no file that was there before changed or lost."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, toy_lines, write_wikitext
+
+import checks
+import utils
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--device", "cpu", "--emsize", "16", "--nhid", "32", "--nlayers", "1", "--nhead", "2",
+        "--bptt", "16", "--batch_size", "4", "--epochs", "1"]
+DATA = ["--data-dir", "D", "--dataset", "WikiText2"]
+
+
+def hashes(folder):
+    """Every file under folder (hidden ones too) and its content's hash."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def run(script, *flags, cwd, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, flags)], cwd=cwd,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder with a corpus, a trained tiny encoder, its ns state and a SQuAD file."""
+    folder = tmp_path_factory.mktemp("checks")
+    write_wikitext(folder / "D", toy_lines(120, 0, 30), toy_lines(12, 1, 30),
+                   toy_lines(12, 2, 30))
+    out = run("mlm_task.py", *DATA, *TINY, "--max-steps", "2", cwd=folder)
+    assert out.returncode == 0, out.stderr
+    out = run("ns_task.py", *DATA, *TINY, "--max-steps", "2", "--min_sentence_len", "10",
+              "--save-every", "1", cwd=folder)
+    assert out.returncode == 0, out.stderr
+    paragraphs = [{"context": line, "qas": [{"id": str(i), "question": "what?", "answers": [
+        {"text": line.split()[2], "answer_start": line.index(line.split()[2])}]}]}
+        for i, line in enumerate(toy_lines(6, 3, 20))]
+    (folder / "squad.json").write_text(json.dumps({"data": [{"paragraphs": paragraphs}]}))
+    (folder / "a_file").write_text("not a folder")
+    (folder / "a_folder").mkdir()
+    bad = torch.load(folder / "mlm_bert.pt", weights_only=True)
+    bad["config"]["emsize"] = -16
+    torch.save(bad, folder / "negative.pt")
+    return folder
+
+
+QA = ["--bert-model", "mlm_bert.pt", "--train-file", "squad.json", "--dev-file", "squad.json"]
+CASES = {
+    # values
+    "negative lr": ("mlm_task.py", ["--lr", "-1"], "--lr -1.0: must be > 0"),
+    "nan lr": ("mlm_task.py", ["--lr", "nan"], "--lr nan: must be > 0"),
+    "dropout above 1": ("mlm_task.py", ["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)"),
+    "zero emsize": ("mlm_task.py", ["--emsize", "0"], "--emsize 0: must be at least 1"),
+    "zero nlayers": ("mlm_task.py", ["--nlayers", "0"], "--nlayers 0: must be at least 1"),
+    "emsize not divisible": ("mlm_task.py", [*DATA, *TINY, "--emsize", "15"],
+                             "emsize 15 is not divisible by nhead 2"),
+    "zero log interval": ("mlm_task.py", ["--log-interval", "0"], "--log-interval 0: must be"),
+    "negative workers": ("mlm_task.py", ["--num-workers", "-1"], "--num-workers -1: must be"),
+    "huge seed": ("mlm_task.py", ["--seed", "99999999999999999999"], "--seed 9999"),
+    "zero world size": ("mlm_task.py", ["--world_size", "0"], "--world_size 0: must be"),
+    "negative clip": ("mlm_task.py", ["--clip", "-1"], "--clip -1.0: must be > 0"),
+    "zero epochs": ("mlm_task.py", ["--epochs", "0"], "--epochs 0: must be at least 1"),
+    "negative max steps": ("mlm_task.py", ["--max-steps", "-1"], "--max-steps -1: must be"),
+    "negative save every": ("mlm_task.py", ["--save-every", "-1"], "--save-every -1: must be"),
+    "mask frac 1.5": ("mlm_task.py", ["--mask_frac", "1.5"], "--mask_frac 1.5: must be in (0, 1)"),
+    "dash spelling checked too": ("mlm_task.py", ["--batch-size", "0"], "--batch_size 0: must be"),
+    "not a number": ("mlm_task.py", ["--lr", "fast"], "--lr: invalid float value: 'fast'"),
+    "negative min sentence": ("ns_task.py", ["--min_sentence_len", "-5"],
+                              "--min_sentence_len -5: must be at least 2"),
+    "huge min freq": ("mlm_task.py", [*DATA, *TINY, "--min-freq", "100000000"],
+                      "--min-freq 100000000: no word of the train split"),
+    "context and predict file": ("qa_task.py", ["--predict", "--qa-model", "mlm_bert.pt",
+                                                "--predict-file", "squad.json", "--context", "x"],
+                                 "not both"),
+    # paths
+    "data dir is a file": ("mlm_task.py", [*TINY, "--data-dir", "a_file"],
+                           "--data-dir a_file: is a file, not a folder"),
+    "save is a folder": ("mlm_task.py", [*DATA, *TINY, "--save", "a_folder"],
+                         "--save a_folder: is a folder"),
+    "save under a file": ("mlm_task.py", [*DATA, *TINY, "--save", "a_file/x.pt"],
+                          "a_file is a file, not a folder"),
+    "save unwritable": ("mlm_task.py", [*DATA, *TINY, "--save", "/proc/x/y.pt"], "cannot write"),
+    "save is the state file": ("mlm_task.py", [*DATA, *TINY, "--save", "s.pt", "--state-file",
+                                               "s.pt"], "two outputs in one file"),
+    "ns save over its input": ("ns_task.py", [*DATA, *TINY, "--save", "mlm_bert.pt"],
+                               "--save mlm_bert.pt is also --bert-model"),
+    "predictions over the dev file": ("qa_task.py", [*QA, *TINY, "--predictions", "squad.json"],
+                                      "--predictions squad.json is also --train-file"),
+    "predictions over the predict file": ("qa_task.py", [
+        "--predict", "--qa-model", "mlm_bert.pt", "--predict-file", "squad.json",
+        "--predictions", "squad.json"], "is also --predict-file"),
+    # checkpoints
+    "missing bert model": ("qa_task.py", ["--bert-model", "nope/ns_bert.pt"],
+                           "no such file (python ns_task.py --bert-model mlm_bert.pt writes it)"),
+    "another script's state": ("mlm_task.py", ["--checkpoint", "ns_state.pt"],
+                               "a state file of ns_task.py; resume it with python ns_task.py"),
+    "mlm state to qa": ("qa_task.py", ["--checkpoint", "ns_state.pt"], "a state file of ns_task"),
+    "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "negative.pt"],
+                                  "emsize -16 must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(work, case):
+    script, flags, expected = CASES[case]
+    before = hashes(work)
+    out = run(script, *flags, cwd=work)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in out.stdout + out.stderr
+    assert hashes(work) == before
+
+
+def test_a_second_run_with_the_same_outputs_refuses(work, tmp_path):
+    lock = checks.OutputLock([work / "mlm_state.pt"])  # as a run still going holds it
+    try:
+        before = hashes(work)
+        out = run("mlm_task.py", *DATA, *TINY, cwd=work)
+        assert out.returncode == 2
+        assert f"is an output of a run still going (PID {os.getpid()})" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert hashes(work) == before
+    finally:
+        lock.release()
+
+
+def test_leftover_temp_files_are_removed_at_the_next_start(tmp_path):
+    (tmp_path / ".model.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".other.pt.abc123.tmp").write_bytes(b"someone else's")
+    lock = checks.OutputLock([tmp_path / "model.pt"])
+    lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc123.tmp"]
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    utils.atomic_save({"x": torch.ones(3)}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(utils.UserError, match=f"cannot write {path}: .*file write failed"):
+        utils.atomic_save({"x": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["state.pt"]
+
+
+def test_full_disk_error_is_still_an_oserror_for_optional_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(OSError, match="No space"):
+        utils.atomic_write_text(tmp_path / "cache.txt", "x")
+
+
+@pytest.mark.parametrize("ddp", [False, True])
+def test_ctrl_c_writes_the_state_and_exits_130(tmp_path, ddp):
+    write_wikitext(tmp_path / "D", toy_lines(400, 0, 30), toy_lines(12, 1, 30),
+                   toy_lines(12, 2, 30))
+    flags = [*DATA, *TINY, "--log-interval", "2", "--epochs", "3"]
+    if ddp:
+        flags += ["--parallel", "DDP", "--world_size", "2"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "mlm_task.py"), *flags], cwd=tmp_path,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:  # Ctrl-C once training is under way, to the whole group
+        if line.startswith("| epoch"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in err
+    assert "Resume with: python mlm_task.py --checkpoint mlm_state.pt" in out
+    state = torch.load(tmp_path / "mlm_state.pt", weights_only=True)
+    assert state["script"] == "mlm_task.py" and state["train_state"]["global_step"] > 0
+    assert not list(tmp_path.glob(".*.tmp"))
