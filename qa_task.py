@@ -105,6 +105,9 @@ def get_parser():
                         help="--predict: a JSON list of {\"context\", \"question\"[, \"id\"]} "
                              "objects (prints one JSON line each), or a SQuAD-layout file "
                              "(writes --predictions and prints EM / F1)")
+    parser.add_argument("--qa-gelu", action="store_true",
+                        help="the old example's QA head: a GELU on the encoder output before the "
+                             "span layer (default off: BERT's head, one linear layer)")
     utils.add_model_flags(parser)
     utils.add_common_flags(parser, lr=5.0, clip=0.1, epochs=2, batch_size=72, bptt=w.bptt,
                            seed=21192391, log_interval=200, save="qa_model.pt",
@@ -552,6 +555,7 @@ def main(args, info):
         raise UserError("--batch_size must be at least 1")
     config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
     utils.apply_model_flags(config, args, source=args.bert_model)
+    config.qa_gelu = args.qa_gelu  # the head is chosen here, whatever the encoder's config says
     windowing = Windowing.from_args(args)
     windowing.check(config.max_len, args.bert_model)
     with utils.main_rank_first(info):
