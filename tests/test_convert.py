@@ -130,6 +130,27 @@ def batch(config_vocab_size, seq=12, rows=3):
     return ids, types, ids.ne(0)
 
 
+def assert_same_outputs(ours, theirs):
+    """Our module and transformers' model give the same outputs (1e-5) on a padded batch:
+    start and end logits, MLM logits at every real position, NS logits, or hidden states."""
+    ids, types, real = batch(len(WORDS))
+    with torch.no_grad():
+        out = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long())
+        if isinstance(ours, QuestionAnswerTask):
+            pairs = zip(ours(ids, types, real), (out.start_logits, out.end_logits), strict=True)
+        elif isinstance(ours, MLMTask):
+            logits = out.prediction_logits if "prediction_logits" in out else out.logits
+            pairs = [(ours(ids, None, types, real), logits)]
+        elif isinstance(ours, NextSentenceTask):
+            torch.testing.assert_close(ours(ids, types, real), out.logits, atol=ATOL, rtol=0)
+            return
+        else:
+            pairs = [(ours(ids, types, real), out.last_hidden_state)]
+    # Padded positions are garbage in both (nobody reads them): compare the real ones.
+    for got, expected in pairs:
+        torch.testing.assert_close(got[real], expected[real], atol=ATOL, rtol=0)
+
+
 def ours_from(folder):
     ckpt = checkpoint.load_checkpoint(str(folder), "--bert-model")
     module, _ = convert.KINDS[ckpt["kind"]]
@@ -149,12 +170,7 @@ def test_transformers_qa_model_answers_the_same_through_ours(tmp_path, weights):
     ckpt, ours = ours_from(save_their(theirs, tmp_path, weights))
     assert ckpt["kind"] == "qa" and ckpt["config"]["qa_gelu"] is False
     assert ckpt["vocab"] == WORDS and ckpt["dropped"] == []
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long())
-        start, end = ours(ids, types, real)
-    torch.testing.assert_close(start[real], expected.start_logits[real], atol=ATOL, rtol=0)
-    torch.testing.assert_close(end[real], expected.end_logits[real], atol=ATOL, rtol=0)
+    assert_same_outputs(ours, theirs)
 
 
 @pytest.mark.parametrize("cls, tied, weights", [
@@ -177,12 +193,7 @@ def test_transformers_mlm_models_give_the_same_logits_through_ours(tmp_path, cls
     assert ckpt["dropped"] == (["bert.pooler.dense.bias", "bert.pooler.dense.weight",
                                 "cls.seq_relationship.bias", "cls.seq_relationship.weight"]
                                if pretraining else [])
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        out = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long())
-        expected = out.prediction_logits if pretraining else out.logits
-        got = ours(ids, None, types, real)
-    torch.testing.assert_close(got[real], expected[real], atol=ATOL, rtol=0)
+    assert_same_outputs(ours, theirs)
 
 
 @pytest.mark.parametrize("weights, prefix", [("safetensors", None), ("bin", None),
@@ -192,23 +203,14 @@ def test_transformers_encoder_gives_the_same_output_through_ours(tmp_path, weigh
     theirs = their_model(transformers.BertModel)
     ckpt, ours = ours_from(save_their(theirs, tmp_path, weights, prefix))
     assert ckpt["kind"] == "encoder" and ckpt["dropped"] == []
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types,
-                          attention_mask=real.long()).last_hidden_state
-        got = ours(ids, types, real)
-    torch.testing.assert_close(got[real], expected[real], atol=ATOL, rtol=0)
+    assert_same_outputs(ours, theirs)
 
 
 def test_transformers_next_sentence_model_gives_the_same_logits_through_ours(tmp_path):
     theirs = their_model(transformers.BertForNextSentencePrediction)
     ckpt, ours = ours_from(save_their(theirs, tmp_path))
     assert ckpt["kind"] == "ns"
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long()).logits
-        got = ours(ids, types, real)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert_same_outputs(ours, theirs)
 
 
 def test_a_cache_snapshot_folder_of_links_is_read(tmp_path):
@@ -222,12 +224,8 @@ def test_a_cache_snapshot_folder_of_links_is_read(tmp_path):
     for i, path in enumerate(sorted(saved.iterdir())):
         path.rename(blobs / f"blob{i}")
         (snapshot / path.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
-    ckpt, ours = ours_from(snapshot)
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long())
-        start, _ = ours(ids, types, real)
-    torch.testing.assert_close(start[real], expected.start_logits[real], atol=ATOL, rtol=0)
+    _, ours = ours_from(snapshot)
+    assert_same_outputs(ours, theirs)
 
 
 def test_old_layernorm_names_are_read(tmp_path):
@@ -241,11 +239,7 @@ def test_old_layernorm_names_are_read(tmp_path):
     torch.save(state, tmp_path / "pytorch_model.bin")
     write_vocab(tmp_path)
     _, ours = ours_from(tmp_path)
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types,
-                          attention_mask=real.long()).last_hidden_state
-        torch.testing.assert_close(ours(ids, types, real)[real], expected[real], atol=ATOL, rtol=0)
+    assert_same_outputs(ours, theirs)
 
 
 def edit_config(folder, **changes):
@@ -348,39 +342,22 @@ def test_exported_mlm_model_loads_in_transformers_with_our_logits(tmp_path, caps
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["BertForMaskedLM"] and config["tie_word_embeddings"] is False
     assert config["hidden_act"] == "gelu" and config["pad_token_id"] == 0
-    theirs = load_theirs(transformers.AutoModelForMaskedLM, folder)
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long()).logits
-        got = ours(ids, None, types, real)
-    torch.testing.assert_close(got[real], expected[real], atol=ATOL, rtol=0)
+    assert_same_outputs(ours, load_theirs(transformers.AutoModelForMaskedLM, folder))
 
 
 def test_exported_qa_model_loads_in_transformers_with_our_logits(tmp_path):
     ckpt, ours = our_checkpoint(tmp_path, "qa", QuestionAnswerTask)
-    theirs = load_theirs(transformers.AutoModelForQuestionAnswering, export_to(tmp_path, ckpt))
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long())
-        start, end = ours(ids, types, real)
-    torch.testing.assert_close(start[real], expected.start_logits[real], atol=ATOL, rtol=0)
-    torch.testing.assert_close(end[real], expected.end_logits[real], atol=ATOL, rtol=0)
+    folder = export_to(tmp_path, ckpt)
+    assert_same_outputs(ours, load_theirs(transformers.AutoModelForQuestionAnswering, folder))
 
 
 def test_exported_ns_model_loads_in_transformers_with_our_logits(tmp_path):
     ckpt, ours = our_checkpoint(tmp_path, "ns", NextSentenceTask)
     folder = export_to(tmp_path, ckpt)
-    theirs = load_theirs(transformers.AutoModelForNextSentencePrediction, folder)
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long()).logits
-        torch.testing.assert_close(ours(ids, types, real), expected, atol=ATOL, rtol=0)
-        # AutoModel finds its encoder and pooler there, nothing missing.
-        encoder = load_theirs(transformers.AutoModel, folder, heads_left_out=True)
-        hidden = encoder(input_ids=ids, token_type_ids=types,
-                         attention_mask=real.long()).last_hidden_state
-        torch.testing.assert_close(hidden[real], ours.bert_model(ids, types, real)[real],
-                                   atol=ATOL, rtol=0)
+    assert_same_outputs(ours, load_theirs(transformers.AutoModelForNextSentencePrediction, folder))
+    # AutoModel finds its encoder and pooler there, nothing missing.
+    encoder = load_theirs(transformers.AutoModel, folder, heads_left_out=True)
+    assert_same_outputs(ours.bert_model, encoder)
 
 
 def test_exported_encoder_loads_in_transformers_without_pooler(tmp_path, capsys):
@@ -390,12 +367,7 @@ def test_exported_encoder_loads_in_transformers_without_pooler(tmp_path, capsys)
     folder = export_to(tmp_path, encoder)
     assert "add_pooling_layer=False" in capsys.readouterr().out
     theirs = load_theirs(transformers.AutoModel, folder, add_pooling_layer=False)
-    ids, types, real = batch(len(WORDS))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, token_type_ids=types,
-                          attention_mask=real.long()).last_hidden_state
-        got = model.bert_model(ids, types, real)
-    torch.testing.assert_close(got[real], expected[real], atol=ATOL, rtol=0)
+    assert_same_outputs(model.bert_model, theirs)
 
 
 @pytest.mark.parametrize("cls", [transformers.BertForQuestionAnswering,
