@@ -37,6 +37,7 @@ import corpus
 import data
 import qa_task
 import utils
+from convert import ours_to_transformers_state_dict, their_bert_config
 from model import BertConfig, MLMTask, QuestionAnswerTask, flops_per_token_train
 
 VOCAB_SIZE = 28785  # the pretraining recipe's WikiText-103 vocabulary
@@ -57,91 +58,6 @@ ARCH = ("emsize", "nlayers", "nhead", "nhid")
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 SQUAD_FILE = SHARED_DATA / "squad" / "train-v1.1-notre-dame.json"
 TEXT_FILE = SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"
-
-
-def ours_to_transformers_state_dict(state_dict):
-    """Rename (and split) our parameters into transformers' BERT names.
-
-    Works for the state dict of our BertModel (-> transformers BertModel without pooler),
-    MLMTask (-> BertForMaskedLM), NextSentenceTask (-> BertForNextSentencePrediction)
-    and QuestionAnswerTask (-> BertForQuestionAnswering). Our fused `in_proj` stacks
-    query, key and value along its output dimension, so it is split in three. Our
-    `mlm_head` becomes their `cls.predictions.decoder`, and its bias also their second
-    copy `cls.predictions.bias` (tied to the decoder's in tied models, unused in untied
-    ones). Our mlm_head is not tied to the word embeddings: build their models with
-    tie_word_embeddings=False (their_bert_config does).
-    """
-    encoder = {
-        "bert_embed.embed.weight": "embeddings.word_embeddings.weight",
-        "bert_embed.pos_embed.pos_embedding.weight": "embeddings.position_embeddings.weight",
-        "bert_embed.tok_type_embed.token_type_embeddings.weight": "embeddings.token_type_embeddings.weight",
-        "bert_embed.norm.weight": "embeddings.LayerNorm.weight",
-        "bert_embed.norm.bias": "embeddings.LayerNorm.bias",
-    }
-    layer = {
-        "self_attn.out_proj": "attention.output.dense",
-        "norm1": "attention.output.LayerNorm",
-        "linear1": "intermediate.dense",
-        "linear2": "output.dense",
-        "norm2": "output.LayerNorm",
-    }
-    heads = {
-        "mlm_span": "cls.predictions.transform.dense",
-        "norm_layer": "cls.predictions.transform.LayerNorm",
-        "mlm_head": "cls.predictions.decoder",
-        "linear_layer": "bert.pooler.dense",  # NSP pooler: dense + tanh on position 0
-        "ns_span": "cls.seq_relationship",
-        "qa_span": "qa_outputs",
-    }
-    out = {}
-    for key, value in state_dict.items():
-        # A task model holds the encoder as `bert_model.`; transformers calls it `bert.`.
-        prefix, name = (
-            ("bert.", key[len("bert_model.") :]) if key.startswith("bert_model.") else ("", key)
-        )
-        module, _, param = name.rpartition(".")
-        if name in encoder:
-            out[prefix + encoder[name]] = value
-        elif name.startswith("layers."):
-            _, index, sub = module.split(".", 2)
-            theirs = f"{prefix}encoder.layer.{index}."
-            if sub == "self_attn.in_proj":
-                for part, chunk in zip(
-                    ("query", "key", "value"), value.chunk(3, dim=0), strict=True
-                ):
-                    out[f"{theirs}attention.self.{part}.{param}"] = chunk
-            else:
-                out[f"{theirs}{layer[sub]}.{param}"] = value
-        elif module in heads:
-            out[f"{heads[module]}.{param}"] = value
-            if module == "mlm_head" and param == "bias":
-                out["cls.predictions.bias"] = value
-        else:
-            raise KeyError(f"no transformers name for parameter {key}")
-    return out
-
-
-def their_bert_config(config, attn_implementation="sdpa"):
-    """transformers.BertConfig of the architecture of our `config`; load our weights into
-    their models with ours_to_transformers_state_dict."""
-    import transformers  # a dev/test dependency only
-
-    return transformers.BertConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.emsize,
-        num_hidden_layers=config.nlayers,
-        num_attention_heads=config.nhead,
-        intermediate_size=config.nhid,
-        hidden_act="gelu",
-        hidden_dropout_prob=config.dropout,
-        attention_probs_dropout_prob=config.dropout,
-        max_position_embeddings=config.max_len,
-        type_vocab_size=config.type_vocab_size,
-        layer_norm_eps=config.layer_norm_eps,
-        pad_token_id=config.pad_id,
-        tie_word_embeddings=False,  # our mlm_head is a matrix of its own: same parameters
-        attn_implementation=attn_implementation,
-    )
 
 
 ###############################################################################

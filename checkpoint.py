@@ -9,13 +9,15 @@ torch.load(weights_only=True); never a pickled module:
 
 "encoder" holds a BertModel (mlm_bert.pt, ns_bert.pt); "mlm", "ns" and "qa" hold a task
 model whose encoder weights sit under `bert_model.`; "state" is a training state file
-(utils.Trainer writes it) that also holds the optimizer, the RNG and the flags.
+(utils.Trainer writes it) that also holds the optimizer, the RNG and the flags. A
+transformers BERT folder reads as the checkpoint of its heads (convert.py).
 """
 
 import os
 
 import torch
 
+import convert
 import data
 from model import BertConfig
 from utils import UserError, atomic_save, unwrap
@@ -33,7 +35,10 @@ def save_model(kind, model, config, vocab, path, **extra):
 
 
 def load_checkpoint(path, flag):
-    """torch.load(weights_only=True) with one-line errors naming the flag and the file."""
+    """torch.load(weights_only=True) with one-line errors naming the flag and the file; a
+    transformers BERT folder is read by convert.load_folder into the same dict."""
+    if os.path.isdir(path):
+        return convert.load_folder(path, flag)
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     try:

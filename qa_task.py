@@ -126,6 +126,9 @@ def get_parser():
                              "- best span score} for every question (logits, as Google BERT's "
                              "null_odds.json), the official script's --na-prob-file (default "
                              "na_probs.json in the folder of --predictions)")
+    parser.add_argument("--qa-gelu", action="store_true",
+                        help="the old example's QA head: a GELU on the encoder output before the "
+                             "span layer (default off: BERT's head, one linear layer)")
     utils.add_model_flags(parser)
     utils.add_common_flags(parser, lr=5.0, clip=0.1, epochs=2, batch_size=72, bptt=w.bptt,
                            seed=21192391, log_interval=200, save="qa_model.pt",
@@ -721,6 +724,7 @@ def main(args, info):
 
     config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
     utils.apply_model_flags(config, args, source=args.bert_model)
+    config.qa_gelu = args.qa_gelu  # the head is chosen here, whatever the encoder's config says
     windowing = Windowing.from_args(args)
     windowing.check(config.max_len, args.bert_model)
     with utils.main_rank_first(info):
