@@ -28,62 +28,6 @@ WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = WORDPIECE_SPECIALS + list("abcdefghijklmnopqrstuvwxyz") + [
     f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + [
     "the", "cat", "sat", "on", "mat", "who", "where", "did", "what", ".", ",", "?"]
-# The lead's tokenizer part of issue 11 (data.load_tokenizer, data.tokenizer_from_checkpoint,
-# WordPiece in checkpoints); until it is in, tests that need the real one are skipped and the
-# others run with the stand-in below.
-HAS_TOKENIZERS = hasattr(data, "load_tokenizer") and hasattr(data, "tokenizer_from_checkpoint")
-
-
-class StandInWordPiece:
-    """The tokenizer interface convert.py uses (itos, pad_id, state, save_transformers), for
-    a vocab.txt: enough to test weights and configs before data.py's WordPiece exists."""
-
-    kind = "wordpiece"
-
-    def __init__(self, itos):
-        self.itos = list(itos)
-        self.pad_id = self.itos.index("[PAD]")
-
-    def __len__(self):
-        return len(self.itos)
-
-    def state(self):
-        return {"kind": self.kind, "stand_in": True}
-
-    def save_transformers(self, folder):
-        Path(folder, "vocab.txt").write_text("".join(w + "\n" for w in self.itos), encoding="utf-8")
-        Path(folder, "tokenizer_config.json").write_text(
-            json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
-        return ["vocab.txt", "tokenizer_config.json"]
-
-
-def stand_in_load_tokenizer(path):
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "vocab.txt"
-    if path.suffix == ".json":
-        vocab = json.loads(path.read_text())["model"]["vocab"]
-        return StandInWordPiece(sorted(vocab, key=vocab.get))
-    return StandInWordPiece(path.read_text(encoding="utf-8").splitlines())
-
-
-def stand_in_tokenizer_from_checkpoint(ckpt):
-    state = ckpt.get("tokenizer") or {"kind": "basic_english"}
-    if state["kind"] != "basic_english":
-        return StandInWordPiece(ckpt["vocab"])
-    vocab = data.Vocab(ckpt["vocab"])
-    vocab.kind = "basic_english"
-    return vocab
-
-
-@pytest.fixture(autouse=True)
-def tokenizer_api(monkeypatch):
-    if not HAS_TOKENIZERS:
-        monkeypatch.setattr(data, "load_tokenizer", stand_in_load_tokenizer, raising=False)
-        monkeypatch.setattr(data, "tokenizer_from_checkpoint", stand_in_tokenizer_from_checkpoint,
-                            raising=False)
-
-
 def perturb(model):
     """Non-default values everywhere (LayerNorm weights are 1 and biases 0 at init)."""
     with torch.no_grad():
@@ -284,12 +228,12 @@ def test_folder_without_weights_is_refused(tmp_path):
 
 
 def test_a_folder_is_no_state_file(tmp_path):
+    import checks
     import qa_task
-    import utils
 
     folder = save_their(their_model(transformers.BertModel), tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        utils.parse_args(qa_task.get_parser(), ["--checkpoint", str(folder)])
+        checks.parse_args(qa_task.get_parser(), ["--checkpoint", str(folder)])
     assert exit_info.value.code == 2
 
 
@@ -457,7 +401,6 @@ def test_exported_qa_model_answers_through_transformers_auto_classes(tmp_path):
 ###############################################################################
 
 
-@pytest.mark.skipif(not HAS_TOKENIZERS, reason="needs data.py's WordPiece (issue 11, part 1)")
 def test_qa_task_fine_tunes_a_transformers_folder(tmp_path):
     save_their(their_model(transformers.BertModel), tmp_path / "bert")
     squad = ROOT.parent / "shared" / "data" / "squad" / "train-v1.1-notre-dame.json"
@@ -467,6 +410,7 @@ def test_qa_task_fine_tunes_a_transformers_folder(tmp_path):
         [sys.executable, str(ROOT / "qa_task.py"), "--bert-model", str(tmp_path / "bert"),
          "--train-file", str(squad), "--dev-file", str(squad), "--device", "cpu",
          "--epochs", "1", "--max-steps", "3", "--batch_size", "8", "--bptt", "64",
+         "--max-query-len", "16",
          "--save", str(tmp_path / "qa.pt"), "--state-file", str(tmp_path / "state.pt"),
          "--predictions", str(tmp_path / "p.json"), "--save-vocab", str(tmp_path / "v.pt")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -476,7 +420,6 @@ def test_qa_task_fine_tunes_a_transformers_folder(tmp_path):
     assert ckpt["kind"] == "qa" and ckpt["config"]["qa_gelu"] is False
 
 
-@pytest.mark.skipif(not HAS_TOKENIZERS, reason="needs data.py's WordPiece (issue 11, part 1)")
 def test_qa_task_predict_answers_as_the_transformers_pipeline(tmp_path):
     """A transformers QA folder answers through qa_task.py --predict as through
     transformers' own pipeline, for questions whose window fits in --bptt."""
