@@ -243,13 +243,17 @@ class Trainer:
         if ckpt.get("kind") != "state":
             raise UserError(f"--checkpoint {path}: not a state file")
         checkpoint.load_into(model, ckpt["model"], "--checkpoint", path)
+        for flag, old_default in (("optimizer", "sgd"), ("schedule", "plateau")):
+            saved = ckpt.get("args", {}).get(flag, old_default)
+            if saved != getattr(self.args, flag):
+                raise UserError(f"--checkpoint {path} was saved with --{flag} {saved}: its state "
+                                f"cannot continue under --{flag} {getattr(self.args, flag)}")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"--checkpoint {path}: its optimizer state does not fit --optimizer "
-                            f"{self.args.optimizer} --weight-decay {self.args.weight_decay} "
-                            f"--schedule {self.args.schedule} ({e})") from None
+        except (ValueError, KeyError) as e:  # e.g. --weight-decay 0 <-> not 0: other groups
+            raise UserError(f"--checkpoint {path}: its optimizer state does not fit --weight-decay "
+                            f"{self.args.weight_decay} ({e})") from None
         # A state saved without fp16 has no scaler state: a fresh scaler starts the run.
         if ckpt["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -113,6 +113,18 @@ def test_defaults_are_the_old_recipe(tmp_path, monkeypatch):
     assert loop.scheduler.gamma == 0.1 and loop.args.grad_accum == 1
 
 
+def test_a_state_file_resumes_only_under_its_own_optimizer_and_schedule(tmp_path, monkeypatch):
+    _trainer(_args(tmp_path), monkeypatch).save_state()
+    resume = ["--checkpoint", str(tmp_path / "state.pt")]
+    with pytest.raises(utils.UserError, match="saved with --optimizer sgd"):
+        _trainer(_args(tmp_path, *resume, "--optimizer", "adamw"), monkeypatch)
+    with pytest.raises(utils.UserError, match="saved with --schedule plateau"):
+        _trainer(_args(tmp_path, *resume, "--schedule", "cosine"), monkeypatch)
+    with pytest.raises(utils.UserError, match="does not fit --weight-decay 0.1"):
+        _trainer(_args(tmp_path, *resume, "--weight-decay", "0.1"), monkeypatch)
+    assert _trainer(_args(tmp_path, *resume), monkeypatch).state.global_step == 0
+
+
 # -- weight decay ---------------------------------------------------------------
 
 
