@@ -458,6 +458,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda; bf16 autocast for training on GPUs with native "
                              "bf16, else fp32 (default cuda when available)")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="training precision of both models: bf16 autocast (CPU or GPU) or "
+                             "fp32; auto: bf16 on GPUs with native bf16, else fp32 (default auto). "
+                             "QA evaluation is fp32 in every case")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="sequences of 128 tokens per training step (default: the config's)")
     parser.add_argument("--dropout", type=float, default=0.1,
@@ -500,6 +504,11 @@ def parse_args(argv=None):
         parser.error(f"--squad-file {args.squad_file}: no such file")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this PyTorch sees no CUDA device")
+    if args.dtype == "bf16":
+        try:  # emulated bf16 (V100, T4) would time the emulation
+            utils.check_precision(torch.device(args.device), args.dtype)
+        except utils.UserError as e:
+            parser.error(str(e))
     return args
 
 
@@ -513,7 +522,7 @@ def main(argv=None):
     batch_size = args.batch_size or spec["batch_size"]
     rounds, steps = spec["quick"] if args.quick else spec["full"]
     device = torch.device(args.device)
-    dtype = training_dtype(device)
+    dtype = training_dtype(device) if args.dtype == "auto" else args.dtype
     config = BertConfig(vocab_size=VOCAB_SIZE, max_len=SEQ_LEN, dropout=args.dropout, **arch)
     print(f"config {args.config}: {arch}, vocab {VOCAB_SIZE}, seq {SEQ_LEN}, batch {batch_size}, "
           f"masked {N_MASKED / SEQ_LEN:.4f}, dropout {args.dropout}, device {device} {dtype}, "

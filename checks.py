@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import utils
 from utils import UserError
 
 try:
@@ -94,6 +95,7 @@ def parse_args(parser, argv=None):
             args = _merge_saved_flags(parser, argv, args)
         args.script = parser.prog
         check_values(args, parser)
+        utils.check_training_flags(args)
     except UserError as e:
         parser.error(str(e))
     return args

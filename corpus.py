@@ -153,10 +153,13 @@ def _download(archive, target, log, expected=()):
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{archive.filename}.", suffix=".part")
         try:
             md5 = hashlib.md5()
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            with (os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response,
+                  utils.progress(total=response.length, unit="B", unit_scale=True,
+                                 desc=archive.filename) as bar):
                 while chunk := response.read(1 << 20):
                     md5.update(chunk)
                     out.write(chunk)
+                    bar.update(len(chunk))
             if md5.hexdigest() != archive.md5:
                 raise DataError(f"MD5 mismatch (got {md5.hexdigest()}, expected {archive.md5})")
             os.replace(tmp, target)
@@ -426,6 +429,15 @@ def _map_chunks(fn, jobs, workers, initializer=None, initargs=()):
             raise
 
 
+def _with_progress(jobs, results):
+    """A bar over the tokenized chunks' results, counting their bytes of text."""
+    sizes = [end - start for _, start, end in jobs]
+    with utils.progress(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing") as bar:
+        for result, size in zip(results, sizes):  # results first: it ends the workers' pool
+            yield result
+            bar.update(size)
+
+
 def default_workers():
     return min(utils.available_cpus(), 8)
 
@@ -448,10 +460,12 @@ def numericalize(ranges, vocab, workers=None):
     if vocab.kind == "wordpiece":
         return _numericalize_wordpiece(ranges, vocab)
     ids, lengths = [], []
+    jobs = _chunks(ranges)
     with _one_torch_thread():
-        for chunk_ids, _ in _map_chunks(_numericalize_chunk, _chunks(ranges),
-                                        workers or default_workers(),
-                                        initializer=_set_worker_vocab, initargs=(vocab.itos,)):
+        for chunk_ids, _ in _with_progress(jobs, _map_chunks(_numericalize_chunk, jobs,
+                                                        workers or default_workers(),
+                                                        initializer=_set_worker_vocab,
+                                                        initargs=(vocab.itos,))):
             chunk_ids, chunk_lengths = _split_line_ends(chunk_ids)
             ids.append(chunk_ids)
             lengths.append(chunk_lengths)
@@ -491,9 +505,10 @@ def count_and_numericalize(ranges, min_freq=1, workers=None):
     numericalize(ranges, vocab)."""
     counter = Counter()
     chunks, lengths = [], []
+    jobs = _chunks(ranges)
     with _one_torch_thread():
-        for own_ids, own_words in _map_chunks(_count_chunk, _chunks(ranges),
-                                              workers or default_workers()):
+        for own_ids, own_words in _with_progress(jobs, _map_chunks(_count_chunk, jobs,
+                                                              workers or default_workers())):
             own_ids, chunk_lengths = _split_line_ends(own_ids)
             counts = torch.bincount(own_ids, minlength=len(own_words))
             counter.update(dict(zip(own_words, counts.tolist())))

@@ -50,6 +50,12 @@ def get_parser():
     return parser
 
 
+# Validation and test perplexity are measured on the same masks whatever --mask_frac and
+# --mask-mode train with (15% of positions, all <MASK>: the old example's masking), so runs
+# with different training masks compare.
+EVAL_MASKING = (0.15, "mask")
+
+
 class MLM:
     """What the shared Trainer needs to know about masked-LM pretraining."""
 
@@ -69,18 +75,25 @@ class MLM:
                 raise utils.UserError(f"the {split} split of {args.dataset} has fewer than "
                                       f"{args.bptt - 1} tokens: not one sequence")
 
-    def _batches(self, windows, order, epoch):
+    def _batches(self, windows, order, epoch, mask_frac, mask_mode):
         a = self.args
-        masking = data.Masking.of(self.vocab, a.mask_frac, a.mask_mode)
+        masking = data.Masking.of(self.vocab, mask_frac, mask_mode)
         make_batch = functools.partial(data.mlm_batch, windows, self.vocab.cls_id, masking,
                                        a.seed, epoch)
         return data.Batches(make_batch, order, a.batch_size)
 
     def train_batches(self, epoch):
-        order = data.epoch_order(len(self.windows["train"]), self.args.seed, epoch, shuffle=True,
+        a = self.args
+        order = data.epoch_order(len(self.windows["train"]), a.seed, epoch, shuffle=True,
                                  rank=self.info.rank, world_size=self.info.world_size,
-                                 batch_size=self.args.batch_size)
-        return self._batches(self.windows["train"], order, epoch)
+                                 batch_size=a.batch_size)
+        return self._batches(self.windows["train"], order, epoch, a.mask_frac, a.mask_mode)
+
+    def eval_batches(self, split):
+        """Every sequence of a split, masked the same way whatever the training masks
+        (EVAL_MASKING), every epoch and with any number of ranks."""
+        windows = self.windows[split]
+        return self._batches(windows, torch.arange(len(windows)), f"eval-{split}", *EVAL_MASKING)
 
     @staticmethod
     def loss(model, batch, reduction="mean"):
@@ -88,12 +101,10 @@ class MLM:
         return F.cross_entropy(logits.float(), batch["targets"], reduction=reduction)
 
     def evaluate(self, model, split):
-        """Mean loss over every masked token of the split; the masks are fixed (same for
-        every epoch and any number of ranks)."""
-        windows = self.windows[split]
-        batches = self._batches(windows, torch.arange(len(windows)), f"eval-{split}")
+        """Mean loss over every masked token of the split, on eval_batches' fixed masks."""
         loss_sum, n_targets = trainer.evaluation_sums(
-            model, batches, self._sums, 2, self.info, self.device, self.args.dtype)
+            model, self.eval_batches(split), self._sums, 2, self.info, self.device,
+            self.args.dtype)
         loss = loss_sum / n_targets
         return loss, loss, f"{split} ppl {math.exp(min(loss, 700)):8.2f}"
 

@@ -376,7 +376,8 @@ def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="
     mine = mine[torch.argsort(windows.lengths[mine], stable=True)]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     spans = []  # (score, start, end, <cls> score) per batch, left on the device until the end
-    for indices in mine.split(batch_size):
+    # The whole dev set takes minutes to an hour on a CPU: a bar with rate and ETA.
+    for indices in utils.progress(mine.split(batch_size), unit="batch", desc="QA evaluation"):
         batch = utils.to_device(collate(windows, indices), device)
         with utils.autocast(device, dtype):
             start_logits, end_logits = span_logits(model, batch)

@@ -3,6 +3,8 @@ logging, and atomic file writes. (Checkpoints: checkpoint.py; the loop: trainer.
 
 import contextlib
 import datetime
+import importlib.util
+import json
 import os
 import re
 import signal
@@ -222,6 +224,8 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
 def _run_rank(main, args, info, init_method):
+    # Bars from rank 0 only; None leaves the choice to whether stderr is a terminal.
+    set_progress(False if getattr(args, "no_progress", False) or not info.is_main else None)
     try:
         if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             # Local CPU processes share the cores (torchrun sets OMP_NUM_THREADS itself).
@@ -333,7 +337,8 @@ def add_common_flags(parser, **defaults):
                         help=f"sequence length in tokens, <cls> included (default {d['bptt']})")
     parser.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
     parser.add_argument("--log-interval", type=int, default=d["log_interval"], metavar="N",
-                        help=f"print the training loss every N batches (default {d['log_interval']})")
+                        help="print the training loss every N optimizer steps (batches when "
+                             f"--grad-accum is 1) (default {d['log_interval']})")
     parser.add_argument("--checkpoint", type=str, default="None",
                         help="resume from this state file (see --state-file); the flags saved in it "
                              "apply unless given again (default None)")
@@ -364,6 +369,64 @@ def add_common_flags(parser, **defaults):
                         help="also write the state file every N steps (default 0: at epoch ends only)")
     parser.add_argument("--state-file", type=str, default=d["state_file"],
                         help=f"full training state for --checkpoint, written atomically (default {d['state_file']})")
+    add_optimizer_flags(parser)
+    # <task>_state.pt -> <task>_metrics.jsonl: each script names its files once.
+    metrics_file = d["state_file"].replace("_state.pt", "_metrics.jsonl")
+    parser.add_argument("--metrics-file", type=str, default=metrics_file,
+                        help="JSON lines, one per --log-interval (step, epoch, loss, lr, tokens_per_s) "
+                             f"and one per evaluation (its metrics) (default {metrics_file})")
+    parser.add_argument("--tensorboard", type=str, default=None, metavar="DIR",
+                        help="also write the metrics as TensorBoard events in DIR (needs the "
+                             "tensorboard package) (default: none)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: shown when stderr is a terminal)")
+
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("plateau", "linear", "cosine")
+
+
+def add_optimizer_flags(parser):
+    """The optimizer and the schedule. The defaults are the old example's (plain SGD, lr x0.1
+    when validation does not improve), so its commands mean what they meant."""
+    parser.add_argument("--optimizer", type=str, default="sgd", metavar="{sgd,adamw}",
+                        help="sgd: plain SGD (the old example's); adamw: AdamW, fused kernels where "
+                             "PyTorch has them for the device (default sgd)")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="weight decay per unit of lr, never on biases and LayerNorm weights "
+                             "(adamw: decoupled; sgd: L2, added to the gradient) (default 0)")
+    parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                        help="adamw: decay rates of the gradient's moving averages (default "
+                             "0.9 0.999, PyTorch's; RoBERTa uses 0.9 0.98)")
+    parser.add_argument("--eps", type=float, default=1e-8,
+                        help="adamw: added to the denominator (default 1e-8; RoBERTa 1e-6)")
+    parser.add_argument("--schedule", type=str, default="plateau",
+                        metavar="{plateau,linear,cosine}",
+                        help="plateau: lr x0.1 after an epoch whose validation does not improve (the "
+                             "old example's); linear, cosine: per optimizer step, from --lr down to 0 "
+                             "at the last step of the run (default plateau)")
+    parser.add_argument("--warmup", type=float, default=0.0, metavar="F",
+                        help="linear and cosine: the fraction of all optimizer steps over which the "
+                             "lr rises linearly from 0 to --lr (default 0)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                        help="batches per optimizer step, their gradients summed: the effective "
+                             "batch is batch_size x N x processes; --max-steps, --log-interval and "
+                             "--save-every count optimizer steps (default 1)")
+
+
+def check_training_flags(args):
+    """UserError for a bad combination of the optimizer, schedule and metrics flags: called
+    by checks.parse_args, before any work."""
+    if args.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer {args.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if args.schedule not in SCHEDULES:
+        raise UserError(f"--schedule {args.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    # The value ranges are in checks.RULES; here what depends on two flags or the machine.
+    if args.warmup and args.schedule == "plateau":
+        raise UserError("--warmup needs --schedule linear or cosine (plateau's lr changes only "
+                        "at epoch ends)")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def add_dataset_flag(parser, default):
@@ -409,9 +472,127 @@ def apply_model_flags(config, args, source):
 def make_logger(info):
     def log(*parts):
         if info.is_main:
-            print(*parts, flush=True)
+            print_line(" ".join(map(str, parts)))
 
     return log
+
+
+def print_line(text):
+    """print(), but above the progress bars when they are shown (a plain print would cut
+    a bar's line in two)."""
+    if _progress["enabled"] and "tqdm" in sys.modules:
+        sys.modules["tqdm"].tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print(text, flush=True)
+
+
+# Progress bars are a display setting of the process, like a logging level: set once per
+# rank (set_progress: --no-progress, rank 0 only) and read by every long loop, rather than
+# passed through every loader's signature. None: shown when stderr is a terminal.
+_progress = {"enabled": None, "hinted": False}
+
+
+def set_progress(enabled):
+    """False: no bars; None: bars when stderr is a terminal (the default)."""
+    _progress["enabled"] = None if enabled is None else bool(enabled)
+
+
+def progress(iterable=None, total=None, desc=None, unit="it", **kwargs):
+    """tqdm(iterable, ...) with its rate and ETA on stderr, or the iterable itself (with
+    tqdm's update/close doing nothing) when bars are off or tqdm is not installed."""
+    if _progress["enabled"] is None:
+        _progress["enabled"] = sys.stderr.isatty()
+    if not _progress["enabled"]:
+        return NoProgress(iterable)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        if not _progress["hinted"]:
+            _progress["hinted"] = True
+            print("no progress bars: pip install tqdm (or pass --no-progress)", file=sys.stderr)
+        return NoProgress(iterable)
+    # leave=False: a finished bar disappears, so the log reads as it always did.
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                **kwargs)
+
+
+class NoProgress:
+    """What progress() returns when bars are off: the iterable, and tqdm's methods as no-ops."""
+
+    def __init__(self, iterable=None):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def text_metrics(text, split):
+    """{name: number} of a task's evaluation text ('valid ppl   665.14', 'exact 50.00% |
+    f1 60.00%'), each name starting with the split: the numbers the log line shows, for
+    the metrics log, with no second way for a task to report them."""
+    metrics = {}
+    for name, value in re.findall(r"([A-Za-z][A-Za-z0-9 ]*?)\s+(-?[0-9.]+(?:e[-+]?[0-9]+)?)%?",
+                                  text):
+        name = "_".join(name.split())
+        metrics[name if name.startswith(split) else f"{split}_{name}"] = float(value)
+    return metrics
+
+
+class MetricsLog:
+    """The machine-readable log of a run: one JSON object per line in `path` (opened on
+    the first row; appended to when resuming), and the same numbers as TensorBoard
+    scalars in `tensorboard_dir` when given. Rank 0 only."""
+
+    def __init__(self, path, tensorboard_dir=None, append=False):
+        self.path, self.tensorboard_dir, self.append = path, tensorboard_dir, append
+        self.file = self.writer = None
+
+    def write(self, row):
+        if self.file is None:
+            self.file = open(self.path, "a" if self.append else "w", encoding="utf-8")
+            if self.tensorboard_dir:
+                self.writer = tensorboard_writer(self.tensorboard_dir)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()  # a run can be watched (and plotted) while it trains
+        if self.writer is not None:
+            for name, value in row.items():
+                if name not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(name, value, row["step"])
+            self.writer.flush()
+
+    def files(self):
+        """The files written so far, as 'path (what)'."""
+        written = [f"{self.path} (metrics)"] if self.file else []
+        if self.writer is not None:
+            written.append(f"{self.tensorboard_dir}/ (TensorBoard)")
+        return written
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def tensorboard_writer(folder):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(folder)
 
 
 def print_loss_log(path, train_loss, val_loss, test_loss, args):

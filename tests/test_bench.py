@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 import bench  # noqa: E402
 import qa_task  # noqa: E402
-from model import BertConfig  # noqa: E402
+from model import BertConfig, MLMTask  # noqa: E402
 
 TINY = dict(emsize=32, nlayers=2, nhead=2, nhid=64)
 CPU = torch.device("cpu")
@@ -83,3 +83,25 @@ def test_bench_qa_runs_on_synthetic_squad():
 def test_a_missing_squad_file_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args(["--squad-file", str(tmp_path / "absent.json")])
+
+
+def test_bf16_runs_both_models_under_autocast_and_ours_keeps_the_masked_only_head():
+    # Same weights and batch in bf16: the losses agree to bf16's precision, not fp32's.
+    steps = bench.mlm_steps(tiny_mlm_config(), 3, CPU, "bf16", seed=0)
+    fp32 = bench.mlm_steps(tiny_mlm_config(), 3, CPU, "fp32", seed=0)["ours"]()
+    ours, theirs = steps["ours"](), steps["theirs"]()
+    torch.testing.assert_close(ours, theirs, atol=0.05, rtol=0)
+    assert ours.dtype == theirs.dtype == torch.float32 and ours != fp32  # computed in bf16
+    model = MLMTask(tiny_mlm_config()).train()
+    rows = []
+    model.mlm_head.register_forward_hook(lambda module, inputs, output: rows.append(output))
+    src, masked_positions, _ = bench.mlm_batch(3, bench.SEQ_LEN, bench.N_MASKED, 300,
+                                               torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(src, masked_positions)
+    assert rows[0].shape == (3 * bench.N_MASKED, 300) and rows[0].dtype == torch.bfloat16
+
+
+def test_dtype_flag():
+    assert bench.parse_args(["--device", "cpu", "--dtype", "bf16"]).dtype == "bf16"
+    assert bench.parse_args(["--device", "cpu"]).dtype == "auto"

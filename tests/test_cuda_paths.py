@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import mlm_task
 import trainer
 import utils
 from mlm_task import MLM
@@ -144,8 +145,8 @@ def _two_rank_state(rank, port, folder):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
     info = utils.DistInfo(rank, 2)
-    args = argparse.Namespace(dtype="fp32", checkpoint="None", seed=7, compile=False, lr=0.1,
-                              state_file=str(folder / "state.pt"))
+    args = mlm_task.get_parser().parse_args(["--seed", "7", "--lr", "0.1", "--state-file",
+                                             str(folder / "state.pt")])
     task = argparse.Namespace(config=_tiny_config(), vocab=data.Vocab(list(data.SPECIALS)))
     torch.manual_seed(args.seed)
     loop = trainer.Trainer(task, MLMTask(_tiny_config()), args, info, torch.device("cpu"),

@@ -1,0 +1,91 @@
+"""Plot a run's metrics log (--metrics-file) to a PNG: training loss, learning rate,
+throughput, and the validation metrics at each evaluation, against optimizer steps.
+
+    python plot.py mlm_metrics.jsonl                 # -> mlm_metrics.png
+    python plot.py mlm_metrics.jsonl -o run.png
+
+Needs matplotlib (pip install matplotlib); training does not.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def fail(message):
+    """One line on stderr and exit code 2, as the training scripts report bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_rows(path):
+    """The JSON objects of a metrics log, one per line (blank lines skipped)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    fail(f"{path} line {number} is not JSON: not a metrics log")
+    return rows
+
+
+def curves(rows):
+    """{panel title: {series name: ([steps], [values])}}: training rows (those with a
+    loss) by quantity, evaluation rows (the others) all in one panel per quantity."""
+    panels = {}
+    for row in rows:
+        for name, value in row.items():
+            if name in ("step", "epoch") or not isinstance(value, (int, float)):
+                continue
+            # valid_loss and test_loss share the panel "loss" with the training loss.
+            title = name.split("_", 1)[1] if name.startswith(("valid_", "test_")) else name
+            steps, values = panels.setdefault(title, {}).setdefault(name, ([], []))
+            steps.append(row["step"])
+            values.append(value)
+    return panels
+
+
+def plot(rows, out):
+    try:
+        import matplotlib
+    except ImportError:
+        fail("plot.py needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    panels = curves(rows)
+    if not panels:
+        fail("no metrics to plot")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True,
+                             squeeze=False)
+    for ax, (title, series) in zip(axes[:, 0], panels.items()):
+        for name, (steps, values) in series.items():
+            # Evaluations are few points: markers show where each was.
+            ax.plot(steps, values, label=name, marker="o" if len(steps) < 50 else None)
+        if title in ("loss", "ppl") and all(v > 0 for _, vs in series.values() for v in vs):
+            ax.set_yscale("log")
+        ax.set_ylabel(title)
+        ax.legend(loc="best", fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("metrics", type=Path, help="a metrics log: mlm_metrics.jsonl, ...")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="the PNG to write (default: the log's name with .png)")
+    args = parser.parse_args(argv)
+    if not args.metrics.is_file():
+        fail(f"{args.metrics}: no such file")
+    plot(read_rows(args.metrics), args.output or args.metrics.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""trainer.py's optimizer, schedules and gradient accumulation; the metrics log, progress
+bars and plot.py; the new flags' checks. In-process on tiny models where the Trainer can
+be driven directly, mlm_task.py in a subprocess where the whole run is the point."""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, write_wikitext
+
+import data
+import mlm_task
+import trainer
+import utils
+from model import BertConfig, MLMTask
+
+CPU = torch.device("cpu")
+VOCAB = data.Vocab(list(data.SPECIALS) + [f"w{i}" for i in range(35)])
+# Tiny models gain nothing from a second thread (see tests/test_tasks.py).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _split(seed, n_tokens=480):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, len(VOCAB), (n_tokens,), generator=g, dtype=torch.int32)
+    return data.TokenizedSplit(ids, torch.tensor([0, n_tokens]))
+
+
+def _args(tmp_path, *flags):
+    return utils.parse_args(mlm_task.get_parser(), [
+        "--bptt", "9", "--batch_size", "4", "--dropout", "0", "--epochs", "1",
+        "--state-file", str(tmp_path / "state.pt"), "--metrics-file", str(tmp_path / "m.jsonl"),
+        *flags])
+
+
+def _model():
+    torch.manual_seed(0)
+    return MLMTask(BertConfig(vocab_size=len(VOCAB), emsize=16, nhead=2, nhid=32, nlayers=1,
+                              dropout=0.0, pad_id=data.PAD_ID))
+
+
+def _trainer(args, monkeypatch, model=None):
+    """A Trainer of the MLM task on random tokens; its SIGTERM handler not installed in
+    the test process."""
+    model = model or _model()
+    task = mlm_task.MLM(args, VOCAB, {s: _split(i) for i, s in enumerate(data.SPLITS)},
+                        model.bert_model.config, utils.DistInfo(), CPU)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    return trainer.Trainer(task, model, args, utils.DistInfo(), CPU, lambda *a: None)
+
+
+# -- schedules -------------------------------------------------------------------
+
+
+def _lrs(args, monkeypatch, n_steps):
+    """The lr of each of the first n_steps optimizer steps, as the Trainer sets them."""
+    loop = _trainer(args, monkeypatch)
+    lrs = []
+    for _ in range(n_steps):
+        lrs.append(loop.optimizer.param_groups[0]["lr"])
+        loop.optimizer.step()
+        loop.scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("shape, expected", [
+    # 100 steps, 10 of warmup: step 40 is 30/90 of the way down.
+    ("linear", {0: 0.0, 5: 0.5, 10: 1.0, 40: 2 / 3, 55: 0.5, 99: 1 / 90}),
+    ("cosine", {0: 0.0, 5: 0.5, 10: 1.0, 40: 0.75, 55: 0.5, 99: 0.5 * (1 + math.cos(math.pi * 89 / 90))}),
+])
+def test_schedule_lr_at_chosen_steps_is_the_formula(tmp_path, monkeypatch, shape, expected):
+    args = _args(tmp_path, "--optimizer", "adamw", "--lr", "0.002", "--schedule", shape,
+                 "--warmup", "0.1", "--max-steps", "100", "--epochs", "1000")
+    lrs = _lrs(args, monkeypatch, 100)
+    for step, factor in expected.items():
+        assert lrs[step] == pytest.approx(0.002 * factor, rel=1e-12, abs=1e-15), step
+
+
+def test_total_steps_are_epochs_times_steps_per_epoch_or_max_steps(tmp_path, monkeypatch):
+    # 480 tokens: 60 windows of 8, 15 batches of 4 an epoch, 8 optimizer steps of 2.
+    args = _args(tmp_path, "--schedule", "linear", "--epochs", "3", "--grad-accum", "2")
+    assert _trainer(args, monkeypatch).total_steps() == 24
+    args.max_steps = 10
+    assert _trainer(args, monkeypatch).total_steps() == 10
+
+
+def test_warmup_starts_at_zero(tmp_path, monkeypatch):
+    args = _args(tmp_path, "--optimizer", "adamw", "--lr", "0.01", "--schedule", "linear",
+                 "--warmup", "0.5", "--weight-decay", "0.1")
+    loop = _trainer(args, monkeypatch)
+    before = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    batches = loop.task.train_batches(1)
+    loop.step([batches[0]])
+    assert loop.step_lr == 0.0
+    # lr 0: neither the update nor the (lr-scaled) decoupled decay moved a weight.
+    assert all(torch.equal(before[k], v) for k, v in loop.model.state_dict().items())
+    loop.step([batches[1]])
+    assert loop.step_lr > 0
+
+
+def test_defaults_are_the_old_recipe(tmp_path, monkeypatch):
+    loop = _trainer(_args(tmp_path), monkeypatch)
+    assert type(loop.optimizer) is torch.optim.SGD and len(loop.optimizer.param_groups) == 1
+    assert loop.optimizer.param_groups[0]["weight_decay"] == 0
+    assert isinstance(loop.scheduler, torch.optim.lr_scheduler.StepLR)
+    assert loop.scheduler.gamma == 0.1 and loop.args.grad_accum == 1
+
+
+def test_a_state_file_resumes_only_under_its_own_optimizer_and_schedule(tmp_path, monkeypatch):
+    _trainer(_args(tmp_path), monkeypatch).save_state()
+    resume = ["--checkpoint", str(tmp_path / "state.pt")]
+    with pytest.raises(utils.UserError, match="saved with --optimizer sgd"):
+        _trainer(_args(tmp_path, *resume, "--optimizer", "adamw"), monkeypatch)
+    with pytest.raises(utils.UserError, match="saved with --schedule plateau"):
+        _trainer(_args(tmp_path, *resume, "--schedule", "cosine"), monkeypatch)
+    with pytest.raises(utils.UserError, match="does not fit --weight-decay 0.1"):
+        _trainer(_args(tmp_path, *resume, "--weight-decay", "0.1"), monkeypatch)
+    assert _trainer(_args(tmp_path, *resume), monkeypatch).state.global_step == 0
+
+
+# -- weight decay ---------------------------------------------------------------
+
+
+def test_weight_decay_skips_biases_and_layernorm(tmp_path, monkeypatch):
+    args = _args(tmp_path, "--optimizer", "adamw", "--lr", "1", "--weight-decay", "0.5")
+    loop = _trainer(args, monkeypatch)
+    model = loop.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # AdamW's update is 0: only the decay moves a weight
+    loop.optimizer.step()
+    layer_norms = {f"{name}.weight" for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.LayerNorm)}
+    assert "bert_model.bert_embed.norm.weight" in layer_norms and len(layer_norms) == 4
+    for name, p in model.named_parameters():
+        if name.endswith(".bias") or name in layer_norms:
+            assert torch.equal(p, before[name]), name
+        else:  # weight matrices and embeddings: p * (1 - lr * weight_decay)
+            torch.testing.assert_close(p, before[name] * 0.5, msg=name)
+
+
+# -- gradient accumulation ----------------------------------------------------------
+
+
+def _halves(batch):
+    n = len(batch["inputs"]) // 2
+    n_targets = len(batch["targets"]) // 2
+    return [{"inputs": batch["inputs"][rows], "masked_positions": batch["masked_positions"][rows],
+             "targets": batch["targets"][targets]}
+            for rows, targets in ((slice(0, n), slice(0, n_targets)),
+                                  (slice(n, None), slice(n_targets, None)))]
+
+
+def test_grad_accum_2_gives_the_gradients_of_a_double_batch(tmp_path, monkeypatch):
+    # SGD at lr 1 without clipping: each weight moves by exactly minus its gradient.
+    flags = ["--lr", "1", "--clip", "1e9"]
+    double = _trainer(_args(tmp_path, *flags, "--batch_size", "8"), monkeypatch)
+    accum = _trainer(_args(tmp_path, *flags, "--batch_size", "4", "--grad-accum", "2"),
+                     monkeypatch)
+    batch = double.task.train_batches(1)[0]
+    start = {name: p.detach().clone() for name, p in double.model.named_parameters()}
+    double.step([batch])
+    accum.step(_halves(batch))
+    other = dict(accum.model.named_parameters())
+    for name, p in double.model.named_parameters():
+        torch.testing.assert_close(start[name] - other[name], start[name] - p, atol=1e-6, rtol=0,
+                                   msg=name)
+
+
+class _CountsNoSync(torch.nn.Module):
+    """Stands in for DDP: the model, and a no_sync context that counts its uses."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.no_sync_calls = module, 0
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def no_sync(self):
+        self.no_sync_calls += 1
+        return torch.enable_grad()  # any context manager
+
+
+def test_grad_accum_skips_the_all_reduce_on_all_but_the_last_batch(tmp_path, monkeypatch):
+    loop = _trainer(_args(tmp_path, "--grad-accum", "3"), monkeypatch)
+    loop.model = _CountsNoSync(loop.model)
+    batches = loop.task.train_batches(1)
+    loop.step([batches[i] for i in range(3)])
+    assert loop.model.no_sync_calls == 2
+
+
+# -- MLM evaluation masks -------------------------------------------------------------
+
+
+def test_evaluation_masks_do_not_depend_on_the_training_masking(tmp_path, monkeypatch):
+    tasks = [_trainer(_args(tmp_path, *flags), monkeypatch).task for flags in
+             ([], ["--mask_frac", "0.4", "--mask-mode", "bert"], ["--mask_frac", "0.05"])]
+    assert tasks[1].train_batches(1)[0]["targets"].numel() != tasks[0].train_batches(1)[0]["targets"].numel()
+    for split in ("valid", "test"):
+        reference = tasks[0].eval_batches(split)
+        for task in tasks[1:]:
+            batches = task.eval_batches(split)
+            assert len(batches) == len(reference)
+            for i in range(len(reference)):
+                assert all(torch.equal(batches[i][k], reference[i][k]) for k in reference[i])
+    first = tasks[0].eval_batches("valid")[0]
+    # 15% of the 8 positions after <cls>, all <MASK>.
+    assert first["masked_positions"].shape == (4, round(0.15 * 8))
+    assert (first["inputs"].gather(1, first["masked_positions"]) == data.MASK_ID).all()
+
+
+# -- flags ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, mentioned", [
+    (["--optimizer", "adam"], "--optimizer"),
+    (["--schedule", "step"], "--schedule"),
+    (["--schedule", "linear", "--warmup", "1.5"], "--warmup"),
+    (["--warmup", "0.1"], "--warmup needs --schedule"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--optimizer", "adamw", "--betas", "0.9", "1.5"], "--betas"),
+    (["--eps", "0"], "--eps"),
+])
+def test_bad_values_of_the_new_flags_give_one_error_line(flags, mentioned, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        utils.parse_args(mlm_task.get_parser(), flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and mentioned in err[0], err
+
+
+def test_a_bad_flag_stops_the_script_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "mlm_task.py"), "--dataset", "NoSuchSet",
+                             "--grad-accum", "0"], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: --grad-accum 0: at least 1"]
+    assert os.listdir(tmp_path) == []
+
+
+# -- progress bars and the metrics log -------------------------------------------------
+
+
+def test_progress_bars_off_without_a_terminal_or_with_no_progress(monkeypatch):
+    seen = []
+
+    def main(args, info):
+        seen.append(utils.progress(range(3)))
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    utils.launch(main, argparse.Namespace(parallel="None", no_progress=True))
+    utils.launch(main, argparse.Namespace(parallel="None", no_progress=False))
+    assert isinstance(seen[0], utils.NoProgress) and list(seen[0]) == [0, 1, 2]
+    assert not isinstance(seen[1], utils.NoProgress)  # a tqdm bar
+    seen[1].close()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    utils.launch(main, argparse.Namespace(parallel="None", no_progress=False))
+    assert isinstance(seen[2], utils.NoProgress)
+    utils.set_progress(None)
+
+
+def test_text_metrics_reads_the_numbers_of_the_log_line():
+    assert utils.text_metrics("valid ppl   665.14", "valid") == {"valid_ppl": 665.14}
+    assert utils.text_metrics("exact 50.00% | f1 61.25%", "valid") == {
+        "valid_exact": 50.0, "valid_f1": 61.25}
+    assert utils.text_metrics("test accuracy 55.50%", "test") == {"test_accuracy": 55.5}
+
+
+def zipf_lines(n_lines, seed, length=20):
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{k}" for k in range(30)]
+    weights = [1 / (k + 1) ** 1.5 for k in range(30)]
+    return [" ".join(rng.choices(words, weights, k=length)) for _ in range(n_lines)]
+
+
+TINY = ["--device", "cpu", "--emsize", "32", "--nhid", "64", "--nlayers", "2", "--nhead", "2",
+        "--bptt", "16", "--batch_size", "4", "--data-dir", "D", "--dataset", "WikiText2"]
+# 60 lines of 20 tokens: 80 sequences, 20 batches an epoch, 10 optimizer steps of 2.
+MODERN = ["--optimizer", "adamw", "--lr", "0.003", "--weight-decay", "0.01", "--schedule",
+          "linear", "--warmup", "0.2", "--grad-accum", "2", "--mask_frac", "0.3",
+          "--mask-mode", "bert"]
+
+
+def run_mlm(*flags, cwd):
+    return subprocess.run([sys.executable, str(REPO / "mlm_task.py"), *flags], cwd=cwd,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def modern_run(tmp_path_factory):
+    """mlm_task.py with AdamW, warmup and a linear decay, --grad-accum 2: (folder, result)."""
+    work = tmp_path_factory.mktemp("modern")
+    write_wikitext(work / "D", zipf_lines(60, 0), zipf_lines(20, 1), zipf_lines(20, 2))
+    tensorboard = ["--tensorboard", "tb"] if importlib.util.find_spec("tensorboard") else []
+    result = run_mlm(*TINY, *MODERN, "--epochs", "2", "--log-interval", "3", *tensorboard,
+                     cwd=work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return work, result
+
+
+def test_metrics_log_has_a_row_per_log_interval_and_per_evaluation(modern_run):
+    work, result = modern_run
+    rows = [json.loads(line) for line in (work / "mlm_metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if "loss" in row]
+    # Logged at steps 3, 6, 9 of each 10-step epoch, as the old log lines.
+    assert [row["step"] for row in train] == [3, 6, 9, 13, 16, 19]
+    assert len(train) == result.stdout.count("| epoch ")
+    for row in train:
+        assert row.keys() == {"step", "epoch", "loss", "lr", "tokens_per_s", "ms_per_step"}
+        # The lr of the row's last step (step - 1 counted from 0) of 20, 4 of warmup.
+        assert row["lr"] == pytest.approx(0.003 * trainer.lr_factor(row["step"] - 1, 20, 4, "linear"))
+        assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"])
+    evaluations = [row for row in rows if "loss" not in row]
+    assert [(row["step"], sorted(row)) for row in evaluations] == [
+        (10, ["epoch", "step", "valid_loss", "valid_ppl"]),
+        (20, ["epoch", "step", "valid_loss", "valid_ppl"]),
+        (20, ["epoch", "step", "test_loss", "test_ppl"])]
+
+
+def test_the_run_ends_by_listing_every_file_it_wrote(modern_run):
+    work, result = modern_run
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("wrote ")
+    for name in ("mlm_bert.pt", "full_mlm_model.pt", "mlm_loss.txt", "bert_vocab.pt",
+                 "mlm_state.pt", "mlm_metrics.jsonl"):
+        assert name in last and (work / name).is_file(), name
+    if (work / "tb").exists():
+        assert "tb/ (TensorBoard)" in last
+        assert any(name.startswith("events.") for name in os.listdir(work / "tb"))
+
+
+def test_plot_writes_a_png(modern_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    work, _ = modern_run
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, str(REPO / "plot.py"),
+                             str(work / "mlm_metrics.jsonl"), "-o", str(out)],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_path):
+    flags = [*TINY, *MODERN, "--epochs", "4", "--dropout", "0.1", "--log-interval", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for folder in (full, part):
+        write_wikitext(folder / "D", zipf_lines(60, 0), zipf_lines(20, 1), zipf_lines(20, 2))
+    assert run_mlm(*flags, cwd=full).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "mlm_task.py"), *flags], cwd=part,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # interrupt in the first epoch, at its first log line
+        if line.startswith("| epoch   1"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0 and "stopped by a signal" in rest, rest
+    state = torch.load(part / "mlm_state.pt", weights_only=True)
+    assert state["train_state"]["global_step"] < 30  # at least one epoch boundary to cross
+    assert state["scheduler"]["last_epoch"] == state["train_state"]["global_step"]
+    resumed = run_mlm("--checkpoint", "mlm_state.pt", cwd=part)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(full / "full_mlm_model.pt", weights_only=True)["model"]
+    b = torch.load(part / "full_mlm_model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_state = torch.load(full / "mlm_state.pt", weights_only=True)
+    part_state = torch.load(part / "mlm_state.pt", weights_only=True)
+    assert full_state["train_state"]["global_step"] == part_state["train_state"]["global_step"] == 40
+    assert all(torch.equal(full_state["model"][k], part_state["model"][k]) for k in a)
