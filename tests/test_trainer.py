@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import REPO, write_wikitext
 
+import checks
 import data
 import mlm_task
 import trainer
@@ -34,7 +35,7 @@ def _split(seed, n_tokens=480):
 
 
 def _args(tmp_path, *flags):
-    return utils.parse_args(mlm_task.get_parser(), [
+    return checks.parse_args(mlm_task.get_parser(), [
         "--bptt", "9", "--batch_size", "4", "--dropout", "0", "--epochs", "1",
         "--state-file", str(tmp_path / "state.pt"), "--metrics-file", str(tmp_path / "m.jsonl"),
         *flags])
@@ -232,7 +233,7 @@ def test_evaluation_masks_do_not_depend_on_the_training_masking(tmp_path, monkey
 ])
 def test_bad_values_of_the_new_flags_give_one_error_line(flags, mentioned, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        utils.parse_args(mlm_task.get_parser(), flags)
+        checks.parse_args(mlm_task.get_parser(), flags)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and mentioned in err[0], err
@@ -243,7 +244,7 @@ def test_a_bad_flag_stops_the_script_before_any_work(tmp_path):
                              "--grad-accum", "0"], cwd=tmp_path, env=ENV, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["error: --grad-accum 0: at least 1"]
+    assert result.stderr.strip().splitlines() == ["error: --grad-accum 0: must be at least 1"]
     assert os.listdir(tmp_path) == []
 
 
