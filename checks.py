@@ -179,13 +179,20 @@ def prepare_run(info, inputs, outputs, data_dir=None, also_read=None):
     check_outputs(outputs, {**(also_read or {}),
                             **{flag: path for flag, path in inputs.items() if path is not None}})
     global _held
-    if _held is not None:  # a process runs one training at a time: an earlier run's (tests)
-        _held.release()
+    release_outputs()  # a process runs one training at a time: an earlier one's (tests)
     _held = OutputLock(outputs.values()) if info.is_main else None
     return _held
 
 
 _held = None  # the OutputLock of this process's run
+
+
+def release_outputs():
+    """Give up this process's output locks (at exit, or before its next run)."""
+    global _held
+    if _held is not None:
+        _held.release()
+        _held = None
 
 
 def check_outputs(outputs, inputs):

@@ -755,8 +755,10 @@ def main(args, info):
         st = trainer.state
         utils.print_loss_log("qa_loss.txt", st.train_loss_log, st.val_loss_log, test_loss, args)
         checkpoint.save_vocab_copy(vocab, args.save_vocab, log)
-        log(f"wrote {args.save} (best model), {', '.join(files_written(args, task.dev_dataset))} "
-            "and qa_loss.txt")
+        trainer.metrics.close()
+        files = [f"{args.save} (best model)", *files_written(args, task.dev_dataset),
+                 "qa_loss.txt (losses)", f"{args.save_vocab} (vocab)", *trainer.files_written()]
+        log(f"wrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 before any work, and no file that was there before changed or lost."""
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -113,15 +114,32 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_changes_nothing(work, case):
+def test_bad_input_is_one_line_and_changes_nothing(work, case, monkeypatch, capsys):
+    """In this process, as `python SCRIPT FLAGS` runs it (a subprocess per case would
+    spend most of its time importing torch): the test below runs a few as subprocesses."""
+    script, flags, expected = CASES[case]
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.chdir(work)
+    before = hashes(work)
+    with pytest.raises(SystemExit) as exit_info:
+        utils.launch(module.main, checks.parse_args(module.get_parser(), flags))
+    checks.release_outputs()  # as the process's exit would
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], lines[0]
+    assert hashes(work) == before
+
+
+@pytest.mark.parametrize("case", ["negative lr", "save is the state file", "another script's state"])
+def test_bad_input_from_the_command_line(work, case):
     script, flags, expected = CASES[case]
     before = hashes(work)
     out = run(script, *flags, cwd=work)
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
-    assert expected in lines[0], lines[0]
-    assert "Traceback" not in out.stdout + out.stderr
+    assert out.returncode == 2 and out.stdout == "", (out.stdout, out.stderr)
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert expected in out.stderr and "Traceback" not in out.stderr
     assert hashes(work) == before
 
 
