@@ -14,6 +14,7 @@ from conftest import REPO, toy_lines, write_wikitext
 import checkpoint
 import corpus
 import data
+from model import QuestionAnswerTask
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BERT_VOCAB = SHARED / "bert-base-uncased" / "vocab.txt"
@@ -194,6 +195,28 @@ def test_wordpiece_end_to_end_mlm_ns_qa_predict(tmp_path, tokenizer):
               "--device", "cpu", cwd=tmp_path)
     answer = json.loads(out.strip().splitlines()[-1])["answer"]
     assert answer and answer in context  # a span of the original text, WordPiece offsets
+    if tokenizer == "wordpiece":
+        exported_answers_equal_ours(tmp_path, context)
+
+
+def exported_answers_equal_ours(folder, context):
+    """convert.py's folder of the QA model: transformers loads every weight and its
+    tokenizer, and gives our start and end logits on the same text."""
+    transformers = pytest.importorskip("transformers")
+    run("convert.py", "qa_model.pt", "exported", cwd=folder)
+    theirs, info = transformers.AutoModelForQuestionAnswering.from_pretrained(
+        folder / "exported", output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "exported")
+    ours = checkpoint.load_task_model(QuestionAnswerTask, "qa", str(folder / "qa_model.pt"),
+                                      "--qa-model", "a QA model")[0].eval()
+    inputs = their_tokenizer("What comes?", context, return_tensors="pt")
+    with torch.no_grad():
+        expected = theirs.eval()(**inputs)
+        start, end = ours(inputs["input_ids"], inputs["token_type_ids"],
+                          inputs["attention_mask"].bool())
+    torch.testing.assert_close(start, expected.start_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(end, expected.end_logits, atol=1e-5, rtol=0)
 
 
 def test_continue_pretraining_from_a_checkpoint(tmp_path):
