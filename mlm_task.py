@@ -149,6 +149,7 @@ def main(args, info):
         info, inputs={"--bert-model": args.bert_model,
                       "--tokenizer": args.tokenizer if tokenizer_file else None},
         outputs={"--save": args.save, "--state-file": args.state_file,
+                 "--metrics-file": args.metrics_file,
                  "--save-vocab": args.save_vocab, "the best model": MLM.full_model_path,
                  "the loss log": "mlm_loss.txt"},
         data_dir=args.data_dir)

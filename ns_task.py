@@ -104,6 +104,7 @@ def main(args, info):
     checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model},
         outputs={"--save": args.save, "--state-file": args.state_file,
+                 "--metrics-file": args.metrics_file,
                  "--save-vocab": args.save_vocab, "the best model": NextSentence.full_model_path,
                  "the loss log": "ns_loss.txt"},
         data_dir=args.data_dir)

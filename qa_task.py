@@ -494,6 +494,7 @@ def check_paths(args, info):
         info, inputs={"--bert-model": args.bert_model, "--train-file": args.train_file,
                       "--dev-file": args.dev_file},
         outputs={"--save": args.save, "--state-file": args.state_file,
+                 "--metrics-file": args.metrics_file,
                  "--save-vocab": args.save_vocab, "--predictions": args.predictions,
                  "--na-probs": na_probs_path(args), "the loss log": "qa_loss.txt"},
         data_dir=args.data_dir, also_read=squad)
