@@ -52,6 +52,8 @@ def _finite(x):
 # What each flag must be. A flag a script does not have is skipped; None means "not
 # given, take it from elsewhere" (a checkpoint) and is not checked here.
 RULES = {
+    "optimizer": (lambda x: x in utils.OPTIMIZERS, f"use one of {', '.join(utils.OPTIMIZERS)}"),
+    "schedule": (lambda x: x in utils.SCHEDULES, f"use one of {', '.join(utils.SCHEDULES)}"),
     "lr": (lambda x: _finite(x) and x > 0, "must be > 0"),
     "clip": (lambda x: _finite(x) and x > 0, "must be > 0"),
     "epochs": (lambda x: x >= 1, "must be at least 1"),

@@ -389,7 +389,7 @@ SCHEDULES = ("plateau", "linear", "cosine")
 def add_optimizer_flags(parser):
     """The optimizer and the schedule. The defaults are the old example's (plain SGD, lr x0.1
     when validation does not improve), so its commands mean what they meant."""
-    parser.add_argument("--optimizer", type=str, default="sgd", metavar="{sgd,adamw}",
+    parser.add_argument("--optimizer", type=str, default="sgd", choices=OPTIMIZERS,
                         help="sgd: plain SGD (the old example's); adamw: AdamW, fused kernels where "
                              "PyTorch has them for the device (default sgd)")
     parser.add_argument("--weight-decay", type=float, default=0.0,
@@ -400,8 +400,7 @@ def add_optimizer_flags(parser):
                              "0.9 0.999, PyTorch's; RoBERTa uses 0.9 0.98)")
     parser.add_argument("--eps", type=float, default=1e-8,
                         help="adamw: added to the denominator (default 1e-8; RoBERTa 1e-6)")
-    parser.add_argument("--schedule", type=str, default="plateau",
-                        metavar="{plateau,linear,cosine}",
+    parser.add_argument("--schedule", type=str, default="plateau", choices=SCHEDULES,
                         help="plateau: lr x0.1 after an epoch whose validation does not improve (the "
                              "old example's); linear, cosine: per optimizer step, from --lr down to 0 "
                              "at the last step of the run (default plateau)")
@@ -417,11 +416,7 @@ def add_optimizer_flags(parser):
 def check_training_flags(args):
     """UserError for a bad combination of the optimizer, schedule and metrics flags: called
     by checks.parse_args, before any work."""
-    if args.optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer {args.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-    if args.schedule not in SCHEDULES:
-        raise UserError(f"--schedule {args.schedule!r}: use one of {', '.join(SCHEDULES)}")
-    # The value ranges are in checks.RULES; here what depends on two flags or the machine.
+    # Names and value ranges are in checks.RULES; here what depends on two flags or the machine.
     if args.warmup and args.schedule == "plateau":
         raise UserError("--warmup needs --schedule linear or cosine (plateau's lr changes only "
                         "at epoch ends)")
