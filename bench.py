@@ -33,12 +33,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import answers
 import corpus
-import data
-import qa_task
+import squad
+import tokenizer
 import utils
-from convert import ours_to_transformers_state_dict, their_bert_config
+import windows
 from model import BertConfig, MLMTask, QuestionAnswerTask, flops_per_token_train
+from tokenizer import TokenizerSpec
+from transformers_format import ours_to_transformers_state_dict, their_bert_config
 
 VOCAB_SIZE = 28785  # the pretraining recipe's WikiText-103 vocabulary
 SEQ_LEN = 128
@@ -150,7 +153,7 @@ def mlm_steps(config, batch_size, device, dtype, seed, compile=False):
     def theirs_loss():  # as users run it: logits at every position, labels -100 ignored
         return theirs_fwd(input_ids=src, labels=labels).loss
 
-    # The recipe's optimizer (utils.Trainer): plain SGD. foreach=True and fused=True
+    # The recipe's optimizer (trainer.Trainer): plain SGD. foreach=True and fused=True
     # measured no faster on CPU (the step is ~1% of ours and memory bound).
     return {name: partial(sgd_step, loss, torch.optim.SGD(m.parameters(), lr=1e-4), device, dtype)
             for name, m, loss in (("ours", ours, ours_loss), ("theirs", theirs, theirs_loss))}
@@ -250,14 +253,14 @@ def their_qa_answers(model, path, vocab, windowing, batch_size, device, n_best=2
     n_best start and end candidates of each window, checked one pair at a time."""
     import numpy as np
 
-    questions, _ = qa_task.read_squad(path)
-    windows = qa_task.make_windows(questions, vocab, windowing)
+    questions, _ = squad.read_squad(path)
+    cut = windows.make_windows(questions, vocab, windowing)
     best = {}  # question index -> (score, first context token, last context token)
-    position = torch.arange(windows.tokens.size(1))
+    position = torch.arange(cut.tokens.size(1))
     with torch.inference_mode():
-        for indices in torch.arange(len(windows)).split(batch_size):
-            ids = windows.tokens[indices].long()
-            lengths, offsets = windows.lengths[indices, None], windows.context_offset[indices, None]
+        for indices in torch.arange(len(cut)).split(batch_size):
+            ids = cut.tokens[indices].long()
+            lengths, offsets = cut.lengths[indices, None], cut.context_offset[indices, None]
             inputs = {"input_ids": ids, "attention_mask": (position < lengths).long(),
                       "token_type_ids": ((position >= offsets) & (position < lengths)).long()}
             out = model(**{k: v.to(device) for k, v in inputs.items()})
@@ -266,8 +269,8 @@ def their_qa_answers(model, path, vocab, windowing, batch_size, device, n_best=2
                             for logits in (out.start_logits, out.end_logits))
             for row, window in enumerate(indices.tolist()):
                 offset, length = int(offsets[row]), int(lengths[row])
-                question = int(windows.question[window])
-                to_context = int(windows.context_start[window]) - offset
+                question = int(cut.question[window])
+                to_context = int(cut.context_start[window]) - offset
                 for s in np.argsort(starts[row])[-1:-n_best - 1:-1].tolist():
                     for e in np.argsort(ends[row])[-1:-n_best - 1:-1].tolist():
                         if s < offset or e < offset or s >= length - 1 or e >= length - 1:
@@ -277,11 +280,11 @@ def their_qa_answers(model, path, vocab, windowing, batch_size, device, n_best=2
                         score = float(starts[row][s] + ends[row][e])
                         if question not in best or score > best[question][0]:
                             best[question] = (score, s + to_context, e + to_context)
-    answers = {}
+    found = {}
     for question, (score, first, last) in best.items():
-        q, spans = windows.questions[question], windows.context_spans[question]
-        answers[q.qid] = (q.context[spans[first][0]:spans[last][1]], score)
-    return answers
+        q, spans = cut.questions[question], cut.context_spans[question]
+        found[q.qid] = (q.context[spans[first][0]:spans[last][1]], score)
+    return found
 
 
 def qa_vocab(questions):
@@ -289,9 +292,9 @@ def qa_vocab(questions):
     embedding has the size of the pretraining vocabulary (its cost does not depend on
     which ids occur)."""
     words = Counter(t for q in questions
-                    for t in data.basic_english_normalize(q.context + " " + q.text))
-    vocab = data.Vocab.build(words)
-    return data.Vocab(vocab.itos + [f"<filler{i}>" for i in range(VOCAB_SIZE - len(vocab))])
+                    for t in tokenizer.basic_english_normalize(q.context + " " + q.text))
+    vocab = tokenizer.Vocab.build(words)
+    return tokenizer.Vocab(vocab.itos + [f"<filler{i}>" for i in range(VOCAB_SIZE - len(vocab))])
 
 
 def qa_models(arch, vocab_size, device, seed):
@@ -299,7 +302,7 @@ def qa_models(arch, vocab_size, device, seed):
     computes what BertForQuestionAnswering does."""
     import transformers  # a dev/test dependency only
 
-    config = BertConfig(vocab_size=vocab_size, dropout=0.0, qa_gelu=False, pad_id=data.PAD_ID,
+    config = BertConfig(vocab_size=vocab_size, dropout=0.0, qa_gelu=False, pad_id=tokenizer.PAD_ID,
                         **{k: arch[k] for k in ARCH})
     torch.manual_seed(seed)
     ours = QuestionAnswerTask(config)
@@ -319,34 +322,34 @@ def answer_agreement(ours, theirs):
 
 def bench_qa(arch, batch_size, device, squad_file=None, n_questions=0, rounds=2, seed=0):
     """QA evaluation throughput in questions/s, raw SQuAD JSON to answer strings, fp32,
-    same weights: ours (qa_task's evaluation path) / transformers (BertForQuestionAnswering
+    same weights: ours (answers.py's evaluation path) / transformers (BertForQuestionAnswering
     fed windows padded to --bptt, with its examples' post-processing). Both read and window
     the JSON the same way (the last window of a long context holds what is left of it, as
     in BERT and transformers' examples, so it is often short): the difference is the model
     call (ours: windows sorted by length, each batch cut to its longest window) and the
     decoding. `batch_size` is windows per forward, both models."""
-    windowing = qa_task.Windowing()
+    windowing = windows.Windowing()
     with tempfile.TemporaryDirectory() as folder:
         path, what, count = squad_for_bench(folder, n_questions, squad_file)
-        vocab = qa_vocab(qa_task.read_squad(path)[0])
+        vocab = qa_vocab(squad.read_squad(path)[0])
         ours, theirs = qa_models(arch, len(vocab), device, seed)
 
         def run_ours():  # from the file, as run_theirs: reading and windowing are timed
             with torch.inference_mode():
-                questions, _ = qa_task.read_squad(path)
-                return qa_task.predict_answers(ours, questions, vocab, windowing, batch_size,
+                questions, _ = squad.read_squad(path)
+                return answers.predict_answers(ours, questions, vocab, windowing, batch_size,
                                                device)
 
         run_theirs = partial(their_qa_answers, theirs, path, vocab, windowing, batch_size, device)
         # The untimed warm-up round (allocator, thread pools) gives
         # the answers compared: both are deterministic.
-        answers = {"ours": run_ours(), "theirs": run_theirs()}
+        found = {"ours": run_ours(), "theirs": run_theirs()}
         median = interleaved_medians({"ours": (run_ours, 1), "theirs": (run_theirs, 1)},
                                      rounds, device)
     # Same weights, same windows: the answers agree, except where their n-best search
     # never looks at the best span (ours checks every span, so it scores higher), or a
     # near-tie between spans goes the other way.
-    agree, n_differ, higher = answer_agreement(answers["ours"], answers["theirs"])
+    agree, n_differ, higher = answer_agreement(found["ours"], found["theirs"])
     ours_qps, theirs_qps = count / median["ours"], count / median["theirs"]
     print(f"qa eval ({count} questions of {what}, batch {batch_size}): ours {ours_qps:.1f} "
           f"questions/s, transformers {theirs_qps:.1f} questions/s; "
@@ -361,7 +364,7 @@ def bench_qa(arch, batch_size, device, squad_file=None, n_questions=0, rounds=2,
 ###############################################################################
 
 
-def bench_data(text_file, corpus_dir, tokenizer="basic_english"):
+def bench_data(text_file, corpus_dir, tokenizer_kind="basic_english"):
     """Tokenize, numericalize and cache a WikiText-103-sized corpus, then load the cache.
 
     The corpus is `text_file` (by default the real WikiText-2 validation split) repeated
@@ -393,7 +396,7 @@ def bench_data(text_file, corpus_dir, tokenizer="basic_english"):
 
     def load():
         return corpus.load_splits("WikiText103", corpus_dir, vocab_path=vocab_path,
-                                  log=lambda *_: None, tokenizer=tokenizer)
+                                  log=lambda *_: None, spec=TokenizerSpec(tokenizer_kind))
 
     start = time.perf_counter()
     vocab, splits = load()
@@ -405,9 +408,9 @@ def bench_data(text_file, corpus_dir, tokenizer="basic_english"):
     load_s = time.perf_counter() - start
     assert sum(len(s.ids) for s in cached.values()) == n_tokens
     # WordPiece encodes on threads of the tokenizers library, in this process.
-    workers = corpus.default_workers() if tokenizer == "basic_english" else 0
+    workers = corpus.default_workers() if tokenizer_kind == "basic_english" else 0
     report_data(train, n_tokens, vocab, tokenize_s, load_s, workers)
-    if tokenizer == "wordpiece":
+    if tokenizer_kind == "wordpiece":
         library_s = library_wordpiece_seconds(folder, len(vocab))
         print(f"data: the tokenizers library alone (train on the same sample, batch-encode "
               f"every split) {library_s:.1f} s; ours / library {tokenize_s / library_s:.2f}")
@@ -422,11 +425,11 @@ def library_wordpiece_seconds(folder, vocab_size):
 
     ranges = corpus.split_byte_ranges(corpus.dataset_files("WikiText103", folder.parent))
     start = time.perf_counter()
-    library = data.bert_wordpiece_pipeline()
-    specials = list(data.WORDPIECE_SPECIALS.values())
+    library = tokenizer.bert_wordpiece_pipeline()
+    specials = list(tokenizer.WORDPIECE_SPECIALS.values())
     library.train_from_iterator(corpus._sample_lines(ranges["train"]), trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=specials, show_progress=False))
-    for split in data.SPLITS:
+    for split in corpus.SPLITS:
         for job in corpus._chunks(ranges[split]):
             library.encode_batch(corpus._read_text(*job).splitlines(), add_special_tokens=False)
     return time.perf_counter() - start

@@ -9,18 +9,19 @@ torch.load(weights_only=True); never a pickled module:
 
 "encoder" holds a BertModel (mlm_bert.pt, ns_bert.pt); "mlm", "ns" and "qa" hold a task
 model whose encoder weights sit under `bert_model.`; "state" is a training state file
-(utils.Trainer writes it) that also holds the optimizer, the RNG and the flags. A
-transformers BERT folder reads as the checkpoint of its heads (convert.py).
+(trainer.Trainer writes it) that also holds the optimizer, the RNG and the flags. A
+transformers BERT folder reads as the checkpoint of its heads (transformers_format.py).
 """
 
 import os
 
 import torch
 
-import convert
-import data
+import tokenizer
+import transformers_format
+from distributed import unwrap
+from files import DataError, UserError, atomic_save
 from model import BertConfig
-from utils import UserError, atomic_save, unwrap
 
 
 def model_checkpoint(kind, model, config, vocab, **extra):
@@ -36,9 +37,9 @@ def save_model(kind, model, config, vocab, path, **extra):
 
 def load_checkpoint(path, flag):
     """torch.load(weights_only=True) with one-line errors naming the flag and the file; a
-    transformers BERT folder is read by convert.load_folder into the same dict."""
+    transformers BERT folder is read by transformers_format.load_folder into the same dict."""
     if os.path.isdir(path):
-        return convert.load_folder(path, flag)
+        return transformers_format.load_folder(path, flag)
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     try:
@@ -56,7 +57,7 @@ def config_and_vocab(ckpt, flag, path):
     """The BertConfig and tokenizer of a loaded checkpoint, checked against each other."""
     try:
         config = BertConfig.from_dict(ckpt["config"])
-        vocab = data.tokenizer_from_checkpoint(ckpt)
+        vocab = tokenizer.tokenizer_from_checkpoint(ckpt)
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"{flag} {path}: its config or vocab is unusable ({e})") from None
     if config.vocab_size != len(vocab):
@@ -115,10 +116,10 @@ def load_task_model(task_class, kind, path, flag, what):
 def save_vocab_copy(vocab, path, log):
     """Write a checkpoint's vocab to --save-vocab unless that file already holds it."""
     try:
-        saved = data.load_vocab(path)[0]
+        saved = tokenizer.load_vocab(path)[0]
         if saved.itos == vocab.itos and saved.state() == vocab.state():
             return
-    except (FileNotFoundError, data.DataError):
+    except (FileNotFoundError, DataError):
         pass
-    data.save_vocab(vocab, path)
+    tokenizer.save_vocab(vocab, path)
     log(f"wrote the vocab of {len(vocab)} words to {path}")

@@ -1,9 +1,10 @@
-"""Datasets on disk: download, tokenize in parallel, cache.
+"""Datasets on disk to token ids: download, split, tokenize in parallel, cache.
 
 load_splits is what the scripts call: it finds a dataset's files (downloading them if
-needed), cuts them into train/valid/test byte ranges, tokenizes them with data.py's
-tokenizer in worker processes, and caches the token ids beside the data, so a second run
-only reads them. Nothing here is BERT-specific; data.py holds the parts that are.
+needed), cuts them into train/valid/test byte ranges, tokenizes them with a tokenizer of
+tokenizer.py in worker processes (learning its vocabulary from the train split when
+tokenizer.choose_vocab asks), and caches the token ids beside the data, so a second run
+only reads them. Batches are data.py's.
 """
 
 import contextlib
@@ -25,20 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import logs
 import utils
-from data import (
-    SPECIALS,
-    SPLITS,
-    UNK_ID,
-    DataError,
-    TokenizedSplit,
-    Vocab,
-    load_vocab,
-    normalize_text,
-    save_vocab,
-    train_wordpiece,
-)
-from utils import atomic_save
+from data import SPLITS, TokenizedSplit
+from files import DataError, atomic_save
+from tokenizer import UNK_ID, TokenizerSpec, Vocab, choose_vocab, normalize_text, train_wordpiece
 
 ###############################################################################
 # Datasets: where the files are, how to download them
@@ -154,7 +146,7 @@ def _download(archive, target, log, expected=()):
         try:
             md5 = hashlib.md5()
             with (os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response,
-                  utils.progress(total=response.length, unit="B", unit_scale=True,
+                  logs.progress(total=response.length, unit="B", unit_scale=True,
                                  desc=archive.filename) as bar):
                 while chunk := response.read(1 << 20):
                     md5.update(chunk)
@@ -432,7 +424,7 @@ def _map_chunks(fn, jobs, workers, initializer=None, initargs=()):
 def _with_progress(jobs, results):
     """A bar over the tokenized chunks' results, counting their bytes of text."""
     sizes = [end - start for _, start, end in jobs]
-    with utils.progress(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing") as bar:
+    with logs.progress(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing") as bar:
         for result, size in zip(results, sizes):  # results first: it ends the workers' pool
             yield result
             bar.update(size)
@@ -546,37 +538,27 @@ def _load_cache(path):
         return None
 
 
-def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=print,
-                workers=None, tokenizer="basic_english", vocab_size=30522):
+def load_splits(dataset, data_dir, vocab=None, spec=None, vocab_path=None, log=print,
+                workers=None):
     """Returns (vocab, {split: TokenizedSplit}) for `dataset`.
 
-    The vocab (a data.Vocab or data.WordPiece: the tokenizer) is `vocab` if given, else
-    the one at `vocab_path` if it was built from the same dataset with the same settings,
-    else built from the train split (and saved at vocab_path): basic_english's word list
-    of the words seen `min_freq` times, or a `tokenizer="wordpiece"` vocabulary of
-    `vocab_size` learned from (a sample of) the train split. Token ids are cached beside
-    the data in `.cache/`, keyed by the tokenizer and the files' sizes and mtimes, so a
-    second run skips tokenization."""
+    The vocab (the tokenizer) is `vocab` if given, else tokenizer.choose_vocab's for
+    `spec` (a TokenizerSpec; default basic_english), learned from the train split when it
+    must be. Token ids are cached beside the data in `.cache/`, keyed by the tokenizer and
+    the files' sizes and mtimes, so a second run skips tokenization."""
     ranges = split_byte_ranges(dataset_files(dataset, data_dir, log=log))
     splits = {}
     if vocab is None:
+        def learn(spec):
+            if spec.tokenizer == "basic_english":
+                # Counting and numericalizing in one tokenization of the train split.
+                learned, splits["train"] = count_and_numericalize(ranges["train"], spec.min_freq,
+                                                                  workers)
+                return learned
+            return train_wordpiece(_sample_lines(ranges["train"]), spec.vocab_size)
+
         name = dataset if dataset in DATASETS else os.path.abspath(dataset)
-        meta = ({"dataset": name, "min_freq": min_freq} if tokenizer == "basic_english"
-                else {"dataset": name, "tokenizer": tokenizer, "vocab_size": vocab_size})
-        vocab = _saved_vocab(vocab_path, meta, log)
-        if vocab is None:
-            if tokenizer == "basic_english":
-                vocab, splits["train"] = count_and_numericalize(ranges["train"], min_freq, workers)
-                if len(vocab) == len(SPECIALS):
-                    raise DataError(f"--min-freq {min_freq}: no word of the train split is seen "
-                                    "that often; every token would be <unk>")
-                log(f"built a vocab of {len(vocab)} words from the train split "
-                    f"(min_freq {min_freq})")
-            else:
-                vocab = train_wordpiece(_sample_lines(ranges["train"]), vocab_size)
-                log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split")
-            if vocab_path:
-                save_vocab(vocab, vocab_path, **meta)
+        vocab = choose_vocab(spec or TokenizerSpec(), name, vocab_path, learn, log)
     cache_dir = Path(ranges["train"][0][0]).parent / ".cache" if ranges["train"] else None
     for split in SPLITS:
         cache = _cache_path(ranges[split], vocab, split, cache_dir) if cache_dir else None
@@ -592,15 +574,3 @@ def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=
         except OSError as e:  # a read-only data folder still works, only without a cache
             log(f"could not write token cache {cache}: {e}")
     return vocab, splits
-
-
-def _saved_vocab(vocab_path, meta, log):
-    """The vocab at vocab_path if it was built for `meta` (dataset, min_freq), else None."""
-    if not vocab_path or not os.path.exists(vocab_path):
-        return None
-    vocab, saved_meta = load_vocab(vocab_path)
-    if saved_meta != meta:
-        log(f"{vocab_path} was built for {saved_meta}, not {meta}: rebuilding it")
-        return None
-    log(f"using vocab {vocab_path} ({len(vocab)} words)")
-    return vocab

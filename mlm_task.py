@@ -4,7 +4,6 @@
 """
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -13,16 +12,21 @@ import checkpoint
 import checks
 import corpus
 import data
+import distributed
+import flags
+import logs
 import trainer
 import utils
+from files import UserError
 from model import BertConfig, MLMTask, count_parameters
+from tokenizer import TokenizerSpec
 
 # The architecture of a model pretrained from scratch (BERT-base), flags left out.
 FRESH_MODEL = dict(emsize=768, nhid=3072, nlayers=12, nhead=12, dropout=0.2)
 
 
 def get_parser():
-    parser = checks.ArgumentParser(prog="mlm_task.py",
+    parser = flags.ArgumentParser(prog="mlm_task.py",
                                    description="BERT masked-language-model pretraining")
     parser.add_argument("--bert-model", type=str, default=None,
                         help="continue pretraining this checkpoint (any of this project's holding "
@@ -35,16 +39,16 @@ def get_parser():
                              "basic_english; with --bert-model, its tokenizer)")
     parser.add_argument("--vocab-size", type=int, default=30522,
                         help="tokens of a --tokenizer wordpiece vocabulary (default 30522)")
-    utils.add_model_flags(parser, **FRESH_MODEL)
+    flags.add_model_flags(parser, **FRESH_MODEL)
     parser.add_argument("--mask_frac", type=float, default=0.15,
                         help="fraction of the tokens of each sequence that are masked (default 0.15)")
     parser.add_argument("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
                         help="mask: every masked token becomes <MASK> (the old example); bert: "
                              "80%% <MASK>, 10%% random word, 10%% unchanged (default mask)")
-    utils.add_dataset_flag(parser, default="WikiText2")
+    flags.add_dataset_flag(parser, default="WikiText2")
     parser.add_argument("--min-freq", type=int, default=1,
                         help="words seen fewer times in the train split become <unk> (default 1)")
-    utils.add_common_flags(parser, lr=6.0, clip=0.1, epochs=8, batch_size=32, bptt=128,
+    flags.add_common_flags(parser, lr=6.0, clip=0.1, epochs=8, batch_size=32, bptt=128,
                            seed=5431916812, log_interval=10, save="mlm_bert.pt",
                            state_file="mlm_state.pt")
     return parser
@@ -59,25 +63,27 @@ EVAL_MASKING = (0.15, "mask")
 class MLM:
     """What the shared Trainer needs to know about masked-LM pretraining."""
 
-    full_model_path = "full_mlm_model.pt"
-    loss_format = "5.2f"  # the old example's end-of-training line
+    best_metric = ("loss", "min")
+    best_model_path = "full_mlm_model.pt"
 
     def __init__(self, args, vocab, splits, config, info, device):
         self.args, self.vocab, self.config, self.info, self.device = args, vocab, config, info, device
+        self.outputs = outputs(args)
+        self.masking = flags.settings(data.Masking, args, mask_id=vocab.mask_id,
+                                      word_ids=vocab.word_ids)
         self.windows = {s: data.mlm_windows(splits[s], args.bptt) for s in data.SPLITS}
         needed = args.batch_size * info.world_size
         if len(self.windows["train"]) < needed:
-            raise utils.UserError(
+            raise UserError(
                 f"the train split of {args.dataset} has {len(splits['train'].ids)} tokens, fewer "
                 f"than one batch ({needed} sequences of {args.bptt - 1} tokens)")
         for split in ("valid", "test"):
             if len(self.windows[split]) == 0:
-                raise utils.UserError(f"the {split} split of {args.dataset} has fewer than "
-                                      f"{args.bptt - 1} tokens: not one sequence")
+                raise UserError(f"the {split} split of {args.dataset} has fewer than "
+                                f"{args.bptt - 1} tokens: not one sequence")
 
-    def _batches(self, windows, order, epoch, mask_frac, mask_mode):
+    def _batches(self, windows, order, epoch, masking):
         a = self.args
-        masking = data.Masking.of(self.vocab, mask_frac, mask_mode)
         make_batch = functools.partial(data.mlm_batch, windows, self.vocab.cls_id, masking,
                                        a.seed, epoch)
         return data.Batches(make_batch, order, a.batch_size)
@@ -87,13 +93,14 @@ class MLM:
         order = data.epoch_order(len(self.windows["train"]), a.seed, epoch, shuffle=True,
                                  rank=self.info.rank, world_size=self.info.world_size,
                                  batch_size=a.batch_size)
-        return self._batches(self.windows["train"], order, epoch, a.mask_frac, a.mask_mode)
+        return self._batches(self.windows["train"], order, epoch, self.masking)
 
     def eval_batches(self, split):
         """Every sequence of a split, masked the same way whatever the training masks
         (EVAL_MASKING), every epoch and with any number of ranks."""
         windows = self.windows[split]
-        return self._batches(windows, torch.arange(len(windows)), f"eval-{split}", *EVAL_MASKING)
+        masking = data.Masking.of(self.vocab, *EVAL_MASKING)
+        return self._batches(windows, torch.arange(len(windows)), f"eval-{split}", masking)
 
     @staticmethod
     def loss(model, batch, reduction="mean"):
@@ -106,68 +113,69 @@ class MLM:
             model, self.eval_batches(split), self._sums, 2, self.info, self.device,
             self.args.dtype)
         loss = loss_sum / n_targets
-        return loss, loss, f"{split} ppl {math.exp(min(loss, 700)):8.2f}"
+        return {"loss": loss, "ppl": logs.perplexity(loss)}
 
     def _sums(self, model, batch):
         loss_sum = self.loss(model, batch, reduction="sum").double()
         return torch.stack([loss_sum, loss_sum.new_tensor(batch["targets"].numel())])
 
     def save_best(self, model):
-        checkpoint.save_model("mlm", model, self.config, self.vocab, self.full_model_path)
+        checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path)
+
+    def write_outputs(self, model):
+        checkpoint.save_model("encoder", model.bert_model, self.config, self.vocab, self.args.save)
+
+
+def outputs(args):
+    """{flag: (path, what)} of the files a run writes (besides the Trainer's)."""
+    return {"--save": (args.save, "encoder"), "the best model": (MLM.best_model_path, "best model"),
+            "the loss log": ("mlm_loss.txt", "losses"), "--save-vocab": (args.save_vocab, "vocab")}
 
 
 def start_from(args):
-    """(config, tokenizer, (kind, weights)) of --bert-model, or (None, tokenizer or None,
-    None) for a new model with --tokenizer."""
-    if args.vocab_size < 6:
-        raise utils.UserError(f"--vocab-size {args.vocab_size}: must be at least 6")
+    """(config, tokenizer, (kind, weights)) of --bert-model, or (None, None, None) for a new
+    model, whose tokenizer (--tokenizer) corpus.load_splits chooses."""
     if args.bert_model is None:
-        if args.tokenizer in (None, "basic_english", "wordpiece"):
-            return None, None, None
-        return None, data.load_tokenizer(args.tokenizer), None
+        return None, None, None
     if args.tokenizer is not None:
-        raise utils.UserError(f"--tokenizer {args.tokenizer}: --bert-model {args.bert_model} "
-                              "brings its own tokenizer; leave --tokenizer out")
+        raise UserError(f"--tokenizer {args.tokenizer}: --bert-model {args.bert_model} "
+                        "brings its own tokenizer; leave --tokenizer out")
     ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
     config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
-    utils.apply_model_flags(config, args, source=args.bert_model)
-    if args.bptt > config.max_len:
-        raise utils.UserError(f"--bptt {args.bptt} is longer than the {config.max_len} positions "
-                              f"of {args.bert_model}")
+    config = flags.model_config(config, args, source=args.bert_model)
     if ckpt.get("kind") == "mlm":
         return config, vocab, ("mlm", ckpt["model"])
     return config, vocab, ("encoder", checkpoint.encoder_state(ckpt, "--bert-model",
                                                                args.bert_model))
 
 
+def fresh_config(args, vocab):
+    """The BertConfig of a new model: FRESH_MODEL's sizes, the flags given replacing them."""
+    sizes = {name: value if getattr(args, name) is None else getattr(args, name)
+             for name, value in FRESH_MODEL.items()}
+    try:
+        return BertConfig(vocab_size=len(vocab), max_len=max(512, args.bptt),
+                          pad_id=vocab.pad_id, **sizes)
+    except ValueError as e:  # flags that do not make a model, e.g. --emsize 30 --nhead 4
+        raise UserError(f"the model flags do not make a BERT: {e}") from None
+
+
 def main(args, info):
-    log = utils.make_logger(info)
+    log = logs.make_logger(info)
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
-    tokenizer_file = args.tokenizer not in (None, "basic_english", "wordpiece")
+    spec = flags.settings(TokenizerSpec, args)
+    run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
     checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model,
-                      "--tokenizer": args.tokenizer if tokenizer_file else None},
-        outputs={"--save": args.save, "--state-file": args.state_file,
-                 "--metrics-file": args.metrics_file,
-                 "--save-vocab": args.save_vocab, "the best model": MLM.full_model_path,
-                 "the loss log": "mlm_loss.txt"},
-        data_dir=args.data_dir)
+                      "--tokenizer": None if spec.learned else spec.tokenizer},
+        outputs={flag: path for flag, (path, _) in run_outputs.items()}, data_dir=args.data_dir)
     config, vocab, weights = start_from(args)
     # Rank 0 builds the vocab and the token caches; the other ranks then read them.
-    with utils.main_rank_first(info):
-        vocab, splits = corpus.load_splits(
-            args.dataset, args.data_dir, vocab=vocab, min_freq=args.min_freq,
-            vocab_path=args.save_vocab, log=log, tokenizer=args.tokenizer or "basic_english",
-            vocab_size=args.vocab_size)
-    if config is None:
-        sizes = {name: value if getattr(args, name) is None else getattr(args, name)
-                 for name, value in FRESH_MODEL.items()}
-        try:
-            config = BertConfig(vocab_size=len(vocab), max_len=max(512, args.bptt),
-                                pad_id=vocab.pad_id, **sizes)
-        except ValueError as e:  # flags that do not make a model, e.g. --emsize 30 --nhead 4
-            raise utils.UserError(f"the model flags do not make a BERT: {e}") from None
+    with distributed.main_rank_first(info):
+        vocab, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, spec=spec,
+                                           vocab_path=args.save_vocab, log=log)
+    config = config or fresh_config(args, vocab)
     task = MLM(args, vocab, splits, config, info, device)
     model = MLMTask(config)
     if weights is not None:
@@ -178,8 +186,8 @@ def main(args, info):
     log(f"MLMTask: {count_parameters(model) / 1e6:.1f}M parameters, "
         f"vocab {len(vocab)}, {len(splits['train'].ids)} train tokens, device {device}, "
         f"{info.world_size} process(es)")
-    trainer.train_and_test_encoder(task, model, args, info, device, log, "mlm_loss.txt")
+    trainer.run(task, model, args, info, device, log)
 
 
 if __name__ == "__main__":
-    utils.launch(main, checks.parse_args(get_parser()))
+    distributed.launch(main, flags.parse_args(get_parser()))

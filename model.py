@@ -5,11 +5,13 @@ Every tensor is (batch, seq[, feature]).
 """
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import rules
 from kernels import Dropout, attention
 
 
@@ -31,20 +33,21 @@ class BertConfig:
     # the old example put a GELU before it (qa_task.py --qa-gelu). Checkpoints store it.
     qa_gelu: bool = False
 
+    RULES: ClassVar = {
+        **{name: (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+                  "must be a positive integer")
+           for name in ("vocab_size", "emsize", "nhead", "nhid", "nlayers", "max_len",
+                        "type_vocab_size")},
+        "dropout": (rules.fraction, "must be in [0, 1)"),
+        "layer_norm_eps": (rules.positive, "must be > 0"),
+    }
+
     def __post_init__(self):
-        sizes = ("vocab_size", "emsize", "nhead", "nhid", "nlayers", "max_len", "type_vocab_size")
-        for name in sizes:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} {value!r} must be a positive integer")
+        rules.check(self, self.RULES)
         if self.emsize % self.nhead:
             raise ValueError(f"emsize {self.emsize} is not divisible by nhead {self.nhead}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout {self.dropout!r} must be in [0, 1)")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"pad_id {self.pad_id!r} is not an id of the vocabulary")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps {self.layer_norm_eps!r} must be > 0")
 
     def to_dict(self):
         return asdict(self)

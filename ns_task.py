@@ -12,23 +12,27 @@ import checkpoint
 import checks
 import corpus
 import data
+import distributed
+import flags
+import logs
 import trainer
 import utils
+from files import UserError
 from model import NextSentenceTask
 
 
 def get_parser():
-    parser = checks.ArgumentParser(prog="ns_task.py", description="BERT next-sentence task")
+    parser = flags.ArgumentParser(prog="ns_task.py", description="BERT next-sentence task")
     parser.add_argument("--bert-model", type=str, default="mlm_bert.pt",
                         help="pretrained encoder (or any task checkpoint holding one); "
                              "architecture and vocab come from it (default mlm_bert.pt)")
-    utils.add_dataset_flag(parser, default="WikiText103")
+    flags.add_dataset_flag(parser, default="WikiText103")
     parser.add_argument("--frac_ns", type=float, default=0.5,
                         help="fraction of pairs whose second part comes from another line (default 0.5)")
     parser.add_argument("--min_sentence_len", type=int, default=60,
                         help="lines shorter than this many tokens are not used (default 60)")
-    utils.add_model_flags(parser)
-    utils.add_common_flags(parser, lr=0.25, clip=0.1, epochs=5, batch_size=24, bptt=128,
+    flags.add_model_flags(parser)
+    flags.add_common_flags(parser, lr=0.25, clip=0.1, epochs=5, batch_size=24, bptt=128,
                            seed=312216194, log_interval=600, save="ns_bert.pt",
                            state_file="ns_state.pt")
     return parser
@@ -37,22 +41,23 @@ def get_parser():
 class NextSentence:
     """What the shared Trainer needs to know about the next-sentence task."""
 
-    full_model_path = "ns_model.pt"
-    loss_format = "8.5f"
+    best_metric = ("loss", "min")
+    best_model_path = "ns_model.pt"
 
     def __init__(self, args, vocab, splits, config, info, device):
         self.args, self.vocab, self.splits, self.config = args, vocab, splits, config
         self.info, self.device = info, device
+        self.outputs = outputs(args)
+        self.pairs = flags.settings(data.Pairs, args)
         for split in data.SPLITS:
-            n = len(splits[split].lines(args.min_sentence_len))
+            n = len(splits[split].lines(self.pairs.min_sentence_len))
             needed = args.batch_size * info.world_size if split == "train" else 1
             if n < needed:
-                raise utils.UserError(
+                raise UserError(
                     f"the {split} split of {args.dataset} has {n} lines of at least "
-                    f"--min_sentence_len {args.min_sentence_len} tokens; {needed} needed")
+                    f"--min_sentence_len {self.pairs.min_sentence_len} tokens; {needed} needed")
         self.eval_pairs = {
-            s: data.ns_pairs(splits[s], args.min_sentence_len, args.frac_ns,
-                             data.batch_generator(args.seed, "pairs", s))
+            s: data.ns_pairs(splits[s], self.pairs, data.batch_generator(args.seed, "pairs", s))
             for s in ("valid", "test")
         }
 
@@ -64,7 +69,7 @@ class NextSentence:
 
     def train_batches(self, epoch):
         a = self.args
-        pairs = data.ns_pairs(self.splits["train"], a.min_sentence_len, a.frac_ns,
+        pairs = data.ns_pairs(self.splits["train"], self.pairs,
                               data.batch_generator(a.seed, "pairs", epoch))
         order = data.epoch_order(len(pairs["label"]), a.seed, epoch, shuffle=True,
                                  rank=self.info.rank, world_size=self.info.world_size,
@@ -84,8 +89,7 @@ class NextSentence:
         batches = self._batches(split, pairs, torch.arange(len(pairs["label"])))
         loss_sum, n_right, n_pairs = trainer.evaluation_sums(
             model, batches, self._sums, 3, self.info, self.device, self.args.dtype)
-        loss = loss_sum / n_pairs
-        return loss, loss, f"{split} accuracy {100 * n_right / n_pairs:5.2f}%"
+        return {"loss": loss_sum / n_pairs, "accuracy": 100 * n_right / n_pairs}
 
     def _sums(self, model, batch):
         logits, labels = self.logits(model, batch), batch["labels"]
@@ -94,34 +98,38 @@ class NextSentence:
                             loss_sum.new_tensor(len(labels))])
 
     def save_best(self, model):
-        checkpoint.save_model("ns", model, self.config, self.vocab, self.full_model_path)
+        checkpoint.save_model("ns", model, self.config, self.vocab, self.best_model_path)
+
+    def write_outputs(self, model):
+        checkpoint.save_model("encoder", model.bert_model, self.config, self.vocab, self.args.save)
+
+
+def outputs(args):
+    """{flag: (path, what)} of the files a run writes (besides the Trainer's)."""
+    return {"--save": (args.save, "encoder"),
+            "the best model": (NextSentence.best_model_path, "best model"),
+            "the loss log": ("ns_loss.txt", "losses"), "--save-vocab": (args.save_vocab, "vocab")}
 
 
 def main(args, info):
-    log = utils.make_logger(info)
+    log = logs.make_logger(info)
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
-    checks.prepare_run(
-        info, inputs={"--bert-model": args.bert_model},
-        outputs={"--save": args.save, "--state-file": args.state_file,
-                 "--metrics-file": args.metrics_file,
-                 "--save-vocab": args.save_vocab, "the best model": NextSentence.full_model_path,
-                 "the loss log": "ns_loss.txt"},
-        data_dir=args.data_dir)
+    run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
+    checks.prepare_run(info, inputs={"--bert-model": args.bert_model},
+                       outputs={flag: path for flag, (path, _) in run_outputs.items()},
+                       data_dir=args.data_dir)
     config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
-    utils.apply_model_flags(config, args, source=args.bert_model)
-    if args.bptt > config.max_len:
-        raise utils.UserError(f"--bptt {args.bptt} is longer than the {config.max_len} positions "
-                              f"of {args.bert_model}")
-    with utils.main_rank_first(info):
+    config = flags.model_config(config, args, source=args.bert_model)
+    with distributed.main_rank_first(info):
         _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
     model = checkpoint.task_model_from_encoder(NextSentenceTask, config, encoder, args.bert_model,
                                                device)
     log(f"NextSentenceTask from {args.bert_model}: {config.nlayers} layers, hidden {config.emsize}, "
         f"vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
-    trainer.train_and_test_encoder(task, model, args, info, device, log, "ns_loss.txt")
+    trainer.run(task, model, args, info, device, log)
 
 
 if __name__ == "__main__":
-    utils.launch(main, checks.parse_args(get_parser()))
+    distributed.launch(main, flags.parse_args(get_parser()))

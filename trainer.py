@@ -1,33 +1,48 @@
 """The training loop of the three tasks: optimizer and schedule, log, metrics, checkpoint,
-resume, stop on a signal or a NaN.
+resume, stop on a signal or a NaN; then the end of a run (finish): test the best model and
+write every output.
 
 A task tells the Trainer what it needs and nothing more:
 
     task.config, task.vocab           # saved with every state file
     task.train_batches(epoch)         # a data.Batches of the rank's batches of an epoch
     task.loss(model, batch)           # a scalar
-    task.evaluate(model, split)       # (loss, score, text): a lower score is better; the
-                                      # numbers of text ("valid ppl 12.3") go to the metrics log
-    task.save_best(model)             # write the best model so far
+    task.evaluate(model, split)       # {"loss": ..., other metrics}: numbers, every rank
+    task.best_metric                  # (name, "min" or "max"): the metric that picks the
+                                      # best model of the run
+    task.save_best(model)             # rank 0: write the best model so far ...
+    task.best_model_path              # ... there, where every rank reads it after fit
+    task.outputs                      # {flag or description: (path, what)}: every file the
+                                      # run writes besides the Trainer's own; among them
+                                      # "--save-vocab" and "the loss log"
+    task.write_outputs(model)         # rank 0, after the test: the task's own files
+                                      # (the encoder; the predictions)
+
+The Trainer reads its settings from a TrainConfig, checked once when it is made.
 """
 
 import contextlib
-import functools
+import importlib.util
 import math
 import os
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 import checkpoint
 import data
+import distributed
+import logs
+import rules
 import utils
-from utils import UserError
+from files import UserError, atomic_save
+from optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 
 
 class Preemption:
@@ -44,7 +59,7 @@ class Preemption:
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
             if self.interrupted:
-                raise KeyboardInterrupt  # the second Ctrl-C: exit 130 now (utils._run_rank)
+                raise KeyboardInterrupt  # the second Ctrl-C: exit 130 now (distributed._run_rank)
             self.interrupted = True
             print("\nCtrl-C: stopping after this step to write the state file "
                   "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
@@ -87,70 +102,74 @@ def set_rng_state(state, device):
 
 
 ###############################################################################
-# Optimizer and learning-rate schedule
+# Settings
 ###############################################################################
 
+@dataclass
+class TrainConfig:
+    """What the Trainer reads: the training flags (flags.py maps them), checked once here.
+    The defaults are the old example's: plain SGD, lr x0.1 when validation does not improve."""
 
-def param_groups(model, weight_decay):
-    """The optimizer's parameter groups. With weight decay, BERT's split: decay on the
-    weight matrices (linear layers, embeddings), none on biases and LayerNorm weights (a
-    LayerNorm scale decayed toward 0 would shrink its layer's output, not regularize it).
-    Without, one group of model.parameters(), as the old example's SGD had."""
-    if not weight_decay:
-        return [{"params": list(model.parameters()), "weight_decay": 0.0}]
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            skip = isinstance(module, torch.nn.LayerNorm) or name == "bias"
-            (no_decay if skip else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    lr: float
+    clip: float
+    epochs: int
+    batch_size: int  # sequences per batch and per process
+    seed: int
+    log_interval: int
+    state_file: str
+    metrics_file: str
+    max_steps: int = 0  # 0: no limit
+    num_workers: int = 0
+    save_every: int = 0  # 0: at epoch ends only
+    optimizer: str = "sgd"
+    schedule: str = "plateau"
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup: float = 0.0  # fraction of all optimizer steps
+    grad_accum: int = 1
+    dtype: str = "fp32"
+    compile: bool = False
+    checkpoint: str = None  # a state file to resume from
+    tensorboard: str = None
 
+    RULES: ClassVar = {
+        "optimizer": (rules.one_of(*OPTIMIZERS), f"use one of {', '.join(OPTIMIZERS)}"),
+        "schedule": (rules.one_of(*SCHEDULES), f"use one of {', '.join(SCHEDULES)}"),
+        "lr": (rules.positive, "must be > 0"),
+        "clip": (rules.positive, "must be > 0"),
+        "epochs": (rules.at_least(1), "must be at least 1"),
+        "batch_size": (rules.at_least(1), "must be at least 1"),
+        "seed": (lambda x: 0 <= x < 2**63 - 2**16, "must be between 0 and 2**63 - 65537"),
+        "log_interval": (rules.at_least(1), "must be at least 1"),
+        "max_steps": (rules.at_least(0), "must be at least 0 (0: no limit)"),
+        "num_workers": (rules.at_least(0), "must be at least 0"),
+        "save_every": (rules.at_least(0), "must be at least 0 (0: at epoch ends only)"),
+        "weight_decay": (lambda x: rules.finite(x) and x >= 0, "must be at least 0"),
+        "warmup": (rules.fraction, "must be in [0, 1)"),
+        "grad_accum": (rules.at_least(1), "must be at least 1"),
+        "eps": (rules.positive, "must be > 0"),
+        "betas": (lambda x: all(rules.fraction(b) for b in x), "must each be in [0, 1)"),
+    }
 
-@functools.cache
-def fused_adamw_works(device_type):
-    """Whether PyTorch has a fused AdamW kernel for this device type (CUDA; the CPU since
-    torch 2.4): tried on one tensor, since it is checked only at the first step. On a CPU
-    the fused step measured 0.96-0.99x SGD's time, against 0.79x for the default one."""
-    probe = torch.zeros(1, device=device_type, requires_grad=True)
-    probe.grad = torch.ones_like(probe)
-    try:
-        torch.optim.AdamW([probe], fused=True).step()
-    except (RuntimeError, TypeError, ValueError, NotImplementedError):
-        return False
-    return True
+    def __post_init__(self):
+        rules.check(self, self.RULES)
+        self.betas = tuple(self.betas)
+        if self.warmup and self.schedule == "plateau":
+            raise rules.SettingError("warmup", self.warmup, "needs --schedule linear or cosine "
+                                     "(plateau's lr changes only at epoch ends)")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
-
-def make_optimizer(model, args, device):
-    """--optimizer with --lr, --weight-decay, --betas and --eps."""
-    groups = param_groups(model, args.weight_decay)
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
-                             fused=fused_adamw_works(device.type) or None)
-
-
-def lr_factor(step, total_steps, warmup_steps, shape):
-    """The multiple of --lr for optimizer step `step` (0 for the first) of `total_steps`:
-    linear from 0 over `warmup_steps`, then `shape` ("linear" or "cosine") down to 0 at
-    total_steps (transformers' get_linear/cosine_schedule_with_warmup)."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if shape == "linear":
-        return max(0.0, 1.0 - done)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0))))
-
-
-def make_scheduler(optimizer, args, total_steps):
-    """plateau: the old example's lr x0.1, stepped by fit after an epoch whose validation
-    does not improve. linear / cosine: stepped after every optimizer step."""
-    if args.schedule == "plateau":
-        return torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
-    # A partial, not a lambda: LambdaLR's state_dict keeps it as plain data.
-    factor = functools.partial(lr_factor, total_steps=total_steps,
-                               warmup_steps=round(args.warmup * total_steps), shape=args.schedule)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    @classmethod
+    def from_flags(cls, args):
+        """The settings of parsed flags (a Namespace or a dict); "None" is the old
+        example's spelling of no --checkpoint."""
+        given = vars(args) if not isinstance(args, dict) else args
+        values = {f.name: given[f.name] for f in fields(cls) if f.name in given}
+        if values.get("checkpoint") == "None":
+            values["checkpoint"] = None
+        return cls(**values)
 
 
 def micro_batch_groups(batches, size):
@@ -195,44 +214,48 @@ class Interrupted(KeyboardInterrupt):
 class Trainer:
     """The epoch loop of all three tasks (see the module docstring for the task's part)."""
 
-    def __init__(self, task, model, args, info, device, log):
-        self.task, self.args, self.info, self.device, self.log = task, args, info, device, log
+    def __init__(self, task, model, config, info, device, log, flags=None):
+        """`config`: a TrainConfig; `flags`: every flag of the run, saved in the state file
+        so that a resume needs none repeated (flags.parse_args merges them)."""
+        self.task, self.config, self.info, self.device, self.log = task, config, info, device, log
+        self.flags = dict(flags or {})
+        self.started = time.time() - 1  # files older than this were not written by this run
         self.state = TrainState()
         self.preemption = Preemption()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
         self.epoch_loss = torch.zeros((), device=device)
         # What every state file holds besides the training state, built once.
         self.extra = {"config": task.config.to_dict(), "vocab": task.vocab.itos,
                       "tokenizer": task.vocab.state()}
         # The defaults are the old example's: plain SGD, lr x0.1 when validation does not improve.
-        self.optimizer = make_optimizer(model, args, device)
-        self.per_step_schedule = args.schedule != "plateau"
-        self.scheduler = make_scheduler(self.optimizer, args, self.total_steps() if
+        self.optimizer = make_optimizer(model, config, device)
+        self.per_step_schedule = config.schedule != "plateau"
+        self.scheduler = make_scheduler(self.optimizer, config, self.total_steps() if
                                         self.per_step_schedule else None)
-        self.step_lr = args.lr  # the lr of the last optimizer step, for the logs
-        if args.checkpoint != "None":
-            self.load_state(checkpoint.load_checkpoint(args.checkpoint, "--checkpoint"), model)
-            log(f"resumed from {args.checkpoint} at epoch {self.state.epoch}, "
+        self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
+        if config.checkpoint is not None:
+            self.load_state(checkpoint.load_checkpoint(config.checkpoint, "--checkpoint"), model)
+            log(f"resumed from {config.checkpoint} at epoch {self.state.epoch}, "
                 f"step {self.state.step_in_epoch} of the epoch ({self.state.global_step} in all)")
         elif info.rank > 0:
             # Every rank built the same initial weights from --seed (DDP checks they agree);
             # from here on each draws its own dropout masks. Rank 0 keeps --seed's stream,
             # so a single-process run is what it always was.
-            torch.manual_seed(args.seed + info.rank)
+            torch.manual_seed(config.seed + info.rank)
         # Compile the module, then wrap it in DDP (PyTorch's current advice for the pair).
-        self.model = torch.compile(model) if args.compile else model
-        self.model = utils.wrap_ddp(self.model, device, info)
-        self.metrics = utils.MetricsLog(args.metrics_file, args.tensorboard,
-                                        append=args.checkpoint != "None")
+        self.model = torch.compile(model) if config.compile else model
+        self.model = distributed.wrap_ddp(self.model, device, info)
+        self.metrics = logs.MetricsLog(config.metrics_file, config.tensorboard,
+                                        append=config.checkpoint is not None)
         self.state_written = False
 
     def steps_per_epoch(self, n_batches):
-        return -(-n_batches // self.args.grad_accum)
+        return -(-n_batches // self.config.grad_accum)
 
     def total_steps(self):
         """Optimizer steps of the whole run: --epochs of them, or --max-steps if fewer."""
-        total = self.args.epochs * self.steps_per_epoch(len(self.task.train_batches(1)))
-        return min(total, self.args.max_steps) if self.args.max_steps else total
+        total = self.config.epochs * self.steps_per_epoch(len(self.task.train_batches(1)))
+        return min(total, self.config.max_steps) if self.config.max_steps else total
 
     # -- state file ---------------------------------------------------------
     def save_state(self):
@@ -242,32 +265,32 @@ class Trainer:
             rng = [None] * self.info.world_size
             dist.all_gather_object(rng, rng_state(self.device))
         if self.info.is_main:
-            utils.atomic_save({
-                "kind": "state", "model": utils.unwrap(self.model).state_dict(),
+            atomic_save({
+                "kind": "state", "model": distributed.unwrap(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                "rng": rng, "args": vars(self.args).copy(), **self.extra,
-                # Which script may resume it (checks.parse_args refuses the others).
-                "script": getattr(self.args, "script", None),
-            }, self.args.state_file)
+                "rng": rng, "args": self.flags, **self.extra,
+                # Which script may resume it (flags.parse_args refuses the others).
+                "script": self.flags.get("script"),
+            }, self.config.state_file)
             self.state_written = True
 
     def load_state(self, ckpt, model):
-        path = self.args.checkpoint
+        path = self.config.checkpoint
         if ckpt.get("kind") != "state":
             raise UserError(f"--checkpoint {path}: not a state file")
         checkpoint.load_into(model, ckpt["model"], "--checkpoint", path)
         for flag, old_default in (("optimizer", "sgd"), ("schedule", "plateau")):
             saved = ckpt.get("args", {}).get(flag, old_default)
-            if saved != getattr(self.args, flag):
+            if saved != getattr(self.config, flag):
                 raise UserError(f"--checkpoint {path} was saved with --{flag} {saved}: its state "
-                                f"cannot continue under --{flag} {getattr(self.args, flag)}")
+                                f"cannot continue under --{flag} {getattr(self.config, flag)}")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
         except (ValueError, KeyError) as e:  # e.g. --weight-decay 0 <-> not 0: other groups
             raise UserError(f"--checkpoint {path}: its optimizer state does not fit --weight-decay "
-                            f"{self.args.weight_decay} ({e})") from None
+                            f"{self.config.weight_decay} ({e})") from None
         # A state saved without fp16 has no scaler state: a fresh scaler starts the run.
         if ckpt["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -276,48 +299,82 @@ class Trainer:
         if self.info.rank < len(rng):
             set_rng_state(rng[self.info.rank], self.device)
         else:  # more ranks than the run that saved: the new ones start fresh streams
-            torch.manual_seed(self.args.seed + self.info.rank)
+            torch.manual_seed(self.config.seed + self.info.rank)
 
     def load_best(self, path):
         """After fit: every rank loads the best model rank 0 saved at `path`; returns the
         plain module (no DDP, no compile wrapper) for the final evaluation."""
-        utils.barrier(self.info)
-        model = utils.unwrap(self.model)
+        distributed.barrier(self.info)
+        model = distributed.unwrap(self.model)
         best = checkpoint.load_checkpoint(path, "best model")["model"]
         checkpoint.load_into(model, best, "best model", path)
         return model
 
     def files_written(self):
         """The state file and the metrics logs, as 'path (what)', once written."""
-        state = [f"{self.args.state_file} (training state)"] if self.state_written else []
+        state = [f"{self.config.state_file} (training state)"] if self.state_written else []
         return state + self.metrics.files()
 
-    def log_evaluation(self, split, loss, text):
-        """An evaluation's row of the metrics log (rank 0)."""
+    # -- the end of a run -------------------------------------------------------
+    def finish(self):
+        """After fit: every rank tests the best model; rank 0 writes the task's files, the
+        old example's loss log and the vocab copy, and lists every file written."""
+        task, log = self.task, self.log
+        model = self.load_best(task.best_model_path)
+        metrics = task.evaluate(model, "test")
+        self.log_evaluation("test", metrics)
+        log("=" * 89)
+        log(f"| End of training | {logs.format_metrics('test', metrics)}")
+        log("=" * 89)
+        if not self.info.is_main:
+            return
+        st, outputs = self.state, task.outputs
+        logs.write_loss_log(outputs["the loss log"][0], st.train_loss_log, st.val_loss_log,
+                            metrics["loss"], self.flags)
+        task.write_outputs(model)
+        checkpoint.save_vocab_copy(task.vocab, outputs["--save-vocab"][0], log)
+        self.metrics.close()
+        written = [f"{path} ({what})" for path, what in outputs.values()
+                   if path is not None and os.path.exists(path)
+                   and os.path.getmtime(path) >= self.started]
+        log(f"wrote {', '.join(written + self.files_written())}")
+
+    def log_evaluation(self, split, metrics):
+        """An evaluation's row of the metrics log (rank 0): its numbers as they are, at the
+        step and epoch of the last optimizer step (fit moves to the next epoch after its
+        validation, before any step of it)."""
+        st = self.state
+        epoch = st.epoch - 1 if st.step_in_epoch == 0 and st.epoch > 1 else st.epoch
         if self.info.is_main:
-            self.metrics.write({"step": self.state.global_step, "epoch": self.state.epoch,
-                                f"{split}_loss": loss, **utils.text_metrics(text, split)})
+            self.metrics.write({"step": st.global_step, "epoch": epoch,
+                                **{f"{split}_{name}": value for name, value in metrics.items()}})
+
+    def score(self, metrics):
+        """The task's best_metric as a score where lower is better (QA's: -F1)."""
+        name, direction = self.task.best_metric
+        return -metrics[name] if direction == "max" else metrics[name]
 
     # -- loop ---------------------------------------------------------------
     def fit(self):
         """Train until --epochs or --max-steps; returns True when stopped by a signal."""
-        args, st = self.args, self.state
-        while st.epoch <= args.epochs:
+        config, st = self.config, self.state
+        while st.epoch <= config.epochs:
             epoch_start = time.time()
             stopped = self.train_epoch()
             if stopped == "signal":
                 return True
-            val_loss, score, extra_text = self.task.evaluate(utils.unwrap(self.model), "valid")
-            st.val_loss_log.append(val_loss)
-            self.log_evaluation("valid", val_loss, extra_text)
+            metrics = self.task.evaluate(distributed.unwrap(self.model), "valid")
+            st.val_loss_log.append(metrics["loss"])
+            self.log_evaluation("valid", metrics)
             self.log("-" * 89)
             self.log(f"| end of epoch {st.epoch:3d} | time: {time.time() - epoch_start:5.2f}s | "
-                     f"valid loss {val_loss:8.5f} | {extra_text}")
+                     f"{logs.format_metrics('valid', metrics)}")
             self.log("-" * 89)
+            score = self.score(metrics)
             if st.best_score is None or score < st.best_score:
                 st.best_score = score
                 if self.info.is_main:
-                    self.task.save_best(utils.unwrap(self.model))
+                    self.task.save_best(distributed.unwrap(self.model))
             elif not self.per_step_schedule:
                 self.scheduler.step()  # the old schedule: lr x0.1 when validation does not improve
             st.epoch += 1
@@ -344,12 +401,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             with self.no_sync(last=i == len(batches) - 1):
-                with utils.autocast(self.device, self.args.dtype):
+                with utils.autocast(self.device, self.config.dtype):
                     loss = self.task.loss(self.model, batch)
                 self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()
             loss_sum += loss.detach().float()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
         self.step_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -359,18 +416,18 @@ class Trainer:
         return loss_sum
 
     def train_epoch(self):
-        args, st = self.args, self.state
+        config, st = self.config, self.state
         self.model.train()
         batches = self.task.train_batches(st.epoch)
         window = LogWindow(self.device, len(batches), self.steps_per_epoch(len(batches)))
         self.epoch_loss.fill_(st.epoch_loss_sum)
         first_bad_step = torch.full((), -1, device=self.device)
-        loader = data.batch_loader(batches, st.step_in_epoch, args.num_workers,
+        loader = data.batch_loader(batches, st.step_in_epoch, config.num_workers,
                                    self.device.type == "cuda")
-        bar = utils.progress(total=len(batches), initial=st.step_in_epoch, unit="batch",
+        bar = logs.progress(total=len(batches), initial=st.step_in_epoch, unit="batch",
                              desc=f"epoch {st.epoch}")
         stopped = None
-        for group in micro_batch_groups(loader, args.grad_accum):
+        for group in micro_batch_groups(loader, config.grad_accum):
             # No .item() here: a host sync every step stalls the GPU. Losses and the
             # first non-finite step are accumulated on the device and read at log time.
             loss_sum = self.step([utils.to_device(batch, self.device) for batch in group])
@@ -390,16 +447,16 @@ class Trainer:
         if st.step_in_epoch:
             st.train_loss_log.append(self.epoch_loss.item() / st.step_in_epoch)
         self.epoch_loss.zero_()
-        return "max_steps" if (args.max_steps and st.global_step >= args.max_steps) else None
+        return "max_steps" if (config.max_steps and st.global_step >= config.max_steps) else None
 
     def after_step(self, window, first_bad_step):
         """Log, save, and stop checks after an optimizer step; returns "signal" or
         "max_steps" to end the epoch, else None."""
-        args, st = self.args, self.state
+        config, st = self.config, self.state
         step_in_epoch = self.steps_per_epoch(st.step_in_epoch)  # optimizer steps
-        at_log = step_in_epoch % args.log_interval == 0
-        at_save = args.save_every and st.global_step % args.save_every == 0
-        at_max = args.max_steps and st.global_step >= args.max_steps
+        at_log = step_in_epoch % config.log_interval == 0
+        at_save = config.save_every and st.global_step % config.save_every == 0
+        at_max = config.max_steps and st.global_step >= config.max_steps
         at_end = st.step_in_epoch == window.n_batches
         # Under DDP every rank must reach the same checks (a collective); alone, a
         # signal is acted on at the next step.
@@ -416,8 +473,8 @@ class Trainer:
         if preempted:
             self.save_state()
             self.log(f"stopped by a signal at step {st.global_step}; the state is in "
-                     f"{args.state_file}. Resume with: python {os.path.basename(sys.argv[0])} "
-                     f"--checkpoint {args.state_file}")
+                     f"{config.state_file}. Resume with: python {os.path.basename(sys.argv[0])} "
+                     f"--checkpoint {config.state_file}")
             if self.preemption.interrupted:
                 raise Interrupted
             return "signal"
@@ -441,7 +498,7 @@ class Trainer:
 
     def check_finite(self, step):
         if step >= 0:
-            state_file = self.args.state_file
+            state_file = self.config.state_file
             if os.path.exists(state_file):
                 hint = f"the last good state file {state_file} is untouched (resume from it with a lower --lr)"
             else:
@@ -483,34 +540,29 @@ def evaluation_sums(model, batches, sums, n_sums, info, device, dtype):
     (on the training device), so every rank gets the single-process result."""
     model.eval()
     total = torch.zeros(n_sums, dtype=torch.float64, device=device)
-    for i in utils.progress(range(info.rank, len(batches), info.world_size), unit="batch",
+    for i in logs.progress(range(info.rank, len(batches), info.world_size), unit="batch",
                             desc="evaluating"):
         batch = utils.to_device(batches[i], device)
         with utils.autocast(device, dtype):
             total += sums(model, batch)
-    utils.all_reduce_sum(total, info)
+    distributed.all_reduce_sum(total, info)
     model.train()
     return total.tolist()
 
 
-def train_and_test_encoder(task, model, args, info, device, log, loss_file):
-    """What mlm_task.py and ns_task.py share: train, test the best model, then write the
-    encoder (--save), the vocab (--save-vocab) and the old example's loss log."""
-    trainer = Trainer(task, model, args, info, device, log)
-    if trainer.fit():
-        return
-    model = trainer.load_best(task.full_model_path)
-    test_loss, _, text = task.evaluate(model, "test")
-    trainer.log_evaluation("test", test_loss, text)
-    log("=" * 89)
-    log(f"| End of training | test loss {test_loss:{task.loss_format}} | {text}")
-    log("=" * 89)
-    if info.is_main:
-        st = trainer.state
-        utils.print_loss_log(loss_file, st.train_loss_log, st.val_loss_log, test_loss, args)
-        checkpoint.save_model("encoder", model.bert_model, task.config, task.vocab, args.save)
-        checkpoint.save_vocab_copy(task.vocab, args.save_vocab, log)
-        trainer.metrics.close()
-        files = [f"{args.save} (encoder)", f"{task.full_model_path} (best model)",
-                 f"{loss_file} (losses)", f"{args.save_vocab} (vocab)", *trainer.files_written()]
-        log(f"wrote {', '.join(files)}")
+def run(task, model, args, info, device, log):
+    """The run of every task script after its setup: train (resuming from --checkpoint),
+    then test the best model and write every output. `args`: the parsed flags."""
+    loop = Trainer(task, model, TrainConfig.from_flags(args), info, device, log,
+                   flags=vars(args))
+    if not loop.fit():  # True: stopped by a signal, the state file written
+        loop.finish()
+
+
+def run_outputs(task_outputs, config):
+    """{flag or description: (path, what)} of every file a run writes: the task's and the
+    Trainer's own; for the path checks before the run (checks.prepare_run) and the "wrote"
+    line after it."""
+    return {**task_outputs, "--state-file": (config.state_file, "training state"),
+            "--metrics-file": (config.metrics_file, "metrics")}
+

@@ -7,8 +7,10 @@ import torch
 
 pytest.importorskip("transformers")
 
+import answers  # noqa: E402
 import bench  # noqa: E402
-import qa_task  # noqa: E402
+import squad  # noqa: E402
+import windows  # noqa: E402
 from model import BertConfig, MLMTask  # noqa: E402
 
 TINY = dict(emsize=32, nlayers=2, nhead=2, nhid=64)
@@ -55,14 +57,14 @@ def test_matmul_calls_compute_the_product_they_count():
 def test_their_qa_answers_agree_with_ours_on_synthetic_squad(tmp_path):
     path, what, count = bench.squad_for_bench(tmp_path, 10)
     assert what == "synthetic text" and count == 10
-    questions, _ = qa_task.read_squad(path)
+    questions, _ = squad.read_squad(path)
     vocab = bench.qa_vocab(questions)
     ours, theirs = bench.qa_models(TINY, len(vocab), CPU, seed=0)
-    windowing = qa_task.Windowing()
+    windowing = windows.Windowing()
     # Ours one window per forward, so without padding: this checks bench's transformers
     # path (padded to --bptt, batched), not qa_task's own padding (tests/test_qa.py).
     with torch.inference_mode():
-        mine = qa_task.predict_answers(ours, questions, vocab, windowing, batch_size=1)
+        mine = answers.predict_answers(ours, questions, vocab, windowing, batch_size=1)
     their = bench.their_qa_answers(theirs, path, vocab, windowing, batch_size=3, device=CPU)
     assert set(mine) == set(their) == {q.qid for q in questions}
     for qid, (text, score) in mine.items():

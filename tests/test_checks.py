@@ -15,7 +15,9 @@ import torch
 from conftest import REPO, toy_lines, write_wikitext
 
 import checks
-import utils
+import distributed
+import files
+import flags as cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--device", "cpu", "--emsize", "16", "--nhid", "32", "--nlayers", "1", "--nhead", "2",
@@ -63,8 +65,8 @@ CASES = {
     "negative lr": ("mlm_task.py", ["--lr", "-1"], "--lr -1.0: must be > 0"),
     "nan lr": ("mlm_task.py", ["--lr", "nan"], "--lr nan: must be > 0"),
     "dropout above 1": ("mlm_task.py", ["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)"),
-    "zero emsize": ("mlm_task.py", ["--emsize", "0"], "--emsize 0: must be at least 1"),
-    "zero nlayers": ("mlm_task.py", ["--nlayers", "0"], "--nlayers 0: must be at least 1"),
+    "zero emsize": ("mlm_task.py", ["--emsize", "0"], "--emsize 0: must be a positive integer"),
+    "zero nlayers": ("mlm_task.py", ["--nlayers", "0"], "--nlayers 0: must be a positive integer"),
     "emsize not divisible": ("mlm_task.py", [*DATA, *TINY, "--emsize", "15"],
                              "emsize 15 is not divisible by nhead 2"),
     "zero log interval": ("mlm_task.py", ["--log-interval", "0"], "--log-interval 0: must be"),
@@ -109,7 +111,7 @@ CASES = {
                                "a state file of ns_task.py; resume it with python ns_task.py"),
     "mlm state to qa": ("qa_task.py", ["--checkpoint", "ns_state.pt"], "a state file of ns_task"),
     "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "negative.pt"],
-                                  "emsize -16 must be a positive integer"),
+                                  "emsize -16: must be a positive integer"),
 }
 
 
@@ -122,7 +124,7 @@ def test_bad_input_is_one_line_and_changes_nothing(work, case, monkeypatch, caps
     monkeypatch.chdir(work)
     before = hashes(work)
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(module.main, checks.parse_args(module.get_parser(), flags))
+        distributed.launch(module.main, cli.parse_args(module.get_parser(), flags))
     checks.release_outputs()  # as the process's exit would
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2, (out, err)
@@ -166,7 +168,7 @@ def test_leftover_temp_files_are_removed_at_the_next_start(tmp_path):
 
 def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
-    utils.atomic_save({"x": torch.ones(3)}, path)
+    files.atomic_save({"x": torch.ones(3)}, path)
 
     def full_disk(obj, f):
         f.write(b"partial")
@@ -174,8 +176,8 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
                            "failed writing file data/0: file write failed")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(utils.UserError, match=f"cannot write {path}: .*file write failed"):
-        utils.atomic_save({"x": torch.zeros(3)}, path)
+    with pytest.raises(files.UserError, match=f"cannot write {path}: .*file write failed"):
+        files.atomic_save({"x": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert os.listdir(tmp_path) == ["state.pt"]
@@ -184,7 +186,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
 def test_full_disk_error_is_still_an_oserror_for_optional_files(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space")))
     with pytest.raises(OSError, match="No space"):
-        utils.atomic_write_text(tmp_path / "cache.txt", "x")
+        files.atomic_write_text(tmp_path / "cache.txt", "x")
 
 
 @pytest.mark.parametrize("ddp", [False, True])

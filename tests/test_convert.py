@@ -18,7 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 import checkpoint  # noqa: E402
 import convert  # noqa: E402
-import data  # noqa: E402
+import flags as cli  # noqa: E402
+import tokenizer as tok  # noqa: E402
+import transformers_format  # noqa: E402
 from model import BertConfig, MLMTask, NextSentenceTask, QuestionAnswerTask  # noqa: E402
 
 ATOL = 1e-5
@@ -97,7 +99,7 @@ def assert_same_outputs(ours, theirs):
 
 def ours_from(folder):
     ckpt = checkpoint.load_checkpoint(str(folder), "--bert-model")
-    module, _ = convert.KINDS[ckpt["kind"]]
+    module, _ = transformers_format.KINDS[ckpt["kind"]]
     model = module(BertConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"], strict=True)
     return ckpt, model.eval()
@@ -228,12 +230,11 @@ def test_folder_without_weights_is_refused(tmp_path):
 
 
 def test_a_folder_is_no_state_file(tmp_path):
-    import checks
     import qa_task
 
     folder = save_their(their_model(transformers.BertModel), tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        checks.parse_args(qa_task.get_parser(), ["--checkpoint", str(folder)])
+        cli.parse_args(qa_task.get_parser(), ["--checkpoint", str(folder)])
     assert exit_info.value.code == 2
 
 
@@ -256,9 +257,9 @@ def our_checkpoint(tmp_path, kind, module, tokenizer="wordpiece", **overrides):
     ckpt = {"kind": kind, "model": model.state_dict(), "config": config.to_dict()}
     if tokenizer == "wordpiece":
         write_vocab(tmp_path)
-        ckpt.update(vocab=WORDS, tokenizer=data.load_tokenizer(tmp_path / "vocab.txt").state())
+        ckpt.update(vocab=WORDS, tokenizer=tok.load_tokenizer(tmp_path / "vocab.txt").state())
     else:  # as written before checkpoints stored a tokenizer
-        ckpt.update(vocab=list(data.SPECIALS) + WORDS[5:])
+        ckpt.update(vocab=list(tok.SPECIALS) + WORDS[5:])
     return ckpt, model
 
 

@@ -16,7 +16,9 @@ from conftest import REAL_VALID, toy_lines, write_wikitext
 
 import corpus
 import data
-from data import DataError, Vocab
+import tokenizer
+from files import DataError
+from tokenizer import Vocab
 
 ###############################################################################
 # Datasets and downloads
@@ -195,7 +197,7 @@ def test_non_utf8_file_is_a_data_error(tmp_path):
 
 
 def naive_ids(lines, vocab):
-    return [vocab[w] for line in lines for w in data.basic_english_normalize(line)]
+    return [vocab[w] for line in lines for w in tokenizer.basic_english_normalize(line)]
 
 
 def test_load_splits_ids_and_lines(wikitext_dir):
@@ -259,7 +261,7 @@ def test_unreadable_cache_is_rebuilt(wikitext_dir):
 def test_vocab_file_reused_or_rebuilt(wikitext_dir, tmp_path, monkeypatch):
     vocab_path = tmp_path / "bert_vocab.pt"
     vocab, _ = corpus.load_splits("WikiText2", wikitext_dir, vocab_path=vocab_path, log=lambda *a: None)
-    assert data.load_vocab(vocab_path)[1] == {"dataset": "WikiText2", "min_freq": 1}
+    assert tokenizer.load_vocab(vocab_path)[1] == {"dataset": "WikiText2", "min_freq": 1}
     calls = _count_calls(monkeypatch)
     logged = []
     again, _ = corpus.load_splits("WikiText2", wikitext_dir, vocab_path=vocab_path, log=logged.append)
@@ -267,15 +269,15 @@ def test_vocab_file_reused_or_rebuilt(wikitext_dir, tmp_path, monkeypatch):
     # Another min_freq (or dataset) rebuilds the vocab and overwrites the file.
     with open(wikitext_dir / "wikitext-2" / "wiki.train.tokens", "a") as f:
         f.write("rare\n")
-    rebuilt, _ = corpus.load_splits("WikiText2", wikitext_dir, min_freq=2, vocab_path=vocab_path,
+    rebuilt, _ = corpus.load_splits("WikiText2", wikitext_dir, spec=tokenizer.TokenizerSpec(min_freq=2), vocab_path=vocab_path,
                                   log=logged.append)
     assert "rebuilding" in logged[-2] and calls[0] == "_count_chunk"
     assert "rare" not in rebuilt.stoi and rebuilt.itos == vocab.itos
-    assert data.load_vocab(vocab_path)[1]["min_freq"] == 2
+    assert tokenizer.load_vocab(vocab_path)[1]["min_freq"] == 2
     folder = wikitext_dir / "wikitext-2"  # the same files as a folder: another dataset
-    corpus.load_splits(str(folder), "unused", min_freq=2, vocab_path=vocab_path, log=logged.append)
+    corpus.load_splits(str(folder), "unused", spec=tokenizer.TokenizerSpec(min_freq=2), vocab_path=vocab_path, log=logged.append)
     assert "rebuilding" in logged[-2]
-    assert data.load_vocab(vocab_path)[1]["dataset"] == str(folder.resolve())
+    assert tokenizer.load_vocab(vocab_path)[1]["dataset"] == str(folder.resolve())
 
 
 def test_parallel_tokenizing_equals_one_process(tmp_path, monkeypatch):
@@ -293,11 +295,11 @@ def test_parallel_tokenizing_equals_one_process(tmp_path, monkeypatch):
     vocab2, two = corpus.count_and_numericalize(ranges, min_freq=2, workers=2)
     assert vocab1.itos == vocab2.itos
     expected_lines = path.read_text(encoding="utf-8").splitlines()
-    expected_counts = Counter(w for line in expected_lines for w in data.basic_english_normalize(line))
+    expected_counts = Counter(w for line in expected_lines for w in tokenizer.basic_english_normalize(line))
     assert vocab1.itos == Vocab.build(expected_counts, min_freq=2).itos
     expected_ids = naive_ids(expected_lines, vocab1)
     for split in (one, two, corpus.numericalize(ranges, vocab1, workers=1),
                   corpus.numericalize(ranges, vocab1, workers=2)):
         assert split.ids.tolist() == expected_ids
         assert split.line_offsets.diff().tolist() == [
-            len(data.basic_english_normalize(line)) for line in expected_lines]
+            len(tokenizer.basic_english_normalize(line)) for line in expected_lines]

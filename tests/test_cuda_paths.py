@@ -13,15 +13,20 @@ import torch
 import torch.distributed as dist
 
 import data
+import distributed
+import files
 import mlm_task
+import squad
+import tokenizer
 import trainer
 import utils
+import windows as qa_windows
 from mlm_task import MLM
 from model import BertConfig, MLMTask, NextSentenceTask
 from ns_task import NextSentence
 
 META = torch.device("meta")
-TWO_RANKS = utils.DistInfo(rank=0, world_size=2)
+TWO_RANKS = distributed.DistInfo(rank=0, world_size=2)
 
 
 class CollectiveCalled(Exception):
@@ -66,12 +71,12 @@ def test_stop_flags_agree_across_ranks(monkeypatch):
     assert trainer.sync_stop_flags(torch.tensor(-1), False, TWO_RANKS) == (-1, False)
     # Alone, no collective at all.
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("collective"))
-    assert trainer.sync_stop_flags(torch.tensor(7), True, utils.DistInfo()) == (7, True)
+    assert trainer.sync_stop_flags(torch.tensor(7), True, distributed.DistInfo()) == (7, True)
 
 
 def _tiny_config():
     return BertConfig(vocab_size=40, emsize=16, nhead=2, nhid=32, nlayers=1, dropout=0.0,
-                      pad_id=data.PAD_ID)
+                      pad_id=tokenizer.PAD_ID)
 
 
 def _split(n_lines=20, length=12):
@@ -82,14 +87,14 @@ def _split(n_lines=20, length=12):
 
 def _args(**overrides):
     fields = dict(bptt=8, batch_size=2, mask_frac=0.25, mask_mode="mask", seed=1, dtype="fp32",
-                  dataset="toy", min_sentence_len=4, frac_ns=0.5)
+                  dataset="toy", min_sentence_len=4, frac_ns=0.5, save="e.pt", save_vocab="v.pt")
     return argparse.Namespace(**{**fields, **overrides})
 
 
 @pytest.mark.parametrize("task_name", ["mlm", "ns"])
 def test_evaluation_sums_are_reduced_on_the_training_device(task_name, collectives):
     splits = {split: _split() for split in data.SPLITS}
-    vocab = data.Vocab(list(data.SPECIALS) + [f"w{i}" for i in range(35)])
+    vocab = tokenizer.Vocab(list(tokenizer.SPECIALS) + [f"w{i}" for i in range(35)])
     config = _tiny_config()
     if task_name == "mlm":
         task = MLM(_args(), vocab, splits, config, TWO_RANKS, META)
@@ -119,10 +124,10 @@ def test_bf16_is_refused_where_it_would_be_emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
-    with pytest.raises(utils.UserError, match="V100 has no native bf16"):
+    with pytest.raises(files.UserError, match="V100 has no native bf16"):
         utils.check_precision(torch.device("cuda", 0), "bf16")
     utils.check_precision(torch.device("cuda", 0), "fp16")
-    with pytest.raises(utils.UserError, match="fp16 needs a GPU"):
+    with pytest.raises(files.UserError, match="fp16 needs a GPU"):
         utils.check_precision(torch.device("cpu"), "fp16")
     utils.check_precision(torch.device("cpu"), "bf16")
 
@@ -134,7 +139,7 @@ def test_a_failing_collective_prints_its_own_error(capfd):
         dist.all_reduce(torch.zeros(1))
     except Exception as e:  # what torch raises here varies between versions
         error = e
-    utils._report_rank_failure(error, utils.DistInfo(rank=1, world_size=2))
+    distributed._report_rank_failure(error, distributed.DistInfo(rank=1, world_size=2))
     err = capfd.readouterr().err
     assert err.startswith("[rank 1] stopped: a collective failed: ")
     assert str(error).split()[0] in err
@@ -144,13 +149,13 @@ def _two_rank_state(rank, port, folder):
     """Two gloo ranks save a state file; returns nothing, rank 0 writes it."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
-    info = utils.DistInfo(rank, 2)
+    info = distributed.DistInfo(rank, 2)
     args = mlm_task.get_parser().parse_args(["--seed", "7", "--lr", "0.1", "--state-file",
                                              str(folder / "state.pt")])
-    task = argparse.Namespace(config=_tiny_config(), vocab=data.Vocab(list(data.SPECIALS)))
+    task = argparse.Namespace(config=_tiny_config(), vocab=tokenizer.Vocab(list(tokenizer.SPECIALS)))
     torch.manual_seed(args.seed)
-    loop = trainer.Trainer(task, MLMTask(_tiny_config()), args, info, torch.device("cpu"),
-                           lambda *a: None)
+    loop = trainer.Trainer(task, MLMTask(_tiny_config()), trainer.TrainConfig.from_flags(args),
+                           info, torch.device("cpu"), lambda *a: None, flags=vars(args))
     torch.save(torch.rand(4), folder / f"draw{rank}.pt")  # each rank's next random numbers
     loop.save_state()
     dist.barrier()
@@ -158,7 +163,7 @@ def _two_rank_state(rank, port, folder):
 
 
 def test_each_rank_has_its_own_rng_and_the_state_keeps_each(tmp_path):
-    torch.multiprocessing.spawn(_two_rank_state, args=(utils._free_port(), tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(_two_rank_state, args=(distributed._free_port(), tmp_path), nprocs=2)
     draws = [torch.load(tmp_path / f"draw{rank}.pt") for rank in range(2)]
     assert not torch.equal(*draws)  # different dropout masks on each rank
     state = torch.load(tmp_path / "state.pt", weights_only=True)
@@ -167,16 +172,15 @@ def test_each_rank_has_its_own_rng_and_the_state_keeps_each(tmp_path):
 
 
 def test_qa_batches_under_compile_have_one_shape():
-    import qa_task
 
-    questions = [qa_task.Question(str(i), "what is it", " ".join(["word"] * (5 + 7 * i)), [])
+    questions = [squad.Question(str(i), "what is it", " ".join(["word"] * (5 + 7 * i)), [])
                  for i in range(4)]
-    vocab = data.Vocab(list(data.SPECIALS) + ["word", "what", "is", "it"])
-    windows = qa_task.make_windows(questions, vocab, qa_task.Windowing(bptt=24, max_query_len=4,
+    vocab = tokenizer.Vocab(list(tokenizer.SPECIALS) + ["word", "what", "is", "it"])
+    windows = qa_windows.make_windows(questions, vocab, qa_windows.Windowing(bptt=24, max_query_len=4,
                                                                        doc_stride=8))
     order = torch.arange(len(windows))
-    trimmed = data.Batches(functools.partial(qa_task.window_batch, windows, None), order, 2)
-    fixed = data.Batches(functools.partial(qa_task.window_batch, windows, 24), order, 2)
+    trimmed = data.Batches(functools.partial(qa_windows.window_batch, windows, None), order, 2)
+    fixed = data.Batches(functools.partial(qa_windows.window_batch, windows, 24), order, 2)
     trimmed, fixed = ([batches[i] for i in range(len(batches))] for batches in (trimmed, fixed))
     assert len({batch["inputs"].shape[1] for batch in trimmed}) > 1
     assert {batch["inputs"].shape[1] for batch in fixed} == {24}

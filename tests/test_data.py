@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import data
-from data import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIALS, UNK_ID, DataError, Vocab
+import tokenizer
+from files import DataError
+from tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIALS, UNK_ID, Vocab
 
 ###############################################################################
 # Tokenizer
@@ -43,21 +45,21 @@ TRICKY = [
 @pytest.mark.parametrize("text", TRICKY)
 def test_tokenizer_matches_basic_english(text):
     expected = reference_basic_english(text)
-    assert data.basic_english_normalize(text) == expected
-    assert [token for token, _, _ in data.tokenize_with_spans(text)] == expected
+    assert tokenizer.basic_english_normalize(text) == expected
+    assert [token for token, _, _ in tokenizer.tokenize_with_spans(text)] == expected
 
 
 def test_tokenizer_matches_basic_english_on_real_wikitext(real_valid_lines):
     for line in real_valid_lines:
         expected = reference_basic_english(line)
-        assert data.basic_english_normalize(line) == expected, line
-        assert [token for token, _, _ in data.tokenize_with_spans(line)] == expected, line
+        assert tokenizer.basic_english_normalize(line) == expected, line
+        assert [token for token, _, _ in tokenizer.tokenize_with_spans(line)] == expected, line
 
 
 @pytest.mark.parametrize("text", [t for t in TRICKY if "Σ" not in t and "İ" not in t])
 def test_spans_round_trip(text):
     previous_end = 0
-    for token, start, end in data.tokenize_with_spans(text):
+    for token, start, end in tokenizer.tokenize_with_spans(text):
         assert previous_end <= start < end <= len(text)
         # The source is the token before lower-casing, with the `"` the tokenizer drops.
         assert text[start:end].lower().replace('"', "") == token
@@ -68,10 +70,10 @@ def test_spans_round_trip(text):
 def test_spans_where_lower_casing_changes_the_text():
     # İ lower-cases to two characters; the span still points at the one in the text.
     text = "x İstanbul y"
-    assert data.tokenize_with_spans(text) == [("x", 0, 1), ("i̇stanbul", 2, 10), ("y", 11, 12)]
+    assert tokenizer.tokenize_with_spans(text) == [("x", 0, 1), ("i̇stanbul", 2, 10), ("y", 11, 12)]
     # A final sigma depends on what follows the word in the whole string.
-    assert data.tokenize_with_spans("ΟΔΟΣ.")[0] == ("οδος", 0, 4)
-    assert data.tokenize_with_spans("ΑΣ.Β")[0] == ("ασ", 0, 2)
+    assert tokenizer.tokenize_with_spans("ΟΔΟΣ.")[0] == ("οδος", 0, 4)
+    assert tokenizer.tokenize_with_spans("ΑΣ.Β")[0] == ("ασ", 0, 2)
 
 
 ###############################################################################
@@ -110,10 +112,10 @@ def test_vocab_rejects_bad_word_lists():
 def test_vocab_save_load_round_trip(tmp_path):
     vocab = Vocab.build(Counter("the cat sat on the mat".split()))
     path = tmp_path / "vocab.pt"
-    data.save_vocab(vocab, path, dataset="WikiText2", min_freq=1)
+    tokenizer.save_vocab(vocab, path, dataset="WikiText2", min_freq=1)
     raw = torch.load(path, weights_only=True)  # plain data, no pickled classes
     assert raw["itos"] == vocab.itos
-    loaded, meta = data.load_vocab(path)
+    loaded, meta = tokenizer.load_vocab(path)
     assert loaded.itos == vocab.itos and loaded.stoi == vocab.stoi
     assert meta == {"dataset": "WikiText2", "min_freq": 1}
     assert loaded.fingerprint() == vocab.fingerprint()
@@ -124,14 +126,14 @@ def test_bad_vocab_file_is_a_data_error(tmp_path, content):
     path = tmp_path / "vocab.pt"
     path.write_bytes(content)
     with pytest.raises(DataError, match="not a vocab file"):
-        data.load_vocab(path)
+        tokenizer.load_vocab(path)
 
 
 def test_vocab_file_without_specials_is_a_data_error(tmp_path):
     path = tmp_path / "vocab.pt"
     torch.save({"itos": ["a", "b"], "meta": {}}, path)
     with pytest.raises(DataError, match="not a vocab file"):
-        data.load_vocab(path)
+        tokenizer.load_vocab(path)
 
 
 ###############################################################################
@@ -155,7 +157,7 @@ def masking(frac, vocab_size, mode="mask"):
     return data.Masking(frac, mode, MASK_ID, torch.arange(len(SPECIALS), vocab_size))
 
 
-SPECIALS_IDS = (data.CLS_ID, data.SEP_ID, PAD_ID)
+SPECIALS_IDS = (tokenizer.CLS_ID, tokenizer.SEP_ID, PAD_ID)
 
 
 @pytest.mark.parametrize("seq, mask_frac", [(32, 0.15), (128, 0.15), (17, 0.5), (9, 0.1)])
@@ -229,7 +231,7 @@ def test_masks_depend_only_on_seed_epoch_batch():
     order = torch.arange(64)
 
     def batch(seed, epoch, i):
-        make_batch = functools.partial(data.mlm_batch, windows, data.CLS_ID,
+        make_batch = functools.partial(data.mlm_batch, windows, tokenizer.CLS_ID,
                                        masking(0.15, 500), seed, epoch)
         return data.Batches(make_batch, order, 8)[i]
 
@@ -289,7 +291,7 @@ def line_tokens(split, line):
 def test_ns_pairs_layout_types_padding_and_labels():
     lengths = [25, 3, 40, 0, 19, 20, 30] * 30
     split = lines_split(lengths)
-    pairs = data.ns_pairs(split, min_sentence_len=20, frac_ns=0.5,
+    pairs = data.ns_pairs(split, data.Pairs(frac_ns=0.5, min_sentence_len=20),
                           generator=torch.Generator().manual_seed(0))
     long_lines = [i for i, n in enumerate(lengths) if n >= 20]
     assert sorted(pairs["line"].tolist()) == long_lines  # short lines excluded
@@ -318,7 +320,7 @@ def test_ns_pairs_layout_types_padding_and_labels():
 
 def test_ns_pairs_are_cut_to_bptt():
     split = lines_split([50] * 8)
-    pairs = data.ns_pairs(split, 20, 0.0, torch.Generator().manual_seed(0))
+    pairs = data.ns_pairs(split, data.Pairs(0.0, 20), torch.Generator().manual_seed(0))
     batch = data.ns_collate(split, pairs, torch.arange(8), 16, SPECIALS_IDS)
     assert batch["inputs"].shape == (8, 16)
     assert not (batch["inputs"] == PAD_ID).any() and batch["padding_mask"].all()
@@ -332,7 +334,7 @@ def test_ns_pairs_are_cut_to_bptt():
 def test_ns_label_fraction_on_many_lines():
     split = lines_split([30] * 1000)
     for frac in (0.0, 0.3, 0.5, 1.0):
-        pairs = data.ns_pairs(split, 20, frac, torch.Generator().manual_seed(1))
+        pairs = data.ns_pairs(split, data.Pairs(frac, 20), torch.Generator().manual_seed(1))
         negatives = pairs["label"] == 0
         assert negatives.float().mean().item() == pytest.approx(frac, abs=1e-3)
         # A positive pair's B is the rest of its own line.
@@ -362,9 +364,9 @@ def loader_datasets():
     """An MLM and a next-sentence dataset of whole batches, as the task scripts make them."""
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(len(SPECIALS), 500, (40, 15), dtype=torch.int32, generator=g)
-    mlm = functools.partial(data.mlm_batch, windows, data.CLS_ID, masking(0.15, 500, "bert"), 3, 1)
+    mlm = functools.partial(data.mlm_batch, windows, tokenizer.CLS_ID, masking(0.15, 500, "bert"), 3, 1)
     split = lines_split([25, 3, 40, 19, 30] * 8)
-    pairs = data.ns_pairs(split, 10, 0.5, g)
+    pairs = data.ns_pairs(split, data.Pairs(0.5, 10), g)
     ns = functools.partial(data.ns_batch, split, pairs, 32, SPECIALS_IDS)
     return [data.Batches(mlm, data.epoch_order(40, 3, 1, shuffle=True, batch_size=4), 4),
             data.Batches(ns, data.epoch_order(len(pairs["label"]), 3, 1, shuffle=True), 5)]

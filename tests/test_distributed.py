@@ -14,7 +14,9 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import utils
+import distributed
+import files
+import tokenizer
 from corpus import load_splits
 from mlm_task import MLM
 from model import BertConfig, MLMTask
@@ -64,13 +66,13 @@ def data_flags(corpus):
     ("n-1,n-2", ["n-1", "n-2"]),
 ])
 def test_expand_nodelist(nodelist, hosts):
-    assert utils.expand_nodelist(nodelist) == hosts
+    assert distributed.expand_nodelist(nodelist) == hosts
 
 
 def test_slurm_one_task_per_node_spawns_per_gpu():
     env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_NUM_NODES": "2",
            "SLURM_JOB_NODELIST": "node[04-05]", "SLURM_JOB_ID": "123456"}
-    per_task, first_rank, world, addr, port = utils.slurm_env(env, gpus_per_node=8)
+    per_task, first_rank, world, addr, port = distributed.slurm_env(env, gpus_per_node=8)
     assert (per_task, first_rank, world, addr) == (8, 8, 16, "node04")
     assert port == 10000 + 123456 * 16 % 50000
 
@@ -78,7 +80,7 @@ def test_slurm_one_task_per_node_spawns_per_gpu():
 def test_slurm_one_task_per_gpu_uses_the_tasks():
     env = {"SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "gpu[1-2]", "SLURM_JOB_ID": "7", "MASTER_PORT": "29511"}
-    assert utils.slurm_env(env, gpus_per_node=8) == (1, 9, 16, "gpu1", 29511)
+    assert distributed.slurm_env(env, gpus_per_node=8) == (1, 9, 16, "gpu1", 29511)
 
 
 def test_slurm_job_step_uses_its_own_nodes_and_port():
@@ -88,9 +90,9 @@ def test_slurm_job_step_uses_its_own_nodes_and_port():
            "SLURM_JOB_ID": "4242", "SLURM_PROCID": "1"}
     step = {**job, "SLURM_STEP_NODELIST": "gpu[3-4]", "SLURM_STEP_NUM_NODES": "2",
             "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_ID": "1"}
-    per_task, first_rank, world, addr, port = utils.slurm_env(step, gpus_per_node=4)
+    per_task, first_rank, world, addr, port = distributed.slurm_env(step, gpus_per_node=4)
     assert (per_task, first_rank, world, addr) == (1, 1, 8, "gpu3")
-    other = utils.slurm_env({**step, "SLURM_STEP_ID": "2"}, gpus_per_node=4)[4]
+    other = distributed.slurm_env({**step, "SLURM_STEP_ID": "2"}, gpus_per_node=4)[4]
     assert port != other
 
 
@@ -105,9 +107,9 @@ def _tiny_model():
 def _batch(rows):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(5, 50, (8, 12), generator=g)
-    tokens[:, 0] = data.CLS_ID
+    tokens[:, 0] = tokenizer.CLS_ID
     inputs, targets, masked_positions = data.mask_tokens(
-        tokens, data.Masking(0.25, "mask", data.MASK_ID, torch.arange(5, 50)), generator=g)
+        tokens, data.Masking(0.25, "mask", tokenizer.MASK_ID, torch.arange(5, 50)), generator=g)
     return {"inputs": inputs[rows], "masked_positions": masked_positions[rows],
             "targets": tokens[rows].gather(1, masked_positions[rows]).flatten()}
 
@@ -125,7 +127,7 @@ def _ddp_grads(rank, world_size, port, out):
 
 def test_ddp_gradients_equal_single_process(tmp_path):
     out = tmp_path / "grads.pt"
-    mp.spawn(_ddp_grads, args=(2, utils._free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_grads, args=(2, distributed._free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     model = _tiny_model()
     MLM.loss(model, _batch(slice(0, 8))).backward()
@@ -159,8 +161,8 @@ def test_sharded_evaluation_equals_single_process(corpus, tmp_path):
     config = BertConfig.from_dict(ckpt["config"])
     model = MLMTask(config)
     model.load_state_dict(ckpt["model"])
-    task = MLM(args, vocab, splits, config, utils.DistInfo(), torch.device("cpu"))
-    loss, _, _ = task.evaluate(model, "valid")
+    task = MLM(args, vocab, splits, config, distributed.DistInfo(), torch.device("cpu"))
+    loss = task.evaluate(model, "valid")["loss"]
     assert abs(loss - printed) < 1e-4
 
 
@@ -223,7 +225,7 @@ def test_checkpoint_flag_rejects_other_files(corpus, tmp_path):
 
 def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
-    utils.atomic_save({"x": torch.ones(3)}, path)
+    files.atomic_save({"x": torch.ones(3)}, path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -231,7 +233,7 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_save({"x": torch.zeros(3)}, path)
+        files.atomic_save({"x": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert os.listdir(tmp_path) == ["state.pt"]
@@ -240,11 +242,11 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
 def test_sigkill_during_writes_leaves_a_loadable_file(tmp_path):
     path = tmp_path / "state.pt"
     script = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); import utils\n"
-        "utils.atomic_save({'step': 0, 'w': torch.zeros(1)}, sys.argv[2])\n"
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import files\n"
+        "files.atomic_save({'step': 0, 'w': torch.zeros(1)}, sys.argv[2])\n"
         "print('ready', flush=True)\n"
         "for step in range(1, 10**9):\n"
-        "    utils.atomic_save({'step': step, 'w': torch.full((1 << 20,), float(step))}, sys.argv[2])\n"
+        "    files.atomic_save({'step': step, 'w': torch.full((1 << 20,), float(step))}, sys.argv[2])\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(REPO), str(path)],
                             stdout=subprocess.PIPE, text=True)
@@ -267,7 +269,7 @@ def _fails_on_rank_1(args, info):
 
 
 def _bad_input_on_every_rank(args, info):
-    raise utils.UserError("the same bad input on every rank")
+    raise files.UserError("the same bad input on every rank")
 
 
 def _ddp_args():
@@ -278,7 +280,7 @@ def _ddp_args():
 
 def test_a_failing_rank_stops_every_rank(capfd):
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(_fails_on_rank_1, _ddp_args())
+        distributed.launch(_fails_on_rank_1, _ddp_args())
     assert exit_info.value.code != 0
     err = capfd.readouterr().err
     assert "RuntimeError: boom on rank 1" in err and err.count("[rank 1] Traceback") == 1
@@ -287,7 +289,7 @@ def test_a_failing_rank_stops_every_rank(capfd):
 
 def test_bad_input_is_reported_once(capfd):
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(_bad_input_on_every_rank, _ddp_args())
+        distributed.launch(_bad_input_on_every_rank, _ddp_args())
     assert exit_info.value.code != 0
     err = capfd.readouterr().err
     assert err.count("error: the same bad input on every rank") == 1

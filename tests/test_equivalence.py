@@ -2,7 +2,7 @@
 
 transformers is a test/dev dependency only, so the whole module is skipped without it.
 Tiny fp32 configs, dropout 0 unless a test is about dropout; weights and config go through
-convert.ours_to_transformers_state_dict and convert.their_bert_config.
+transformers_format.ours_to_transformers_state_dict and transformers_format.their_bert_config.
 """
 
 import pytest
@@ -10,7 +10,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from convert import ours_to_transformers_state_dict, their_bert_config  # noqa: E402
 from model import (  # noqa: E402
     BertConfig,
     BertModel,
@@ -19,6 +18,7 @@ from model import (  # noqa: E402
     QuestionAnswerTask,
     padding_mask,
 )
+from transformers_format import ours_to_transformers_state_dict, their_bert_config  # noqa: E402
 
 ATOL = 1e-5
 

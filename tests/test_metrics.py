@@ -10,9 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import metrics  # noqa: E402
+import squad  # noqa: E402
 from metrics import (  # noqa: E402
-    SquadFormatError,
     compute_qa_exact,
     compute_qa_f1,
     evaluate,
@@ -20,12 +19,15 @@ from metrics import (  # noqa: E402
     exact_match_score,
     f1_score,
     f1_score_v2,
+    metric_max_over_ground_truths,
+    normalize_answer,
+)
+from squad import (  # noqa: E402
+    SquadFormatError,
     has_unanswerable,
     load_na_probs,
     load_predictions,
     load_squad_json,
-    metric_max_over_ground_truths,
-    normalize_answer,
 )
 
 NOTRE_DAME = REPO.parent / "shared/data/squad/train-v1.1-notre-dame.json"
@@ -360,7 +362,7 @@ def test_cli_missing_file(tmp_path):
 @pytest.mark.skipif(not NOTRE_DAME.exists(), reason=f"{NOTRE_DAME} not present")
 def test_notre_dame_gold_and_empty_predictions(capsys):
     data = load_squad_json(NOTRE_DAME)
-    questions = list(metrics.iter_questions(data))
+    questions = list(squad.iter_questions(data))
     assert questions
     gold = {qa["id"]: qa["answers"][0]["text"] for qa in questions}
     result = evaluate(data, gold)
@@ -823,7 +825,7 @@ needs_normans = pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not 
 def normans():
     """(dataset, {id: qa}, answerable ids, unanswerable ids) of the Normans v2.0 slice."""
     dataset = load_squad_json(NORMANS)
-    questions = list(metrics.iter_questions(dataset))
+    questions = list(squad.iter_questions(dataset))
     answerable = [qa["id"] for qa in questions if qa["answers"]]
     unanswerable = [qa["id"] for qa in questions if not qa["answers"]]
     return dataset, {qa["id"]: qa for qa in questions}, answerable, unanswerable

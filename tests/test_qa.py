@@ -17,15 +17,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import checks  # noqa: E402
+import answers as qa_answers  # noqa: E402
 import corpus  # noqa: E402
-import data  # noqa: E402
+import distributed  # noqa: E402
+import files  # noqa: E402
+import flags as cli  # noqa: E402
 import metrics  # noqa: E402
 import qa_task  # noqa: E402
-import utils  # noqa: E402
-from data import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
+import squad  # noqa: E402
+import tokenizer  # noqa: E402
+import windows as qa_windows  # noqa: E402
 from model import BertConfig, QuestionAnswerTask  # noqa: E402
-from qa_task import Question, Windowing  # noqa: E402
+from squad import Question  # noqa: E402
+from tokenizer import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
+from windows import Windowing  # noqa: E402
 
 NOTRE_DAME = Path(__file__).resolve().parents[2] / "shared/data/squad/train-v1.1-notre-dame.json"
 needs_notre_dame = pytest.mark.skipif(not NOTRE_DAME.exists(), reason=f"{NOTRE_DAME} not present")
@@ -45,8 +50,8 @@ TRICKY_CONTEXTS = [
 def vocab_of(texts):
     counter = Counter()
     for text in texts:
-        counter.update(data.basic_english_normalize(text))
-    return data.Vocab.build(counter)
+        counter.update(tokenizer.basic_english_normalize(text))
+    return tokenizer.Vocab.build(counter)
 
 
 def tiny_model(vocab_size, seed=0, max_len=512):
@@ -64,7 +69,7 @@ def tiny_model(vocab_size, seed=0, max_len=512):
 def contexts_to_check():
     contexts = list(TRICKY_CONTEXTS)
     if NOTRE_DAME.exists():
-        questions, _ = qa_task.read_squad(NOTRE_DAME)
+        questions, _ = squad.read_squad(NOTRE_DAME)
         contexts += sorted({q.context for q in questions})
     return contexts
 
@@ -72,8 +77,8 @@ def contexts_to_check():
 def test_every_context_token_maps_back_to_its_characters():
     for context in contexts_to_check():
         questions = [Question("q", "what?", context, [])]
-        windows = qa_task.make_windows(questions, vocab_of([context]), Windowing())
-        tokens = data.basic_english_normalize(context)
+        windows = qa_windows.make_windows(questions, vocab_of([context]), Windowing())
+        tokens = tokenizer.basic_english_normalize(context)
         spans = windows.context_spans[0]
         assert len(spans) == len(tokens)
         for token, (start, end) in zip(tokens, spans):
@@ -83,12 +88,12 @@ def test_every_context_token_maps_back_to_its_characters():
 
 def test_answer_token_span_places_answers_and_rejects_mismatches():
     context = 'The "Golden Dome" was built in 1882, by Father Sorin.'
-    spans = [(s, e) for _, s, e in data.tokenize_with_spans(context)]
-    tokens = data.basic_english_normalize(context)
+    spans = [(s, e) for _, s, e in tokenizer.tokenize_with_spans(context)]
+    tokens = tokenizer.basic_english_normalize(context)
 
     def answer(text, start=None):
         start = context.index(text) if start is None else start
-        first_last = qa_task.answer_token_span(context, spans, text, start)
+        first_last = qa_windows.answer_token_span(context, spans, text, start)
         return first_last and tokens[first_last[0]:first_last[1] + 1]
 
     assert answer("Golden Dome") == ["golden", "dome"]
@@ -98,23 +103,23 @@ def test_answer_token_span_places_answers_and_rejects_mismatches():
     assert answer("olden") == ["golden"]  # part of a token: the whole token
     assert answer("Golden Dome", start=0) is None  # text not at answer_start
     assert answer("Golden", start=None) == ["golden"]
-    assert qa_task.answer_token_span(context, spans, "1882", None) is None
-    assert qa_task.answer_token_span(context, spans, "Sorin", -6) is None  # not from the end
-    assert qa_task.answer_token_span(context, spans, '"', context.index('"')) is None
-    assert qa_task.answer_token_span(context, spans, "", 0) is None
+    assert qa_windows.answer_token_span(context, spans, "1882", None) is None
+    assert qa_windows.answer_token_span(context, spans, "Sorin", -6) is None  # not from the end
+    assert qa_windows.answer_token_span(context, spans, '"', context.index('"')) is None
+    assert qa_windows.answer_token_span(context, spans, "", 0) is None
 
 
 @needs_notre_dame
 def test_notre_dame_answers_all_found_and_recovered_as_text():
-    questions, _ = qa_task.read_squad(NOTRE_DAME)
-    windows = qa_task.make_windows(questions, vocab_of([q.context for q in questions]),
+    questions, _ = squad.read_squad(NOTRE_DAME)
+    windows = qa_windows.make_windows(questions, vocab_of([q.context for q in questions]),
                                    Windowing(), training=True)
     assert windows.unusable_answers == []
     assert len(set(windows.question.tolist())) == len(questions) == 269
     exact = 0
     for i, q in enumerate(questions):
         text, start = q.answers[0]
-        first, last = qa_task.answer_token_span(q.context, windows.context_spans[i], text, start)
+        first, last = qa_windows.answer_token_span(q.context, windows.context_spans[i], text, start)
         cut = q.context[windows.context_spans[i][first][0]:windows.context_spans[i][last][1]]
         assert text in cut or metrics.exact_match_score(cut, text)
         exact += metrics.exact_match_score(cut, text)
@@ -141,9 +146,9 @@ def test_windows_cover_the_context_and_hold_every_short_span(seed):
     n_context, n_question = rng.randrange(0, 120), rng.randrange(0, 15)
     question = random_question(rng, n_context, n_question)
     vocab = vocab_of([question.context, question.text])
-    windows = qa_task.make_windows([question], vocab, windowing)
-    context_ids = vocab.lookup_indices(data.basic_english_normalize(question.context))
-    query_ids = vocab.lookup_indices(data.basic_english_normalize(question.text))
+    windows = qa_windows.make_windows([question], vocab, windowing)
+    context_ids = vocab.lookup_indices(tokenizer.basic_english_normalize(question.context))
+    query_ids = vocab.lookup_indices(tokenizer.basic_english_normalize(question.text))
     query_ids = query_ids[:windowing.max_query_len]
     assert len(windows) >= 1
     covered = []
@@ -156,7 +161,7 @@ def test_windows_cover_the_context_and_hold_every_short_span(seed):
         piece = row[offset:length - 1]
         assert piece == context_ids[start:start + len(piece)]
         covered.append(range(start, start + len(piece)))
-        batch = qa_task.collate(windows, torch.tensor([w]))
+        batch = qa_windows.collate(windows, torch.tensor([w]))
         types = batch["token_types"][0].tolist()
         assert types == [0] * offset + [1] * (length - offset)
     assert sorted({i for r in covered for i in r}) == list(range(len(context_ids)))
@@ -174,7 +179,7 @@ def test_training_windows_without_the_answer_target_cls():
     question = Question("q", "where?", context, [(answer_text, context.index(answer_text))])
     vocab = vocab_of([context, "where?"])
     windowing = Windowing(bptt=48, doc_stride=16, max_query_len=8, max_answer_len=10)
-    windows = qa_task.make_windows([question], vocab, windowing, training=True)
+    windows = qa_windows.make_windows([question], vocab, windowing, training=True)
     answer_ids = vocab.lookup_indices(answer_text.split())
     with_answer = 0
     for w in range(len(windows)):
@@ -196,10 +201,10 @@ def test_unusable_answers_are_counted_and_skipped_for_training_only():
     wrong_start = Question("bad", "country?", context, [("France", 3)])
     no_start = Question("none", "what?", context, [("France", None)])
     vocab = vocab_of([context])
-    train = qa_task.make_windows([good, wrong_start, no_start], vocab, Windowing(), training=True)
+    train = qa_windows.make_windows([good, wrong_start, no_start], vocab, Windowing(), training=True)
     assert train.unusable_answers == ["bad", "none"]
     assert set(train.question.tolist()) == {0}
-    dev = qa_task.make_windows([good, wrong_start, no_start], vocab, Windowing())
+    dev = qa_windows.make_windows([good, wrong_start, no_start], vocab, Windowing())
     assert set(dev.question.tolist()) == {0, 1, 2}  # no dev question is dropped
     # <cls> capital ? <sep> paris: 4; -1: not in the valid loss.
     assert dev.start_positions.tolist() == [4, -1, -1]
@@ -232,7 +237,7 @@ def test_best_spans_match_brute_force(max_answer_len):
     last = first + torch.randint(0, seq_len, (batch,), generator=generator)
     context = (position >= first[:, None]) & (position < last[:, None])
     context[0] = False  # a row without context
-    score, start, end = qa_task.best_spans(start_logits, end_logits, context, max_answer_len)
+    score, start, end = qa_answers.best_spans(start_logits, end_logits, context, max_answer_len)
     for b in range(batch):
         expected = brute_force_best_span(start_logits[b], end_logits[b], context[b], max_answer_len)
         if expected[0] == float("-inf"):
@@ -250,21 +255,21 @@ def test_trimmed_batches_give_the_same_loss_and_spans_as_full_padding():
         words = q.context.split()
         questions[i] = Question(f"q{i}", q.text, q.context, [(words[2], q.context.index(words[2]))])
     vocab = vocab_of([q.context + " " + q.text for q in questions])
-    windows = qa_task.make_windows(questions, vocab, Windowing(bptt=64, max_query_len=8,
+    windows = qa_windows.make_windows(questions, vocab, Windowing(bptt=64, max_query_len=8,
                                                                max_answer_len=5))
     model = tiny_model(len(vocab))
     indices = torch.arange(len(windows))
-    trimmed = qa_task.collate(windows, indices)
+    trimmed = qa_windows.collate(windows, indices)
     assert trimmed["inputs"].shape[1] == int(windows.lengths.max()) < 64
     assert torch.equal(trimmed["padding_mask"], trimmed["inputs"] != PAD_ID)  # True at tokens
-    full = qa_task.collate(windows, indices, seq_len=64)  # as --compile pads them
+    full = qa_windows.collate(windows, indices, seq_len=64)  # as --compile pads them
     assert full["inputs"].shape[1] == 64 and not full["padding_mask"][:, 63].any()
     with torch.no_grad():
         results = []
         for batch in (trimmed, full):
-            start_logits, end_logits = qa_task.span_logits(model, batch)
-            loss = qa_task.span_loss(start_logits, end_logits, batch)
-            results.append((loss, *qa_task.best_spans(start_logits, end_logits,
+            start_logits, end_logits = qa_answers.span_logits(model, batch)
+            loss = qa_answers.span_loss(start_logits, end_logits, batch)
+            results.append((loss, *qa_answers.best_spans(start_logits, end_logits,
                                                       batch["context_mask"], 5)))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
@@ -292,7 +297,7 @@ def test_predict_answers_returns_original_text_from_the_best_window():
     vocab = vocab_of([context, sorin_only])
     model = PointingModel(vocab["father"], vocab["sorin"])
     windowing = Windowing(bptt=40, doc_stride=10, max_query_len=8, max_answer_len=5)
-    answers = qa_task.predict_answers(model, questions, vocab, windowing, batch_size=7)
+    answers = qa_answers.predict_answers(model, questions, vocab, windowing, batch_size=7)
     assert list(answers) == ["a", "b", "c"]
     assert answers["a"][0] == "Father Edward Sorin"
     assert answers["a"][1] == pytest.approx(10.0)
@@ -305,8 +310,8 @@ def _ddp_eval_rank(rank, port, windows, state, out_dir):
                                          rank=rank, world_size=2)
     model = QuestionAnswerTask(BertConfig(**state["config"]))
     model.load_state_dict(state["model"])
-    info = utils.DistInfo(rank, 2)
-    answers, null_scores, loss = qa_task.evaluate_all(model, windows, 5, 3, torch.device("cpu"),
+    info = distributed.DistInfo(rank, 2)
+    answers, null_scores, loss = qa_answers.evaluate_all(model, windows, 5, 3, torch.device("cpu"),
                                                       "fp32", info)
     torch.save({"answers": answers, "null_scores": null_scores, "loss": loss},
                Path(out_dir) / f"rank{rank}.pt")
@@ -321,14 +326,14 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
         word = q.context.split()[1]
         questions.append(Question(f"q{i}", q.text, q.context, [(word, q.context.index(word))]))
     vocab = vocab_of([q.context + " " + q.text for q in questions])
-    windows = qa_task.make_windows(questions, vocab, Windowing(bptt=32, doc_stride=8,
+    windows = qa_windows.make_windows(questions, vocab, Windowing(bptt=32, doc_stride=8,
                                                                max_query_len=6, max_answer_len=5))
     model = tiny_model(len(vocab), max_len=32)
-    single, single_null, single_loss = qa_task.evaluate_all(model, windows, 5, 3,
+    single, single_null, single_loss = qa_answers.evaluate_all(model, windows, 5, 3,
                                                             torch.device("cpu"), "fp32",
-                                                            utils.DistInfo())
+                                                            distributed.DistInfo())
     state = {"config": model.bert_model.config.to_dict(), "model": model.state_dict()}
-    torch.multiprocessing.spawn(_ddp_eval_rank, args=(utils._free_port(), windows, state, tmp_path),
+    torch.multiprocessing.spawn(_ddp_eval_rank, args=(distributed._free_port(), windows, state, tmp_path),
                                 nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -348,15 +353,15 @@ def test_squad_files_are_downloaded_only_when_absent(tmp_path, monkeypatch):
         (Path(folder) / archive.filename).write_text("{}")
 
     monkeypatch.setattr(corpus, "download_archive", fake_download)
-    path = qa_task.squad_file(None, "dev", tmp_path, print)
+    path = squad.squad_file(None, "dev", tmp_path, print)
     assert path == tmp_path / "squad" / "dev-v1.1.json" and path.exists()
     assert fetched == [("dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552",
                         "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
                         tmp_path / "squad")]
-    assert qa_task.squad_file(None, "dev", tmp_path, print) == path and len(fetched) == 1
-    assert qa_task.SQUAD["train"].md5 == "981b29407e0affa3b1b156f72073b945"
-    with pytest.raises(utils.UserError, match="--train-file nope.json: no such file"):
-        qa_task.squad_file("nope.json", "train", tmp_path, print)
+    assert squad.squad_file(None, "dev", tmp_path, print) == path and len(fetched) == 1
+    assert squad.SQUAD["train"].md5 == "981b29407e0affa3b1b156f72073b945"
+    with pytest.raises(files.UserError, match="--train-file nope.json: no such file"):
+        squad.squad_file("nope.json", "train", tmp_path, print)
 
 
 ###############################################################################
@@ -423,7 +428,7 @@ def pretrained(tmp_path_factory):
 
 
 def end_of_training(stdout):
-    match = re.search(r"\| End of training \| test loss +\S+ \| exact (\S+)% \| f1 (\S+)%", stdout)
+    match = re.search(r"\| End of training \| test loss +\S+ \| test exact (\S+)% \| test f1 (\S+)%", stdout)
     assert match, stdout
     return float(match[1]), float(match[2])
 
@@ -458,7 +463,7 @@ def test_fine_tune_end_to_end(fine_tuned):
     folder, train, dev, result = fine_tuned
     assert "Traceback" not in result.stderr
     epoch_lines = re.findall(r"\| end of epoch +(\d+) \| time: +[\d.]+s \| valid loss +[\d.]+ \| "
-                             r"exact [\d.]+% \| f1 [\d.]+%", result.stdout)
+                             r"valid exact [\d.]+% \| valid f1 [\d.]+%", result.stdout)
     assert epoch_lines == ["1", "2"]
     assert result.stdout.count("not at their answer_start") == 1  # reported once, no crash
     check_predictions(dev, folder / "preds.json", result.stdout, folder)
@@ -504,7 +509,7 @@ def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
         [{"id": "x", "context": context, "question": "When?"},
          {"context": "Short.", "question": "What?"}]))
     model = ["--predict", "--qa-model", str(folder / "qa_model.pt"), "--device", "cpu"]
-    utils.launch(qa_task.main, qa_task.get_parser().parse_args(
+    distributed.launch(qa_task.main, qa_task.get_parser().parse_args(
         [*model, "--predict-file", "questions.json"]))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [list(line) for line in lines] == [["id", "answer", "score"]] * 2
@@ -512,7 +517,7 @@ def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
     assert lines[0]["answer"] in context and lines[1]["answer"] in "Short."
 
     # A SQuAD-layout file: the same predictions as at the end of training.
-    utils.launch(qa_task.main, qa_task.get_parser().parse_args(
+    distributed.launch(qa_task.main, qa_task.get_parser().parse_args(
         [*model, "--predict-file", str(dev), "--predictions", "again.json", "--batch_size", "5"]))
     assert "exact" in capsys.readouterr().out
     assert json.loads(Path("again.json").read_text()) == json.loads(
@@ -526,7 +531,7 @@ def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
 
 def run_in_process(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(qa_task.main, checks.parse_args(qa_task.get_parser(), [str(a) for a in argv]))
+        distributed.launch(qa_task.main, cli.parse_args(qa_task.get_parser(), [str(a) for a in argv]))
     err = capsys.readouterr().err
     return exit_info.value.code, err
 
@@ -628,7 +633,7 @@ def bert_window_starts(n_context, window_len, stride):
 def test_window_starts_are_berts(window_len):
     for n_context in range(0, 3 * window_len + 7):
         for stride in range(1, window_len + 1):
-            starts = qa_task.window_starts(n_context, window_len, stride)
+            starts = qa_windows.window_starts(n_context, window_len, stride)
             assert starts == bert_window_starts(n_context, window_len, stride)
             # The last window ends with the context (and is shorter when that comes early).
             assert min(starts[-1] + window_len, n_context) == n_context
@@ -657,8 +662,8 @@ def rollo_v2():
 def test_read_squad_marks_unanswerable_questions(tmp_path):
     path = tmp_path / "v2.json"
     path.write_text(json.dumps(rollo_v2()))
-    questions, dataset = qa_task.read_squad(path)
-    assert metrics.has_unanswerable(dataset)
+    questions, dataset = squad.read_squad(path)
+    assert squad.has_unanswerable(dataset)
     assert [(q.qid, q.unanswerable, q.answers) for q in questions] == [
         ("a", False, [("Rollo", 0)]), ("b", True, []), ("c", True, [])]  # plausible: unread
 
@@ -672,9 +677,9 @@ def test_unanswerable_questions_target_cls_in_every_window():
     unusable = Question("bad", "where else?", context, [(answer_text, 3)])
     vocab = vocab_of([context, "where not else?"])
     windowing = Windowing(bptt=48, doc_stride=16, max_query_len=8, max_answer_len=10)
-    alone = qa_task.make_windows([answerable], vocab, windowing, training=True)
+    alone = qa_windows.make_windows([answerable], vocab, windowing, training=True)
     for training in (True, False):
-        windows = qa_task.make_windows([answerable, unanswerable, unusable], vocab, windowing,
+        windows = qa_windows.make_windows([answerable, unanswerable, unusable], vocab, windowing,
                                        training=training)
         targets = torch.stack([windows.start_positions, windows.end_positions], 1)
         per_question = {i: targets[windows.question == i] for i in range(3)}
@@ -712,9 +717,9 @@ def test_no_answer_score_is_the_lowest_cls_score_and_decides_empty_answers():
     vocab = vocab_of([q.context for q in questions])
     model = NullModel(vocab["father"], vocab["sorin"], vocab["mark"])
     windowing = Windowing(bptt=40, doc_stride=10, max_query_len=8, max_answer_len=5)
-    answers, null_scores = qa_task.score_questions(model, questions, vocab, windowing,
+    answers, null_scores = qa_answers.score_questions(model, questions, vocab, windowing,
                                                    batch_size=3)
-    windows = qa_task.make_windows(questions, vocab, windowing)
+    windows = qa_windows.make_windows(questions, vocab, windowing)
     for i, q in enumerate(questions):
         markers = (windows.tokens[windows.question == i] == vocab["mark"]).sum(1)
         assert null_scores[q.qid] == 2 * markers.min()  # start + end, lowest window
@@ -723,11 +728,11 @@ def test_no_answer_score_is_the_lowest_cls_score_and_decides_empty_answers():
     assert answers["a"] == ("Father Sorin", 10.0) and answers["c"] == ("", -math.inf)
     assert answers["b"][1] == 0.0 and null_scores["b"] == 4.0
 
-    odds = qa_task.no_answer_odds(answers, null_scores)
+    odds = qa_answers.no_answer_odds(answers, null_scores)
     assert odds == {"a": -10.0, "b": 4.0, "c": sys.float_info.max}  # finite: JSON has no inf
 
     def predicted(threshold):
-        return qa_task.to_predictions(answers, null_scores, threshold)
+        return qa_answers.to_predictions(answers, null_scores, threshold)
 
     assert predicted(0.0) == {"a": "Father Sorin", "b": "", "c": ""}
     assert predicted(-10.0)["a"] == "Father Sorin"  # not above the threshold: the span
@@ -741,9 +746,12 @@ def test_written_na_probs_and_scores_are_the_official_ones(tmp_path):
     answers = {"a": ("Rollo", 3.0), "b": ("the Normans", 1.0), "c": ("led", 2.5)}
     null_scores = {"a": 1.0, "b": 2.0, "c": 2.0}
     args = argparse.Namespace(predictions=str(tmp_path / "out" / "preds.json"), na_probs=None)
-    exact, f1, line = qa_task.write_predictions(args, dataset, answers, null_scores, 0.0)
+    paths = {"--predictions": args.predictions, "--na-probs": qa_task.na_probs_path(args)}
+    scores, written = qa_answers.write_predictions(paths, dataset, answers, null_scores, 0.0)
+    exact, f1, line = scores["exact"], scores["f1"], qa_answers.v2_summary(scores)
+    assert written == [args.predictions, str(tmp_path / "out" / "na_probs.json")]
     predictions = json.loads((tmp_path / "out" / "preds.json").read_text())
-    na_probs = metrics.load_na_probs(tmp_path / "out" / "na_probs.json")  # beside --predictions
+    na_probs = squad.load_na_probs(tmp_path / "out" / "na_probs.json")  # beside --predictions
     assert predictions == {"a": "Rollo", "b": "", "c": "led"}
     assert na_probs == {"a": -2.0, "b": 1.0, "c": -0.5}  # null - best span, every question
     official = metrics.evaluate_v2(dataset, predictions, na_probs)
@@ -758,8 +766,9 @@ def test_written_na_probs_and_scores_are_the_official_ones(tmp_path):
     v1 = [{"paragraphs": [{"context": "Rollo led.", "qas": [
         {"id": "a", "question": "Who?", "answers": [{"text": "Rollo", "answer_start": 0}]}]}]}]
     args = argparse.Namespace(predictions=str(tmp_path / "v1" / "preds.json"), na_probs=None)
-    assert qa_task.write_predictions(args, v1, {"a": ("Rollo", 1.0)}, {"a": 9.0}, None) == (
-        100.0, 100.0, None)
+    paths = {"--predictions": args.predictions, "--na-probs": qa_task.na_probs_path(args)}
+    assert qa_answers.write_predictions(paths, v1, {"a": ("Rollo", 1.0)}, {"a": 9.0}, None) == (
+        {"exact": 100.0, "f1": 100.0}, [args.predictions])
     assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == ["preds.json"]
 
 
@@ -797,7 +806,7 @@ def test_squad_v2_end_to_end_on_the_normans(pretrained, tmp_path, monkeypatch, c
                 for p in a["paragraphs"] for qa in p["qas"]}
     assert list(predictions) == list(na_probs) == list(contexts)
     for qid, answer in predictions.items():
-        assert (answer == "") == (na_probs[qid] > qa_task.DEFAULT_NULL_THRESHOLD)
+        assert (answer == "") == (na_probs[qid] > qa_answers.DEFAULT_NULL_THRESHOLD)
         assert answer in contexts[qid]
     # What it printed is what the official metric says of the files it wrote.
     official = run([dev, "preds.json", "--na-prob-file", "na_probs.json"], tmp_path, "metrics.py")
@@ -816,7 +825,7 @@ def test_squad_v2_end_to_end_on_the_normans(pretrained, tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     threshold = sorted(na_probs.values())[len(na_probs) // 2]
     model = ["--predict", "--device", "cpu", "--null-threshold", str(threshold)]
-    utils.launch(qa_task.main, qa_task.get_parser().parse_args(
+    distributed.launch(qa_task.main, qa_task.get_parser().parse_args(
         [*model, "--predict-file", str(dev), "--predictions", "again.json", "--na-probs",
          "again_na.json"]))
     out = capsys.readouterr().out
@@ -829,7 +838,7 @@ def test_squad_v2_end_to_end_on_the_normans(pretrained, tmp_path, monkeypatch, c
 
     context = contexts[next(iter(contexts))]
     for threshold, no_answer in ((1e6, False), (-1e6, True)):
-        utils.launch(qa_task.main, qa_task.get_parser().parse_args(
+        distributed.launch(qa_task.main, qa_task.get_parser().parse_args(
             ["--predict", "--device", "cpu", "--null-threshold", str(threshold), "--context",
              context, "--question", "Who ruled Normandy?"]))
         line = json.loads(capsys.readouterr().out)

@@ -14,6 +14,8 @@ from conftest import REPO, toy_lines, write_wikitext
 import checkpoint
 import corpus
 import data
+import files
+import tokenizer as tok
 from model import QuestionAnswerTask
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,7 +46,7 @@ def test_ids_and_offsets_equal_bert_tokenizer_fast():
     """Every context and question of the shared SQuAD files, through the real
     bert-base-uncased vocab.txt: ours and transformers' give the same ids and spans."""
     transformers = pytest.importorskip("transformers")
-    ours = data.load_tokenizer(bert_vocab())
+    ours = tok.load_tokenizer(bert_vocab())
     theirs = transformers.BertTokenizerFast.from_pretrained(str(bert_vocab().parent))
     texts = squad_texts()
     assert len(texts) > 500
@@ -56,7 +58,7 @@ def test_ids_and_offsets_equal_bert_tokenizer_fast():
 
 
 def test_bert_base_special_ids_come_from_the_tokenizer():
-    tokenizer = data.load_tokenizer(bert_vocab())
+    tokenizer = tok.load_tokenizer(bert_vocab())
     assert len(tokenizer) == 30522 and tokenizer.kind == "wordpiece"
     assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id, tokenizer.sep_id,
             tokenizer.mask_id) == (0, 100, 101, 102, 103)
@@ -64,11 +66,11 @@ def test_bert_base_special_ids_come_from_the_tokenizer():
 
 
 def test_folder_and_tokenizer_json_load_the_same_tokenizer(tmp_path):
-    tokenizer = data.load_tokenizer(bert_vocab())
+    tokenizer = tok.load_tokenizer(bert_vocab())
     files = tokenizer.save_transformers(tmp_path)
     assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= set(files)
     for source in (tmp_path, tmp_path / "tokenizer.json", tmp_path / "vocab.txt"):
-        again = data.load_tokenizer(source)
+        again = tok.load_tokenizer(source)
         assert again.itos == tokenizer.itos
         assert again.encode("Héllo, WORLD of tokenizers!") == tokenizer.encode(
             "Héllo, WORLD of tokenizers!")
@@ -78,9 +80,9 @@ def test_a_cased_folder_keeps_its_case(tmp_path):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Hello", "hello", "world"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
-    assert data.load_tokenizer(tmp_path).encode("Hello world") == [5, 7]
+    assert tok.load_tokenizer(tmp_path).encode("Hello world") == [5, 7]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    assert data.load_tokenizer(tmp_path).encode("Hello world") == [6, 7]
+    assert tok.load_tokenizer(tmp_path).encode("Hello world") == [6, 7]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -92,27 +94,27 @@ def test_bad_tokenizer_paths_say_what_is_wrong(tmp_path, content, message):
     path = tmp_path / "tokenizer.json"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(data.DataError, match=message):
-        data.load_tokenizer(path)
+    with pytest.raises(files.DataError, match=message):
+        tok.load_tokenizer(path)
 
 
 def test_trained_wordpiece_has_bert_specials_and_round_trips_through_a_checkpoint():
     lines = toy_lines(300, 0) + ["Unusual Words like Zebrafish and Naïve café."] * 20
-    tokenizer = data.train_wordpiece(lines, vocab_size=120)
+    tokenizer = tok.train_wordpiece(lines, vocab_size=120)
     assert tokenizer.itos[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert len(tokenizer) <= 120
     # Uncased, accents stripped: the same ids whatever the case and accents.
     assert tokenizer.encode("NAIVE Cafe") == tokenizer.encode("naïve café")
     ckpt = {"vocab": tokenizer.itos, "tokenizer": tokenizer.state()}
-    again = data.tokenizer_from_checkpoint(ckpt)
+    again = tok.tokenizer_from_checkpoint(ckpt)
     assert again.encode("zebrafish w1 w2") == tokenizer.encode("zebrafish w1 w2")
     # Files from before WordPiece have no tokenizer entry: basic_english.
-    old = data.tokenizer_from_checkpoint({"vocab": list(data.SPECIALS) + ["a"]})
+    old = tok.tokenizer_from_checkpoint({"vocab": list(tok.SPECIALS) + ["a"]})
     assert old.kind == "basic_english" and old.encode("A b") == [5, 0]
 
 
 def test_random_replacements_are_never_special():
-    tokenizer = data.load_tokenizer(bert_vocab())
+    tokenizer = tok.load_tokenizer(bert_vocab())
     masking = data.Masking.of(tokenizer, 0.5, "bert")
     tokens = torch.randint(1000, 30522, (200, 64))
     inputs, targets, positions = data.mask_tokens(tokens, masking, torch.Generator().manual_seed(0))
@@ -126,8 +128,7 @@ def test_corpus_with_wordpiece_is_cached_per_tokenizer(tmp_path):
     folder = write_wikitext(tmp_path / "d", toy_lines(200, 0), toy_lines(20, 1),
                             toy_lines(20, 2))
     quiet = lambda *a: None  # noqa: E731
-    vocab, splits = corpus.load_splits("WikiText2", folder, tokenizer="wordpiece",
-                                       vocab_size=80, vocab_path=tmp_path / "v.pt", log=quiet)
+    vocab, splits = corpus.load_splits("WikiText2", folder, spec=tok.TokenizerSpec("wordpiece", 80), vocab_path=tmp_path / "v.pt", log=quiet)
     assert vocab.kind == "wordpiece"
     lines = (folder / "wikitext-2" / "wiki.valid.tokens").read_text().splitlines()
     expected = [vocab.encode(line) for line in lines]
@@ -135,7 +136,7 @@ def test_corpus_with_wordpiece_is_cached_per_tokenizer(tmp_path):
     assert valid.ids.tolist() == [i for ids in expected for i in ids]
     assert (valid.line_offsets.diff() == torch.tensor([len(ids) for ids in expected])).all()
     # The vocab file is reused, the caches are per tokenizer.
-    again, _ = corpus.load_splits("WikiText2", folder, tokenizer="wordpiece", vocab_size=80,
+    again, _ = corpus.load_splits("WikiText2", folder, spec=tok.TokenizerSpec("wordpiece", 80),
                                   vocab_path=tmp_path / "v.pt", log=quiet)
     assert again.itos == vocab.itos
     corpus.load_splits("WikiText2", folder, vocab_path=tmp_path / "b.pt", log=quiet)
@@ -178,9 +179,9 @@ def test_wordpiece_end_to_end_mlm_ns_qa_predict(tmp_path, tokenizer):
     assert "End of training" in out
     saved = checkpoint.load_checkpoint(str(tmp_path / "mlm_bert.pt"), "--bert-model")
     assert saved["tokenizer"]["kind"] == "wordpiece"
-    pretrained = data.tokenizer_from_checkpoint(saved)
+    pretrained = tok.tokenizer_from_checkpoint(saved)
     if tokenizer == "vocab.txt":
-        assert pretrained.itos == data.load_tokenizer(bert_vocab()).itos
+        assert pretrained.itos == tok.load_tokenizer(bert_vocab()).itos
     run("ns_task.py", "--bert-model", "mlm_bert.pt", *data_flags, *TINY, "--max-steps", "10",
         "--min_sentence_len", "20", cwd=tmp_path)
     squad = squad_file(tmp_path / "squad.json", toy_lines(30, 3, 30))
@@ -189,7 +190,7 @@ def test_wordpiece_end_to_end_mlm_ns_qa_predict(tmp_path, tokenizer):
               cwd=tmp_path)
     assert "End of training" in out
     qa = checkpoint.load_checkpoint(str(tmp_path / "qa_model.pt"), "--qa-model")
-    assert data.tokenizer_from_checkpoint(qa).itos == pretrained.itos
+    assert tok.tokenizer_from_checkpoint(qa).itos == pretrained.itos
     context = toy_lines(1, 5, 30)[0]
     out = run("qa_task.py", "--predict", "--context", context, "--question", "What comes?",
               "--device", "cpu", cwd=tmp_path)

@@ -15,15 +15,19 @@ import pytest
 import torch
 from conftest import REPO, write_wikitext
 
-import checks
 import data
+import distributed
+import files
+import flags as cli
+import logs
 import mlm_task
+import optimizer
+import tokenizer
 import trainer
-import utils
 from model import BertConfig, MLMTask
 
 CPU = torch.device("cpu")
-VOCAB = data.Vocab(list(data.SPECIALS) + [f"w{i}" for i in range(35)])
+VOCAB = tokenizer.Vocab(list(tokenizer.SPECIALS) + [f"w{i}" for i in range(35)])
 # Tiny models gain nothing from a second thread (see tests/test_tasks.py).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -34,17 +38,17 @@ def _split(seed, n_tokens=480):
     return data.TokenizedSplit(ids, torch.tensor([0, n_tokens]))
 
 
-def _args(tmp_path, *flags):
-    return checks.parse_args(mlm_task.get_parser(), [
+def _args(tmp_path, *extra):
+    return cli.parse_args(mlm_task.get_parser(), [
         "--bptt", "9", "--batch_size", "4", "--dropout", "0", "--epochs", "1",
         "--state-file", str(tmp_path / "state.pt"), "--metrics-file", str(tmp_path / "m.jsonl"),
-        *flags])
+        *extra])
 
 
 def _model():
     torch.manual_seed(0)
     return MLMTask(BertConfig(vocab_size=len(VOCAB), emsize=16, nhead=2, nhid=32, nlayers=1,
-                              dropout=0.0, pad_id=data.PAD_ID))
+                              dropout=0.0, pad_id=tokenizer.PAD_ID))
 
 
 def _trainer(args, monkeypatch, model=None):
@@ -52,9 +56,10 @@ def _trainer(args, monkeypatch, model=None):
     the test process."""
     model = model or _model()
     task = mlm_task.MLM(args, VOCAB, {s: _split(i) for i, s in enumerate(data.SPLITS)},
-                        model.bert_model.config, utils.DistInfo(), CPU)
+                        model.bert_model.config, distributed.DistInfo(), CPU)
     monkeypatch.setattr(signal, "signal", lambda *a: None)
-    return trainer.Trainer(task, model, args, utils.DistInfo(), CPU, lambda *a: None)
+    return trainer.Trainer(task, model, trainer.TrainConfig.from_flags(args),
+                           distributed.DistInfo(), CPU, lambda *a: None, flags=vars(args))
 
 
 # -- schedules -------------------------------------------------------------------
@@ -111,17 +116,17 @@ def test_defaults_are_the_old_recipe(tmp_path, monkeypatch):
     assert type(loop.optimizer) is torch.optim.SGD and len(loop.optimizer.param_groups) == 1
     assert loop.optimizer.param_groups[0]["weight_decay"] == 0
     assert isinstance(loop.scheduler, torch.optim.lr_scheduler.StepLR)
-    assert loop.scheduler.gamma == 0.1 and loop.args.grad_accum == 1
+    assert loop.scheduler.gamma == 0.1 and loop.config.grad_accum == 1
 
 
 def test_a_state_file_resumes_only_under_its_own_optimizer_and_schedule(tmp_path, monkeypatch):
     _trainer(_args(tmp_path), monkeypatch).save_state()
     resume = ["--checkpoint", str(tmp_path / "state.pt")]
-    with pytest.raises(utils.UserError, match="saved with --optimizer sgd"):
+    with pytest.raises(files.UserError, match="saved with --optimizer sgd"):
         _trainer(_args(tmp_path, *resume, "--optimizer", "adamw"), monkeypatch)
-    with pytest.raises(utils.UserError, match="saved with --schedule plateau"):
+    with pytest.raises(files.UserError, match="saved with --schedule plateau"):
         _trainer(_args(tmp_path, *resume, "--schedule", "cosine"), monkeypatch)
-    with pytest.raises(utils.UserError, match="does not fit --weight-decay 0.1"):
+    with pytest.raises(files.UserError, match="does not fit --weight-decay 0.1"):
         _trainer(_args(tmp_path, *resume, "--weight-decay", "0.1"), monkeypatch)
     assert _trainer(_args(tmp_path, *resume), monkeypatch).state.global_step == 0
 
@@ -215,7 +220,7 @@ def test_evaluation_masks_do_not_depend_on_the_training_masking(tmp_path, monkey
     first = tasks[0].eval_batches("valid")[0]
     # 15% of the 8 positions after <cls>, all <MASK>.
     assert first["masked_positions"].shape == (4, round(0.15 * 8))
-    assert (first["inputs"].gather(1, first["masked_positions"]) == data.MASK_ID).all()
+    assert (first["inputs"].gather(1, first["masked_positions"]) == tokenizer.MASK_ID).all()
 
 
 # -- flags ----------------------------------------------------------------------------
@@ -225,7 +230,7 @@ def test_evaluation_masks_do_not_depend_on_the_training_masking(tmp_path, monkey
     (["--optimizer", "adam"], "--optimizer"),
     (["--schedule", "step"], "--schedule"),
     (["--schedule", "linear", "--warmup", "1.5"], "--warmup"),
-    (["--warmup", "0.1"], "--warmup needs --schedule"),
+    (["--warmup", "0.1"], "--warmup 0.1: needs --schedule"),
     (["--grad-accum", "0"], "--grad-accum"),
     (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--optimizer", "adamw", "--betas", "0.9", "1.5"], "--betas"),
@@ -233,7 +238,7 @@ def test_evaluation_masks_do_not_depend_on_the_training_masking(tmp_path, monkey
 ])
 def test_bad_values_of_the_new_flags_give_one_error_line(flags, mentioned, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        checks.parse_args(mlm_task.get_parser(), flags)
+        cli.parse_args(mlm_task.get_parser(), flags)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and mentioned in err[0], err
@@ -255,25 +260,26 @@ def test_progress_bars_off_without_a_terminal_or_with_no_progress(monkeypatch):
     seen = []
 
     def main(args, info):
-        seen.append(utils.progress(range(3)))
+        seen.append(logs.progress(range(3)))
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    utils.launch(main, argparse.Namespace(parallel="None", no_progress=True))
-    utils.launch(main, argparse.Namespace(parallel="None", no_progress=False))
-    assert isinstance(seen[0], utils.NoProgress) and list(seen[0]) == [0, 1, 2]
-    assert not isinstance(seen[1], utils.NoProgress)  # a tqdm bar
+    distributed.launch(main, argparse.Namespace(parallel="None", no_progress=True))
+    distributed.launch(main, argparse.Namespace(parallel="None", no_progress=False))
+    assert isinstance(seen[0], logs.NoProgress) and list(seen[0]) == [0, 1, 2]
+    assert not isinstance(seen[1], logs.NoProgress)  # a tqdm bar
     seen[1].close()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    utils.launch(main, argparse.Namespace(parallel="None", no_progress=False))
-    assert isinstance(seen[2], utils.NoProgress)
-    utils.set_progress(None)
+    distributed.launch(main, argparse.Namespace(parallel="None", no_progress=False))
+    assert isinstance(seen[2], logs.NoProgress)
+    logs.set_progress(None)
 
 
-def test_text_metrics_reads_the_numbers_of_the_log_line():
-    assert utils.text_metrics("valid ppl   665.14", "valid") == {"valid_ppl": 665.14}
-    assert utils.text_metrics("exact 50.00% | f1 61.25%", "valid") == {
-        "valid_exact": 50.0, "valid_f1": 61.25}
-    assert utils.text_metrics("test accuracy 55.50%", "test") == {"test_accuracy": 55.5}
+def test_log_lines_are_formatted_from_the_numbers():
+    assert logs.format_metrics("valid", {"loss": 6.5, "ppl": 665.1412}) == (
+        "valid loss  6.50000 | valid ppl   665.14")
+    assert logs.format_metrics("test", {"exact": 50, "f1": 61.2549}) == (
+        "test exact 50.00% | test f1 61.25%")
+    assert logs.format_metrics("test", {"accuracy": 55.5}) == "test accuracy 55.50%"
 
 
 def zipf_lines(n_lines, seed, length=20):
@@ -320,7 +326,7 @@ def test_metrics_log_has_a_row_per_log_interval_and_per_evaluation(modern_run):
     for row in train:
         assert row.keys() == {"step", "epoch", "loss", "lr", "tokens_per_s", "ms_per_step"}
         # The lr of the row's last step (step - 1 counted from 0) of 20, 4 of warmup.
-        assert row["lr"] == pytest.approx(0.003 * trainer.lr_factor(row["step"] - 1, 20, 4, "linear"))
+        assert row["lr"] == pytest.approx(0.003 * optimizer.lr_factor(row["step"] - 1, 20, 4, "linear"))
         assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"])
     evaluations = [row for row in rows if "loss" not in row]
     assert [(row["step"], sorted(row)) for row in evaluations] == [

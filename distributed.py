@@ -1,0 +1,242 @@
+"""Distributed launch and the collectives the tasks use: one process, torchrun, srun, or
+locally spawned ranks, each a DistInfo; errors of any rank reported in one line.
+
+    launch(main, args)   # main(args, info) on every rank
+"""
+
+import contextlib
+import datetime
+import os
+import re
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import logs
+import utils
+from files import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist):
+    """SLURM's compressed host list to hosts: 'a[01-03,07],b' -> a01 a02 a03 a07 b."""
+    hosts = []
+    for prefix, ranges, _ in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?(,|$)", nodelist):
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    return hosts
+
+
+def slurm_env(environ, gpus_per_node):
+    """Rank layout under srun. Returns (procs_to_spawn_per_task, first_rank, world_size,
+    master_addr, master_port) from SLURM's variables.
+
+    One task per node with several GPUs: the task spawns a process per GPU (the old
+    example's layout). One task per GPU (or per CPU process): each task is one rank."""
+    # The job step's own layout (a step may run on a subset of the job's nodes), falling
+    # back to the job's for an srun older than the STEP variables.
+    def first(*names, default=None):
+        return next((environ[n] for n in names if n in environ), default)
+
+    ntasks = int(first("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"))
+    procid = int(environ["SLURM_PROCID"])
+    nnodes = int(first("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES",
+                       default=ntasks))
+    per_task = gpus_per_node if (ntasks == nnodes and gpus_per_node > 1) else 1
+    master_addr = expand_nodelist(first("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"))[0]
+    # Two steps of one job (run at once) need two ports: the step id is in the port.
+    job, step = int(environ.get("SLURM_JOB_ID", 0)), int(environ.get("SLURM_STEP_ID", 0) or 0)
+    port = int(environ.get("MASTER_PORT") or 10000 + (job * 16 + step) % 50000)
+    return per_task, procid * per_task, ntasks * per_task, master_addr, port
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(main, args):
+    """Run main(args, dist_info) in this process, or in one process per rank.
+
+    --parallel None: one process. --parallel DDP: join torchrun's group (RANK,
+    WORLD_SIZE set), or derive the group from SLURM's variables under srun, or else
+    spawn --world_size local processes."""
+    if args.parallel in (None, "None"):
+        return _run_rank(main, args, DistInfo(), None)
+    if args.parallel != "DDP":
+        _fail(f"--parallel {args.parallel!r}: use None or DDP")
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        info = DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        return _run_rank(main, args, info, "env://")
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and (
+            "SLURM_STEP_NODELIST" in env or "SLURM_JOB_NODELIST" in env):
+        per_task, first_rank, world, addr, port = slurm_env(env, gpus)
+        local0 = int(env.get("SLURM_LOCALID", 0)) if per_task == 1 else 0
+        init = f"tcp://{addr}:{port}"
+        if per_task == 1:
+            return _run_rank(main, args, DistInfo(first_rank, world, local0), init)
+        return _spawn(main, args, [DistInfo(first_rank + i, world, i) for i in range(per_task)], init)
+    world = args.world_size
+    if gpus:
+        world = min(world, gpus)
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    return _spawn(main, args, [DistInfo(i, world, i) for i in range(world)], init)
+
+
+def _spawn(main, args, infos, init):
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(_spawned, args=(main, args, infos, init), nprocs=len(infos), join=False)
+
+    def forward(signum, frame):  # preemption signals reach this parent: pass them on
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, forward)
+    # Ctrl-C reaches every process of the terminal's group: the ranks stop by themselves
+    # (after writing the state file; at once on a second Ctrl-C) and this parent waits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        # The failing rank already printed its error; join stopped the others.
+        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
+    except mp.ProcessRaisedException:
+        sys.exit(1)
+
+
+def _spawned(index, main, args, infos, init):
+    _run_rank(main, args, infos[index], init)
+
+
+# The process group's timeout bounds every collective. Rank 0 alone downloads and
+# tokenizes a corpus (WikiText-103, BookCorpus, EnWik9) while the others wait at a barrier,
+# which can outlast NCCL's default of 10 minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def _run_rank(main, args, info, init_method):
+    # Bars from rank 0 only; None leaves the choice to whether stderr is a terminal.
+    logs.set_progress(False if getattr(args, "no_progress", False) or not info.is_main else None)
+    try:
+        if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # Local CPU processes share the cores (torchrun sets OMP_NUM_THREADS itself).
+            torch.set_num_threads(max(1, utils.available_cpus() // info.world_size))
+        if init_method is not None:
+            nccl = torch.cuda.is_available() and args.device in ("auto", "cuda")
+            dist.init_process_group(
+                "nccl" if nccl else "gloo", init_method=init_method, rank=info.rank,
+                world_size=info.world_size, timeout=COLLECTIVE_TIMEOUT,
+                # Binds the group to this rank's GPU (NCCL's communicators are per device).
+                device_id=torch.device("cuda", utils.cuda_index(info.local_rank)) if nccl else None)
+        try:
+            main(args, info)
+            if dist.is_initialized():
+                # Rank 0 may still be writing files: no rank tears the group down while
+                # another still uses it (gloo aborts the process when that happens).
+                dist.barrier()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except UserError as e:
+        # Every rank meets the same bad input: rank 0 says it.
+        _fail(str(e), show=info.is_main)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        if info.world_size > 1:
+            _report_rank_failure(e, info)
+            os._exit(1)  # do not wait in collectives that will never complete
+        raise
+
+
+def _report_rank_failure(error, info):
+    frames = traceback.extract_tb(error.__traceback__)
+    if any("torch/distributed/" in f.filename.replace(os.sep, "/") for f in frames[-3:]):
+        # Either a peer died (it printed its own error) or the collective itself is wrong
+        # here: the error's own words tell which, so every rank prints them.
+        summary = " ".join(str(error).split())[:500]
+        report = (f"[rank {info.rank}] stopped: a collective failed: {type(error).__name__}: "
+                  f"{summary}\n")
+    else:
+        report = f"[rank {info.rank}] {''.join(traceback.format_exception(error))}"
+    print(report, file=sys.stderr, end="", flush=True)
+
+
+def _fail(message, show=True):
+    if show:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def all_reduce_sum(tensor, info):
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def unwrap(model):
+    """The plain module inside DDP and torch.compile wrappers (whose state dict keys
+    carry `module.` / `_orig_mod.` prefixes)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def wrap_ddp(model, device, info):
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def barrier(info):
+    if info.enabled:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first(info):
+    """Rank 0 runs the block first (downloads, tokenizes, writes caches); the others then
+    run it too and find the files ready."""
+    if not info.is_main:
+        barrier(info)
+    yield
+    if info.is_main:
+        barrier(info)

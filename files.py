@@ -1,0 +1,60 @@
+"""Files: the bottom layer. Bad input as one line (UserError), and writes that leave either
+the old file or the new one, never half of one."""
+
+import os
+import tempfile
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input (a flag, a file): reported as one line `error: ...`, exit code 2."""
+
+
+class DataError(UserError):
+    """A problem with the input data, reported as one line (no traceback)."""
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (full disk, permissions): one line naming it. Still an
+    OSError, for callers that carry on without the file (the token cache)."""
+
+
+def _atomic_write(path, write):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`:
+    a crash at any point leaves either the old file or the new one, never half of one,
+    and a failure leaves no temporary file."""
+    path = os.fspath(path)
+    tmp = None
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        # torch.save reports a full disk as a RuntimeError of its zip writer.
+        if isinstance(e, OSError | RuntimeError) and not isinstance(e, WriteError):
+            detail = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+            raise WriteError(f"cannot write {path}: {detail}; the previous file, if any, "
+                             "is unchanged") from None
+        raise
+
+
+def atomic_save(obj, path):
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))

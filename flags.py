@@ -1,0 +1,309 @@
+"""Flags: the parser of each script and how its flags become the settings objects
+(TrainConfig, BertConfig, Masking, Windowing, ...), each of which checks its own ranges
+(rules.py); on --checkpoint, the flags saved in the state file, with those given again
+on the command line winning.
+
+Every problem is one line `error: ...`, exit code 2. (Paths and locks: checks.py.)
+"""
+
+import argparse
+import copy
+import re
+import sys
+
+import data
+import rules
+import tokenizer
+import trainer
+import utils
+import windows
+from files import UserError
+from model import BertConfig
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: --flag value: why`, exit 2) and both
+    spellings of every flag: the old example's underscores (--batch_size) and dashes
+    (--batch-size) name the same flag."""
+
+    def error(self, message):
+        # argparse says "argument --lr: invalid float value: 'x'"; keep only the substance.
+        message = re.sub(r"^argument (--?[\w-]+)(/--?[\w-]+)*: ", r"\1: ", message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    def _add_action(self, action):
+        for option in list(action.option_strings):
+            if option.startswith("--"):
+                other = "--" + option[2:].translate(str.maketrans("_-", "-_"))
+                if other != option and other not in self._option_string_actions:
+                    action.option_strings.append(other)
+        return super()._add_action(action)
+
+
+def add_common_flags(parser, **defaults):
+    """Flags shared by the three scripts; each script passes its own defaults."""
+    d = defaults
+    parser.add_argument("--lr", type=float, default=d["lr"], help=f"initial learning rate (default {d['lr']})")
+    parser.add_argument("--clip", type=float, default=d["clip"],
+                        help=f"max gradient norm (default {d['clip']})")
+    parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"upper epoch limit (default {d['epochs']})")
+    parser.add_argument("--batch_size", type=int, default=d["batch_size"], metavar="N",
+                        help=f"sequences per batch and per process (default {d['batch_size']})")
+    parser.add_argument("--bptt", type=int, default=d["bptt"],
+                        help=f"sequence length in tokens, <cls> included (default {d['bptt']})")
+    parser.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
+    parser.add_argument("--log-interval", type=int, default=d["log_interval"], metavar="N",
+                        help="print the training loss every N optimizer steps (batches when "
+                             f"--grad-accum is 1) (default {d['log_interval']})")
+    parser.add_argument("--checkpoint", type=str, default="None",
+                        help="resume from this state file (see --state-file); the flags saved in it "
+                             "apply unless given again (default None)")
+    parser.add_argument("--save", type=str, default=d["save"], help=f"where to write the model (default {d['save']})")
+    parser.add_argument("--save-vocab", type=str, default="bert_vocab.pt",
+                        help="vocab file. mlm_task: reused if built from the same dataset and "
+                             "--min-freq, else built there; ns/qa_task: a copy of the checkpoint's "
+                             "vocab is written there (default bert_vocab.pt)")
+    parser.add_argument("--parallel", type=str, default="None", choices=["None", "DDP"],
+                        help="None: one process; DDP: DistributedDataParallel under torchrun, srun, "
+                             "or --world_size local processes (default None)")
+    parser.add_argument("--world_size", type=int, default=8,
+                        help="processes to spawn for --parallel DDP without a launcher (default 8; "
+                             "at most the number of GPUs)")
+    parser.add_argument("--data-dir", type=str, default=".data",
+                        help="folder of the datasets, downloaded there when absent (default .data)")
+    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto: cuda, else mps, else cpu (default auto)")
+    parser.add_argument("--dtype", type=str, default="fp32", choices=list(utils.DTYPES),
+                        help="autocast precision: fp32, bf16 (CPU or recent GPUs), fp16 (GPU, with a "
+                             "gradient scaler) (default fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
+    parser.add_argument("--max-steps", type=int, default=0, metavar="N",
+                        help="stop after N optimizer steps, then validate and test (default 0: no limit)")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="DataLoader worker processes building batches (default 0: in the main process)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="also write the state file every N steps (default 0: at epoch ends only)")
+    parser.add_argument("--state-file", type=str, default=d["state_file"],
+                        help=f"full training state for --checkpoint, written atomically (default {d['state_file']})")
+    add_optimizer_flags(parser)
+    # <task>_state.pt -> <task>_metrics.jsonl: each script names its files once.
+    metrics_file = d["state_file"].replace("_state.pt", "_metrics.jsonl")
+    parser.add_argument("--metrics-file", type=str, default=metrics_file,
+                        help="JSON lines, one per --log-interval (step, epoch, loss, lr, tokens_per_s) "
+                             f"and one per evaluation (its metrics) (default {metrics_file})")
+    parser.add_argument("--tensorboard", type=str, default=None, metavar="DIR",
+                        help="also write the metrics as TensorBoard events in DIR (needs the "
+                             "tensorboard package) (default: none)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: shown when stderr is a terminal)")
+
+
+def add_optimizer_flags(parser):
+    """The optimizer and the schedule. The defaults are the old example's (plain SGD, lr x0.1
+    when validation does not improve), so its commands mean what they meant."""
+    parser.add_argument("--optimizer", type=str, default="sgd", choices=trainer.OPTIMIZERS,
+                        help="sgd: plain SGD (the old example's); adamw: AdamW, fused kernels where "
+                             "PyTorch has them for the device (default sgd)")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="weight decay per unit of lr, never on biases and LayerNorm weights "
+                             "(adamw: decoupled; sgd: L2, added to the gradient) (default 0)")
+    parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                        help="adamw: decay rates of the gradient's moving averages (default "
+                             "0.9 0.999, PyTorch's; RoBERTa uses 0.9 0.98)")
+    parser.add_argument("--eps", type=float, default=1e-8,
+                        help="adamw: added to the denominator (default 1e-8; RoBERTa 1e-6)")
+    parser.add_argument("--schedule", type=str, default="plateau", choices=trainer.SCHEDULES,
+                        help="plateau: lr x0.1 after an epoch whose validation does not improve (the "
+                             "old example's); linear, cosine: per optimizer step, from --lr down to 0 "
+                             "at the last step of the run (default plateau)")
+    parser.add_argument("--warmup", type=float, default=0.0, metavar="F",
+                        help="linear and cosine: the fraction of all optimizer steps over which the "
+                             "lr rises linearly from 0 to --lr (default 0)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                        help="batches per optimizer step, their gradients summed: the effective "
+                             "batch is batch_size x N x processes; --max-steps, --log-interval and "
+                             "--save-every count optimizer steps (default 1)")
+
+
+def add_dataset_flag(parser, default):
+    parser.add_argument("--dataset", type=str, default=default,
+                        help="WikiText2, WikiText103, EnWik9, BookCorpus, or a folder of text files "
+                             f"(default {default})")
+
+
+MODEL_FLAGS = ("emsize", "nhid", "nlayers", "nhead", "dropout")
+
+
+def add_model_flags(parser, **fresh):
+    """Architecture flags. They default to None: a script that starts from --bert-model
+    takes the checkpoint's (a value given that contradicts it is an error); mlm_task.py,
+    which can also start from scratch, passes the sizes of a `fresh` model for the help."""
+    helps = {"emsize": "hidden size", "nhid": "feed-forward size", "nlayers": "encoder layers",
+             "nhead": "attention heads", "dropout": "dropout probability"}
+    for name in MODEL_FLAGS:
+        shown = "from --bert-model"
+        if name in fresh:
+            shown = f"{fresh[name]}, or from --bert-model when given"
+        parser.add_argument(f"--{name}", type=float if name == "dropout" else int, default=None,
+                            help=f"{helps[name]} (default {shown})")
+
+
+
+
+# Ranges of the flags that no settings object owns (the others: SETTINGS below).
+FLAG_RULES = {
+    "world_size": (rules.at_least(1), "must be at least 1"),
+    "bptt": (rules.at_least(4), "must be at least 4"),
+    "null_threshold": (rules.finite, "must be a finite number"),
+}
+# The settings objects flags become, each with the RULES of its fields.
+SETTINGS = (trainer.TrainConfig, data.Masking, data.Pairs, tokenizer.TokenizerSpec,
+            windows.Windowing)
+# Model flags override a checkpoint's BertConfig: each is checked by BertConfig's own rule.
+MODEL_RULES = {name: BertConfig.RULES[name] for name in MODEL_FLAGS}
+
+
+def check_values(args, parser):
+    """Every flag value against its rule: FLAG_RULES, the model flags' and those of the
+    SETTINGS classes. The first that breaks is the error; a flag the script does not have
+    is skipped, as is None (not given: it comes from a checkpoint)."""
+    tables = [FLAG_RULES, MODEL_RULES, *(owner.RULES for owner in SETTINGS)]
+    probe = argparse.Namespace(**{name: getattr(args, name, None)
+                                  for table in tables for name in table})
+    for table in tables:
+        try:
+            rules.check(probe, table)
+        except rules.SettingError as e:
+            raise flag_error(parser, e) from None
+
+
+def flag_error(parser, error):
+    """A SettingError as the user typed it: `--lr -1.0: must be > 0` (without a parser,
+    the dashed spelling, which every script accepts too)."""
+    if parser is not None and any(a.dest == error.name for a in parser._actions):
+        name = flag_name(parser, error.name)
+    else:
+        name = "--" + error.name.replace("_", "-")
+    shown = " ".join(map(str, error.value)) if isinstance(error.value, list | tuple) \
+        else error.value
+    return UserError(f"{name} {shown}: {error.requirement}")
+
+
+def flag_name(parser, dest):
+    return next(a.option_strings[0] for a in parser._actions if a.dest == dest)
+
+
+def settings(cls, args, parser=None, **given):
+    """A settings object from the flags of the same names (plus `given`), its rules'
+    errors named by flag."""
+    values = {name: getattr(args, name) for name in cls.__dataclass_fields__
+              if hasattr(args, name)}
+    try:
+        return cls(**{**values, **given})
+    except rules.SettingError as e:
+        raise flag_error(parser, e) from None
+
+
+def model_config(config, args, source):
+    """`config` (of checkpoint `source`) after the model flags: an architecture flag must
+    agree with it; --dropout, when given, replaces its dropout. --bptt must fit its
+    positions."""
+    for name in MODEL_FLAGS:
+        given = getattr(args, name, None)
+        if name != "dropout" and given is not None and given != getattr(config, name):
+            raise UserError(f"--{name} {given} does not fit {source}, whose model has "
+                            f"{name} {getattr(config, name)}; leave the flag out to use the checkpoint's")
+    if getattr(args, "dropout", None) is not None:
+        config.dropout = args.dropout
+    check_bptt(args.bptt, config, source)
+    return config
+
+
+def check_bptt(bptt, config, source):
+    if bptt > config.max_len:
+        raise UserError(f"--bptt {bptt} is longer than the {config.max_len} positions of {source}")
+
+
+def parse_args(parser, argv=None):
+    """Parse flags and check their values; with --checkpoint, start from the flags saved in
+    the state file and apply only those given on this command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    try:
+        if args.checkpoint != "None":
+            args = _merge_saved_flags(parser, argv, args)
+        args.script = parser.prog
+        check_values(args, parser)
+        settings(trainer.TrainConfig, args, parser)  # the rules between flags, too
+    except UserError as e:
+        parser.error(str(e))
+    return args
+
+
+def _merge_saved_flags(parser, argv, args):
+    import torch
+
+    path = args.checkpoint
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise UserError(f"--checkpoint {path}: no such file") from None
+    except Exception as e:  # torch raises many kinds; its messages advise on unsafe loading
+        raise UserError(f"--checkpoint {path}: not a state file of this project "
+                        f"({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "state" or "args" not in ckpt:
+        raise UserError(f"--checkpoint {path}: not a state file (those are written to "
+                        "--state-file)")
+    check_saved_flags(parser, ckpt["args"], path)
+    script = ckpt.get("script") or ckpt["args"].get("script")
+    foreign = sorted(set(ckpt["args"]) - {a.dest for a in parser._actions} - {"script"})
+    if (script and script != parser.prog) or (not script and foreign):
+        writer = f"a state file of {script}; resume it with python {script} --checkpoint {path}"
+        raise UserError(f"--checkpoint {path}: " + (
+            writer if script else f"a state file of another script (with its flags "
+                                  f"{', '.join('--' + f for f in foreign[:3])})"))
+    merged = dict(ckpt["args"])
+    given = explicit_flags(parser, argv)
+    merged.update({k: v for k, v in vars(args).items() if k in given or k not in merged})
+    return argparse.Namespace(**merged)
+
+
+def check_saved_flags(parser, saved, path):
+    """The flags of a state file are data from disk: a dict of flag names to values of
+    each flag's type, or a one-line error naming the file."""
+    if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
+        raise UserError(f"--checkpoint {path}: its saved flags are a {type(saved).__name__}, "
+                        "not a dict of flag names (not a state file of this project)")
+    if not isinstance(saved.get("script") or "", str):
+        raise UserError(f"--checkpoint {path}: its saved script name is not a string")
+    for action in parser._actions:
+        value = saved.get(action.dest)
+        if value is None or not action.option_strings or action.dest == "help":
+            continue
+        if not isinstance(value, _saved_type(action)):
+            raise UserError(f"--checkpoint {path}: its saved {action.option_strings[0]} "
+                            f"{value!r} is not a value of that flag")
+
+
+def _saved_type(action):
+    """The Python types a flag's saved value may have."""
+    if isinstance(action.default, bool):  # store_true flags
+        return bool
+    if action.nargs not in (None, 0):
+        return list | tuple
+    if action.type is float:
+        return int | float
+    if action.type in (int, str):
+        return action.type
+    return object
+
+
+def explicit_flags(parser, argv):
+    """The flags given on the command line (not defaults): on resume they override the
+    saved ones, everything else comes from the state file."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+

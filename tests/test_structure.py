@@ -1,0 +1,75 @@
+"""The layout's promises (README, "Where things are"): each concern in its own module, no
+import cycle among them, no grab-bag modules or long functions, and no task script imported
+by library code, bench.py or the tests' helpers."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = {p.stem: p for p in REPO.glob("*.py")}
+SCRIPTS = {"mlm_task", "ns_task", "qa_task", "bench", "convert", "plot", "metrics"}
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = {"qa_task": 300, "utils": 350}
+MAX_LINES = 600
+
+
+def tree(name):
+    return ast.parse(MODULES[name].read_text(encoding="utf-8"))
+
+
+def imports(name):
+    """The modules of this project `name` imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(tree(name)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES) - {name}
+
+
+def test_no_import_cycle():
+    graph = {name: imports(name) for name in MODULES}
+    state = {}
+
+    def visit(name, path):
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = path[path.index(name):] + [name]
+            pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+        state[name] = "visiting"
+        for other in sorted(graph[name]):
+            visit(other, path + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_no_task_script_is_imported_by_a_module_or_bench():
+    for name in MODULES:
+        if name in SCRIPTS - {"metrics"}:
+            continue
+        tasks = imports(name) & {"mlm_task", "ns_task", "qa_task"}
+        assert not tasks, f"{name}.py imports the script(s) {sorted(tasks)}"
+    assert not imports("bench") & {"mlm_task", "ns_task", "qa_task"}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_and_functions_stay_short(name):
+    lines = len(MODULES[name].read_text(encoding="utf-8").splitlines())
+    limit = MAX_MODULE_LINES.get(name, MAX_LINES)
+    assert lines <= limit, f"{name}.py has {lines} lines (at most {limit})"
+    for node in ast.walk(tree(name)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            assert length <= MAX_FUNCTION_LINES, (
+                f"{name}.py: {node.name} has {length} lines (at most {MAX_FUNCTION_LINES})")
+
+
+def test_model_py_holds_only_modules_and_their_config():
+    """model.py imports no I/O, flags or data code of this project."""
+    assert imports("model") <= {"kernels", "rules"}
