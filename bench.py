@@ -4,6 +4,7 @@ A short copy of the training step that only measures (as nanoGPT's bench.py):
 
     python bench.py --config small --quick
     python bench.py --config base --quick
+    python bench.py --loop --config small --quick   # the real loop against its bare step
 
 Ours and theirs run in one process on one device with the same architecture, weights,
 batch and optimizer, interleaved (ours, theirs, ours, theirs, ...) so that a busy
@@ -14,16 +15,16 @@ last line is machine-readable:
 
 R and Q are throughputs, ours / transformers (> 1: ours is faster); M is the model
 FLOP/s of our training step over the matmul FLOP/s this device reaches (matmul_calls).
+With --loop the last line is `loop_ratio L batch_ms B`: the tokens/s of trainer.py's loop
+over those of its bare step (1: the loop costs nothing beyond the step), and the
+milliseconds one 64x128 MLM batch takes to build.
 """
 
 import argparse
 import json
 import os
 import random
-import resource
-import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -34,13 +35,14 @@ import torch
 import torch.nn.functional as F
 
 import answers
-import corpus
+import data
+import distributed
 import squad
 import tokenizer
+import trainer
 import utils
 import windows
 from model import BertConfig, MLMTask, QuestionAnswerTask, flops_per_token_train
-from tokenizer import TokenizerSpec
 from transformers_format import ours_to_transformers_state_dict, their_bert_config
 
 VOCAB_SIZE = 28785  # the pretraining recipe's WikiText-103 vocabulary
@@ -48,13 +50,13 @@ SEQ_LEN = 128
 # 15% masked: the same count in every row, so every step does the same work.
 N_MASKED = round(0.15 * SEQ_LEN)
 # Architectures compared; timing as (rounds, training steps per round) for --quick and
-# without it (--quick stays under 90 s on a 2-core CPU); SQuAD questions in the QA
-# benchmark (0: all of the file).
+# without it (--quick stays under 90 s on an idle 2-core CPU); SQuAD questions in the QA
+# benchmark (0: all of the file); --loop's (rounds, steps) with and without --quick.
 CONFIGS = {
     "small": dict(emsize=256, nlayers=4, nhead=4, nhid=1024, batch_size=16,
-                  quick=(9, 2), full=(15, 5), qa_questions=0),
+                  quick=(9, 2), full=(15, 5), qa_questions=0, loop=((5, 8), (9, 16))),
     "base": dict(emsize=768, nlayers=12, nhead=12, nhid=3072, batch_size=8,
-                 quick=(3, 1), full=(10, 2), qa_questions=12),
+                 quick=(3, 1), full=(10, 2), qa_questions=12, loop=((3, 3), (6, 6))),
 }
 ARCH = ("emsize", "nlayers", "nhead", "nhid")
 # Inputs beside the repo (../shared/data), when there.
@@ -360,91 +362,92 @@ def bench_qa(arch, batch_size, device, squad_file=None, n_questions=0, rounds=2,
 
 
 ###############################################################################
-# Data pipeline
+# The training loop against its bare step
 ###############################################################################
 
 
-def bench_data(text_file, corpus_dir, tokenizer_kind="basic_english"):
-    """Tokenize, numericalize and cache a WikiText-103-sized corpus, then load the cache.
+class LoopTask:
+    """What trainer.Trainer asks of a task, with MLM batches made as mlm_task.py makes them
+    (data.mlm_batch: <cls> + a window of the token stream, masked with BERT's 80/10/10)
+    from an in-memory corpus of random tokens at the bench's vocabulary."""
 
-    The corpus is `text_file` (by default the real WikiText-2 validation split) repeated
-    480 times (~540 MB from WikiText-2's 1.12 MB, built once in `corpus_dir`), laid out as
-    WikiText-103. Run alone (python bench.py --data) so that the peak resident memory
-    measured is the pipeline's: this process's plus the tokenizer workers' (an upper
-    bound: the largest worker's peak times their number). With --tokenizer wordpiece,
-    the `tokenizers` library alone then trains on the same sample and batch-encodes the
-    same text, for the ratio of our pipeline's time to the library's.
-    """
-    if not Path(text_file).is_file():
-        # Real text only: the numbers stand for WikiText-103's vocabulary and line lengths.
-        sys.exit(f"error: --data needs {text_file} (--text-file: WikiText-layout text)")
-    folder = Path(corpus_dir) / "wikitext-103"
-    text = Path(text_file).read_bytes()
-    repeats = 480  # 480 x 1.12 MB: WikiText-103's size, ~103M tokens
-    train = folder / "wiki.train.tokens"
-    if not (train.exists() and train.stat().st_size == len(text) * repeats):
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(train, "wb") as f:
-            for _ in range(repeats):
-                f.write(text)
-        lines = text.decode("utf-8").splitlines(keepends=True)
-        (folder / "wiki.valid.tokens").write_text("".join(lines[:700]), encoding="utf-8")
-        (folder / "wiki.test.tokens").write_text("".join(lines[-700:]), encoding="utf-8")
-    shutil.rmtree(folder / ".cache", ignore_errors=True)
-    vocab_path = Path(corpus_dir) / "bench_vocab.pt"
-    vocab_path.unlink(missing_ok=True)
+    best_metric = ("loss", "min")
 
-    def load():
-        return corpus.load_splits("WikiText103", corpus_dir, vocab_path=vocab_path,
-                                  log=lambda *_: None, spec=TokenizerSpec(tokenizer_kind))
+    def __init__(self, config, batch_size, seed, n_windows):
+        self.config, self.batch_size, self.seed = config, batch_size, seed
+        specials = list(tokenizer.SPECIALS)
+        self.vocab = tokenizer.Vocab(specials + [f"w{i}" for i in
+                                                 range(config.vocab_size - len(specials))])
+        ids = torch.randint(len(specials), config.vocab_size, (n_windows * (SEQ_LEN - 1),),
+                            generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+        self.windows = data.mlm_windows(data.TokenizedSplit(ids, torch.tensor([0, len(ids)])),
+                                        SEQ_LEN)
+        self.masking = data.Masking.of(self.vocab, 0.15, "bert")
 
-    start = time.perf_counter()
-    vocab, splits = load()
-    tokenize_s = time.perf_counter() - start
-    n_tokens = sum(len(s.ids) for s in splits.values())
-    del splits
-    start = time.perf_counter()
-    _, cached = load()
-    load_s = time.perf_counter() - start
-    assert sum(len(s.ids) for s in cached.values()) == n_tokens
-    # WordPiece encodes on threads of the tokenizers library, in this process.
-    workers = corpus.default_workers() if tokenizer_kind == "basic_english" else 0
-    report_data(train, n_tokens, vocab, tokenize_s, load_s, workers)
-    if tokenizer_kind == "wordpiece":
-        library_s = library_wordpiece_seconds(folder, len(vocab))
-        print(f"data: the tokenizers library alone (train on the same sample, batch-encode "
-              f"every split) {library_s:.1f} s; ours / library {tokenize_s / library_s:.2f}")
-        print(f"data_wordpiece_ratio {tokenize_s / library_s:.2f}")
+    def train_batches(self, epoch):
+        order = data.epoch_order(len(self.windows), self.seed, epoch, shuffle=True,
+                                 batch_size=self.batch_size)
+        make_batch = partial(data.mlm_batch, self.windows, self.vocab.cls_id, self.masking,
+                             self.seed, epoch)
+        return data.Batches(make_batch, order, self.batch_size)
+
+    @staticmethod
+    def loss(model, batch):
+        logits = model(batch["inputs"], batch["masked_positions"])
+        return F.cross_entropy(logits.float(), batch["targets"])
 
 
-def library_wordpiece_seconds(folder, vocab_size):
-    """Seconds the `tokenizers` library alone takes to learn a vocabulary from the sample
-    our pipeline learns from, then batch-encode the text of every split (in the same
-    chunks, so that memory stays bounded as ours does)."""
-    from tokenizers import trainers
-
-    ranges = corpus.split_byte_ranges(corpus.dataset_files("WikiText103", folder.parent))
-    start = time.perf_counter()
-    library = tokenizer.bert_wordpiece_pipeline()
-    specials = list(tokenizer.WORDPIECE_SPECIALS.values())
-    library.train_from_iterator(corpus._sample_lines(ranges["train"]), trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=specials, show_progress=False))
-    for split in corpus.SPLITS:
-        for job in corpus._chunks(ranges[split]):
-            library.encode_batch(corpus._read_text(*job).splitlines(), add_special_tokens=False)
-    return time.perf_counter() - start
+def batch_build_ms(config, seed, batch_size=64, n=20):
+    """Median milliseconds to build one MLM batch of batch_size x SEQ_LEN on the CPU."""
+    batches = LoopTask(config, batch_size, seed, batch_size * n).train_batches(1)
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        batches[i]
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
-def report_data(train, n_tokens, vocab, tokenize_s, load_s, workers):
-    main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    peak_mb = main_mb + workers * worker_mb
-    print(f"data: {train.stat().st_size / 1e6:.0f} MB of text, {n_tokens / 1e6:.1f}M tokens, vocab "
-          f"{len(vocab)}, {workers} worker processes")
-    print(f"data: vocab + token ids + cache {tokenize_s:.1f} s; peak resident {main_mb:.0f} MB + "
-          f"{workers} x {worker_mb:.0f} MB = {peak_mb:.0f} MB; cache load {load_s:.2f} s")
-    print(f"data_tokenize_s {tokenize_s:.1f} data_peak_rss_mb {peak_mb:.0f} "
-          f"data_cache_load_s {load_s:.2f}")
+def bench_loop(config, batch_size, rounds, steps, device, dtype="fp32", seed=0, compile=False,
+               num_workers=0):
+    """Tokens/s of the real loop (trainer.Trainer.train_epoch: batches built, moved to the
+    device, the step with AdamW, warmup, clipping, the loss and metrics log) and of its
+    bare step (Trainer.step on one batch already on the device): (loop, bare). Timed in
+    the same epoch, `steps` of each in turn for `rounds` rounds after one of warm-up."""
+    task = LoopTask(config, batch_size, seed, batch_size * (steps * (2 * rounds + 2) + 1))
+    torch.manual_seed(seed)
+    model = MLMTask(config).to(device)
+    times = {"loop": [], "bare": []}
+    with tempfile.TemporaryDirectory() as folder:
+        settings = trainer.TrainConfig(
+            lr=1e-4, clip=1.0, epochs=1, batch_size=batch_size, seed=seed, log_interval=10,
+            state_file=f"{folder}/state.pt", metrics_file=f"{folder}/metrics.jsonl",
+            max_steps=steps * (rounds + 1), num_workers=num_workers, optimizer="adamw",
+            schedule="linear", warmup=0.1, weight_decay=0.01, dtype=dtype, compile=compile)
+        loop = trainer.Trainer(task, model, settings, distributed.DistInfo(), device,
+                               lambda *a: None)
+        fixed = utils.to_device(task.train_batches(1)[0], device)
+        after_step, mark = loop.after_step, []
+
+        def timed_after_step(window, first_bad_step):
+            stop = after_step(window, first_bad_step)
+            if loop.state.global_step % steps == 0:  # a round's loop steps are done
+                seconds_per_call(lambda: None, 1, device)  # waits for the device
+                if mark:
+                    times["loop"].append((time.perf_counter() - mark[-1]) / steps)
+                times["bare"].append(seconds_per_call(lambda: loop.step([fixed]), steps,
+                                                      device))
+                mark.append(time.perf_counter())
+            return stop
+
+        loop.after_step = timed_after_step
+        loop.train_epoch()
+    tokens = batch_size * SEQ_LEN
+    loop_s, bare_s = statistics.median(times["loop"]), statistics.median(times["bare"][1:])
+    print(f"loop: the trainer's loop {tokens / loop_s:.0f} tok/s ({loop_s * 1e3:.1f} ms/step), "
+          f"its bare step {tokens / bare_s:.0f} tok/s ({bare_s * 1e3:.1f} ms/step), "
+          f"{num_workers} DataLoader workers")
+    return tokens / loop_s, tokens / bare_s
 
 
 ###############################################################################
@@ -487,6 +490,14 @@ def parse_args(argv=None):
                              "the config's batch size)")
     parser.add_argument("--qa-rounds", type=int, default=None,
                         help="timed QA rounds of ours then theirs (default 2 with --quick, else 5)")
+    parser.add_argument("--loop", action="store_true",
+                        help="only the training loop against its bare step: trainer.Trainer's "
+                             "epoch (batches built, moved, stepped with AdamW and clipping, "
+                             "logged) and Trainer.step on a batch already on the device; prints "
+                             "loop_ratio (default off)")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="--loop: DataLoader worker processes, as the scripts' flag "
+                             "(default 0)")
     parser.add_argument("--data", action="store_true",
                         help="only the data-pipeline benchmark: tokenize, numericalize and cache a "
                              "WikiText-103-sized corpus (~540 MB), then load the cache "
@@ -518,7 +529,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.data:
-        return bench_data(args.text_file, args.data_corpus, args.tokenizer)
+        import bench_data  # the pipeline alone, in its own module
+
+        return bench_data.bench_data(args.text_file, args.data_corpus, args.tokenizer)
 
     spec = CONFIGS[args.config]
     arch = {k: spec[k] for k in ARCH}
@@ -531,6 +544,8 @@ def main(argv=None):
           f"masked {N_MASKED / SEQ_LEN:.4f}, dropout {args.dropout}, device {device} {dtype}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     t_start = time.perf_counter()
+    if args.loop:
+        return main_loop(args, spec, config, batch_size, device, dtype, t_start)
 
     # The matmul rate is timed in the same rounds as the training steps, so that both see
     # the same machine.
@@ -551,6 +566,16 @@ def main(argv=None):
     print(f"timed in {time.perf_counter() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f}")
     print(f"mlm_train_ratio {ours_tps / theirs_tps:.3f} qa_infer_ratio {qa_infer_ratio:.3f} "
           f"mfu {mfu:.3f}")
+
+
+def main_loop(args, spec, config, batch_size, device, dtype, t_start):
+    rounds, steps = spec["loop"][0 if args.quick else 1]
+    loop_tps, bare_tps = bench_loop(config, batch_size, rounds, steps, device, dtype, args.seed,
+                                    args.compile, args.num_workers)
+    build_ms = batch_build_ms(config, args.seed)
+    print(f"batch: building one 64x{SEQ_LEN} MLM batch on the CPU takes {build_ms:.2f} ms")
+    print(f"timed in {time.perf_counter() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f}")
+    print(f"loop_ratio {loop_tps / bare_tps:.3f} batch_ms {build_ms:.2f}")
 
 
 if __name__ == "__main__":

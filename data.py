@@ -6,6 +6,8 @@ makes those from the files on disk, with a tokenizer of tokenizer.py.
 """
 
 import hashlib
+import queue
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -212,6 +214,16 @@ def epoch_order(n_items, seed, epoch, shuffle, rank=0, world_size=1, batch_size=
     return order[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 or drop_last else order
 
 
+def evaluation_order(n_items, batch_size, max_batches=0):
+    """The items an evaluation scores: all of them in order, or (--eval-batches) at most
+    max_batches batches of items spread evenly over the split: the same sample every
+    time, whatever the number of ranks, so evaluations compare across a run."""
+    if not max_batches or n_items <= max_batches * batch_size:
+        return torch.arange(n_items)
+    n = max_batches * batch_size
+    return torch.arange(n) * n_items // n
+
+
 class Batches(torch.utils.data.Dataset):
     """Item i is batch i of an epoch: make_batch(i, order[i * batch_size:(i + 1) * batch_size]).
 
@@ -247,3 +259,64 @@ def batch_loader(dataset, start, num_workers, pin_memory):
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
         multiprocessing_context=context, generator=torch.Generator(), pin_memory=pin_memory)
+
+
+class Prefetch:
+    """The items of `iterable` (a batch loader), made `depth` ahead by a background
+    thread, so that the next batch is ready when the step asks for it: the loop runs at
+    its step's speed. On a GPU the step itself only queues kernels, so building (and
+    pinning) the next batch overlaps the device's work; DataLoader workers
+    (--num-workers) are processes that take seconds to start and memory to run, this is
+    one thread of the training process. The batches and their order are the loader's:
+    building them draws on no global random state, so a resumed run is unchanged.
+
+    Use as a context manager (or close()), which stops the thread when the loop stops
+    early."""
+
+    _END = object()
+
+    def __init__(self, iterable, depth=2):
+        self.items = queue.Queue(depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._fill, args=(iterable,), daemon=True,
+                                       name="batch-prefetch")
+        self.thread.start()
+
+    def _fill(self, iterable):
+        try:
+            for item in iterable:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # the loop raises it where it asked for the batch
+            self._put(_Failure(e))
+
+    def _put(self, item):
+        while not self.stopping.is_set():
+            try:
+                self.items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while (item := self.items.get()) is not self._END:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Failure:
+    def __init__(self, error):
+        self.error = error

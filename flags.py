@@ -77,13 +77,25 @@ def add_common_flags(parser, **defaults):
     parser.add_argument("--dtype", type=str, default="fp32", choices=list(utils.DTYPES),
                         help="autocast precision: fp32, bf16 (CPU or recent GPUs), fp16 (GPU, with a "
                              "gradient scaler) (default fp32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (--no-compile: eager) (default: on for "
+                             "CUDA, where it fuses the elementwise work between the matmuls; "
+                             "off elsewhere)")
     parser.add_argument("--max-steps", type=int, default=0, metavar="N",
                         help="stop after N optimizer steps, then validate and test (default 0: no limit)")
     parser.add_argument("--num-workers", type=int, default=0,
                         help="DataLoader worker processes building batches (default 0: in the main process)")
     parser.add_argument("--save-every", type=int, default=0, metavar="N",
                         help="also write the state file every N steps (default 0: at epoch ends only)")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
+                        help="also validate every N optimizer steps, mid-epoch; the best model, "
+                             "the plateau schedule and the metrics log follow each validation "
+                             "(default 0: at epoch ends only)")
+    parser.add_argument("--eval-batches", type=int, default=0, metavar="N",
+                        help="at most N batches per evaluation, a fixed sample spread evenly over "
+                             "the split, the final test included (qa_task.py: its validations; "
+                             "the predictions file always answers every question) (default 0: "
+                             "every batch)")
     parser.add_argument("--state-file", type=str, default=d["state_file"],
                         help=f"full training state for --checkpoint, written atomically (default {d['state_file']})")
     add_optimizer_flags(parser)

@@ -127,11 +127,14 @@ def tensorboard_writer(folder):
 
 
 # How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
-DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%"}
+DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%",
+           "tokens": "d", "pairs": "d", "questions": "d"}
 
 
 def format_metrics(split, metrics):
-    """'valid loss  6.50000 | valid ppl   665.14' of {"loss": 6.5, "ppl": 665.14}."""
+    """'valid loss  6.50000 | valid ppl   665.14 | valid tokens 1234' of {"loss": 6.5,
+    "ppl": 665.14, "tokens": 1234}: the counts ("tokens", "pairs", "questions") say how
+    much was scored."""
     parts = []
     for name, value in metrics.items():
         spec = DISPLAY.get(name, "g")

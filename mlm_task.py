@@ -96,11 +96,14 @@ class MLM:
         return self._batches(self.windows["train"], order, epoch, self.masking)
 
     def eval_batches(self, split):
-        """Every sequence of a split, masked the same way whatever the training masks
-        (EVAL_MASKING), every epoch and with any number of ranks."""
+        """The sequences of a split (all, or --eval-batches' sample), masked the same way
+        whatever the training masks (EVAL_MASKING), every epoch and with any number of
+        ranks."""
         windows = self.windows[split]
+        order = data.evaluation_order(len(windows), self.args.batch_size,
+                                      self.args.eval_batches)
         masking = data.Masking.of(self.vocab, *EVAL_MASKING)
-        return self._batches(windows, torch.arange(len(windows)), f"eval-{split}", masking)
+        return self._batches(windows, order, f"eval-{split}", masking)
 
     @staticmethod
     def loss(model, batch, reduction="mean"):
@@ -108,12 +111,13 @@ class MLM:
         return F.cross_entropy(logits.float(), batch["targets"], reduction=reduction)
 
     def evaluate(self, model, split):
-        """Mean loss over every masked token of the split, on eval_batches' fixed masks."""
+        """Mean loss over the masked tokens of eval_batches, on their fixed masks; and how
+        many tokens were scored."""
         loss_sum, n_targets = trainer.evaluation_sums(
             model, self.eval_batches(split), self._sums, 2, self.info, self.device,
             self.args.dtype)
         loss = loss_sum / n_targets
-        return {"loss": loss, "ppl": logs.perplexity(loss)}
+        return {"loss": loss, "ppl": logs.perplexity(loss), "tokens": int(n_targets)}
 
     def _sums(self, model, batch):
         loss_sum = self.loss(model, batch, reduction="sum").double()

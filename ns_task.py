@@ -84,12 +84,16 @@ class NextSentence:
         return F.cross_entropy(self.logits(model, batch), batch["labels"])
 
     def evaluate(self, model, split):
-        """Mean loss and accuracy over every pair of the split (fixed pairs)."""
+        """Mean loss and accuracy over the split's fixed pairs (all, or --eval-batches'
+        sample), and how many pairs were scored."""
         pairs = self.eval_pairs[split]
-        batches = self._batches(split, pairs, torch.arange(len(pairs["label"])))
+        order = data.evaluation_order(len(pairs["label"]), self.args.batch_size,
+                                      self.args.eval_batches)
         loss_sum, n_right, n_pairs = trainer.evaluation_sums(
-            model, batches, self._sums, 3, self.info, self.device, self.args.dtype)
-        return {"loss": loss_sum / n_pairs, "accuracy": 100 * n_right / n_pairs}
+            model, self._batches(split, pairs, order), self._sums, 3, self.info, self.device,
+            self.args.dtype)
+        return {"loss": loss_sum / n_pairs, "accuracy": 100 * n_right / n_pairs,
+                "pairs": int(n_pairs)}
 
     def _sums(self, model, batch):
         logits, labels = self.logits(model, batch), batch["labels"]

@@ -109,6 +109,12 @@ class QA:
         self.null_threshold = args.null_threshold if self.squad_v2 else None
         self.train_windows = make_windows(train_questions, vocab, windowing, training=True)
         self.dev_windows = make_windows(dev_questions, vocab, windowing)
+        # Validations score --eval-batches' sample of the questions; the test scores all.
+        sample = [dev_questions[i] for i in data.evaluation_order(
+            len(dev_questions), args.batch_size, args.eval_batches)]
+        self.valid_windows = (self.dev_windows if len(sample) == len(dev_questions)
+                              else make_windows(sample, vocab, windowing))
+        self.valid_dataset = squad.subset(self.dev_dataset, {q.qid for q in sample})
         for path, windows, use in ((paths["train"], self.train_windows, "skipped for training"),
                                    (paths["dev"], self.dev_windows, "not used for the valid loss")):
             if windows.unusable_answers:
@@ -140,11 +146,12 @@ class QA:
 
     def evaluate(self, model, split):
         """Loss, exact match and F1 on the dev file (the "test" is the best model's final
-        pass over it, which rank 0 writes as the official predictions files and scores)."""
+        pass over all of it, which rank 0 writes as the official predictions files and
+        scores), and how many questions were scored."""
         a = self.args
+        windows = self.dev_windows if split == "test" else self.valid_windows
         best, null_scores, loss = answers.evaluate_all(
-            model, self.dev_windows, a.max_answer_len, a.batch_size, self.device, a.dtype,
-            self.info)
+            model, windows, a.max_answer_len, a.batch_size, self.device, a.dtype, self.info)
         if split == "test" and self.info.is_main:
             paths = {flag: self.outputs[flag][0] for flag in ("--predictions", "--na-probs")}
             scores, _ = answers.write_predictions(paths, self.dev_dataset, best, null_scores,
@@ -153,8 +160,10 @@ class QA:
                 self.log(answers.v2_summary(scores))
         else:
             predictions = answers.to_predictions(best, null_scores, self.null_threshold)
-            scores = answers.official_scores(self.dev_dataset, predictions)
-        return {"loss": loss, "exact": scores["exact"], "f1": scores["f1"]}
+            dataset = self.dev_dataset if split == "test" else self.valid_dataset
+            scores = answers.official_scores(dataset, predictions)
+        return {"loss": loss, "exact": scores["exact"], "f1": scores["f1"],
+                "questions": len(best)}
 
     def save_best(self, model):
         checkpoint.save_model("qa", model, self.config, self.vocab, self.args.save,

@@ -205,6 +205,16 @@ def read_squad(path):
     return questions, dataset
 
 
+def subset(dataset, qids):
+    """The SQuAD `data` list with only the questions whose id is in `qids` (the list
+    itself when it holds no other): what an evaluation of those questions is scored on."""
+    if all(qa["id"] in qids for qa in iter_questions(dataset)):
+        return dataset
+    return [{**article, "paragraphs": [
+        {**paragraph, "qas": [qa for qa in paragraph["qas"] if qa["id"] in qids]}
+        for paragraph in article["paragraphs"]]} for article in dataset]
+
+
 def count_questions(questions):
     """"N questions", and how many have no answer when some do (SQuAD v2.0)."""
     unanswerable = sum(q.unanswerable for q in questions)

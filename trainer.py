@@ -121,6 +121,8 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit
     num_workers: int = 0
     save_every: int = 0  # 0: at epoch ends only
+    eval_every: int = 0  # validate every N optimizer steps too; 0: at epoch ends only
+    eval_batches: int = 0  # at most N batches per evaluation (read by the tasks); 0: all
     optimizer: str = "sgd"
     schedule: str = "plateau"
     weight_decay: float = 0.0
@@ -145,6 +147,8 @@ class TrainConfig:
         "max_steps": (rules.at_least(0), "must be at least 0 (0: no limit)"),
         "num_workers": (rules.at_least(0), "must be at least 0"),
         "save_every": (rules.at_least(0), "must be at least 0 (0: at epoch ends only)"),
+        "eval_every": (rules.at_least(0), "must be at least 0 (0: at epoch ends only)"),
+        "eval_batches": (rules.at_least(0), "must be at least 0 (0: every batch)"),
         "weight_decay": (lambda x: rules.finite(x) and x >= 0, "must be at least 0"),
         "warmup": (rules.fraction, "must be in [0, 1)"),
         "grad_accum": (rules.at_least(1), "must be at least 1"),
@@ -201,6 +205,7 @@ class TrainState:
     train_loss_log: list = field(default_factory=list)
     val_loss_log: list = field(default_factory=list)
     epoch_loss_sum: float = 0.0  # of the current epoch so far, for its train_loss_log entry
+    evaluated_step: int = -1  # global_step of the last validation
 
 
 class NonFiniteLoss(UserError):
@@ -363,20 +368,9 @@ class Trainer:
             stopped = self.train_epoch()
             if stopped == "signal":
                 return True
-            metrics = self.task.evaluate(distributed.unwrap(self.model), "valid")
-            st.val_loss_log.append(metrics["loss"])
-            self.log_evaluation("valid", metrics)
-            self.log("-" * 89)
-            self.log(f"| end of epoch {st.epoch:3d} | time: {time.time() - epoch_start:5.2f}s | "
-                     f"{logs.format_metrics('valid', metrics)}")
-            self.log("-" * 89)
-            score = self.score(metrics)
-            if st.best_score is None or score < st.best_score:
-                st.best_score = score
-                if self.info.is_main:
-                    self.task.save_best(distributed.unwrap(self.model))
-            elif not self.per_step_schedule:
-                self.scheduler.step()  # the old schedule: lr x0.1 when validation does not improve
+            if st.evaluated_step != st.global_step:  # not validated at this step already
+                self.validate(f"end of epoch {st.epoch:3d} | time: "
+                              f"{time.time() - epoch_start:5.2f}s")
             st.epoch += 1
             st.step_in_epoch = 0
             self.epoch_loss.zero_()
@@ -384,6 +378,25 @@ class Trainer:
             if stopped == "max_steps":
                 break
         return False
+
+    def validate(self, where):
+        """Evaluate the valid split; keep the model if it is the best so far; the old
+        schedule's lr x0.1 if it is not. `where`: the log line's first part."""
+        st = self.state
+        metrics = self.task.evaluate(distributed.unwrap(self.model), "valid")
+        st.val_loss_log.append(metrics["loss"])
+        st.evaluated_step = st.global_step
+        self.log_evaluation("valid", metrics)
+        self.log("-" * 89)
+        self.log(f"| {where} | {logs.format_metrics('valid', metrics)}")
+        self.log("-" * 89)
+        score = self.score(metrics)
+        if st.best_score is None or score < st.best_score:
+            st.best_score = score
+            if self.info.is_main:
+                self.task.save_best(distributed.unwrap(self.model))
+        elif not self.per_step_schedule:
+            self.scheduler.step()  # the old schedule: lr x0.1 when validation does not improve
 
     def no_sync(self, last):
         """DDP all-reduces the gradients in every backward: on all but the last batch of
@@ -424,30 +437,37 @@ class Trainer:
         first_bad_step = torch.full((), -1, device=self.device)
         loader = data.batch_loader(batches, st.step_in_epoch, config.num_workers,
                                    self.device.type == "cuda")
-        bar = logs.progress(total=len(batches), initial=st.step_in_epoch, unit="batch",
-                             desc=f"epoch {st.epoch}")
+        self.bar = logs.progress(total=len(batches), initial=st.step_in_epoch, unit="batch",
+                                  desc=f"epoch {st.epoch}")
         stopped = None
-        for group in micro_batch_groups(loader, config.grad_accum):
-            # No .item() here: a host sync every step stalls the GPU. Losses and the
-            # first non-finite step are accumulated on the device and read at log time.
-            loss_sum = self.step([utils.to_device(batch, self.device) for batch in group])
-            bad = ~torch.isfinite(loss_sum)
-            first_bad_step = torch.where(bad & (first_bad_step < 0), st.global_step + 1, first_bad_step)
-            window.add(loss_sum, group)
-            self.epoch_loss += loss_sum
-            st.step_in_epoch += len(group)
-            st.global_step += 1
-            bar.update(len(group))
-            stopped = self.after_step(window, first_bad_step)
-            if stopped:
-                break
-        bar.close()
+        with data.Prefetch(loader) as ready:
+            for group in micro_batch_groups(ready, config.grad_accum):
+                stopped = self.train_step(group, window, first_bad_step)
+                if stopped:
+                    break
+        self.bar.close()
         if stopped == "signal":
             return stopped
         if st.step_in_epoch:
             st.train_loss_log.append(self.epoch_loss.item() / st.step_in_epoch)
         self.epoch_loss.zero_()
         return "max_steps" if (config.max_steps and st.global_step >= config.max_steps) else None
+
+    def train_step(self, group, window, first_bad_step):
+        """One optimizer step of the epoch over `group` (its batches), then after_step."""
+        st = self.state
+        # No .item() here: a host sync every step stalls the GPU. Losses and the first
+        # non-finite step are accumulated on the device and read at log time.
+        loss_sum = self.step([utils.to_device(batch, self.device) for batch in group])
+        bad = ~torch.isfinite(loss_sum)
+        first_bad_step.copy_(torch.where(bad & (first_bad_step < 0), st.global_step + 1,
+                                         first_bad_step))
+        window.add(loss_sum, group)
+        self.epoch_loss += loss_sum
+        st.step_in_epoch += len(group)
+        st.global_step += 1
+        self.bar.update(len(group))
+        return self.after_step(window, first_bad_step)
 
     def after_step(self, window, first_bad_step):
         """Log, save, and stop checks after an optimizer step; returns "signal" or
@@ -478,6 +498,10 @@ class Trainer:
             if self.preemption.interrupted:
                 raise Interrupted
             return "signal"
+        if config.eval_every and st.global_step % config.eval_every == 0:
+            started = time.time()
+            self.validate(f"step {st.global_step:6d} | epoch {st.epoch:3d}")
+            window.start += time.time() - started  # the next ms/batch: training steps only
         if at_save:
             self.save_state()
         return "max_steps" if at_max else None

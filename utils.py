@@ -52,9 +52,12 @@ def check_precision(device, dtype):
 
 
 def setup_device(args, info):
-    """The rank's device, its precision checked (see check_precision)."""
+    """The rank's device, its precision checked (see check_precision); the defaults that
+    depend on it resolved in `args`: --compile on for CUDA."""
     device = get_device(args.device, info.local_rank)
     check_precision(device, args.dtype)
+    if getattr(args, "compile", False) is None:
+        args.compile = device.type == "cuda"
     return device
 
 

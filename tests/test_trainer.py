@@ -329,10 +329,12 @@ def test_metrics_log_has_a_row_per_log_interval_and_per_evaluation(modern_run):
         assert row["lr"] == pytest.approx(0.003 * optimizer.lr_factor(row["step"] - 1, 20, 4, "linear"))
         assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"])
     evaluations = [row for row in rows if "loss" not in row]
-    assert [(row["step"], sorted(row)) for row in evaluations] == [
-        (10, ["epoch", "step", "valid_loss", "valid_ppl"]),
-        (20, ["epoch", "step", "valid_loss", "valid_ppl"]),
-        (20, ["epoch", "step", "test_loss", "test_ppl"])]
+    assert [(row["step"], row["epoch"], sorted(row)) for row in evaluations] == [
+        (10, 1, ["epoch", "step", "valid_loss", "valid_ppl", "valid_tokens"]),
+        (20, 2, ["epoch", "step", "valid_loss", "valid_ppl", "valid_tokens"]),
+        (20, 2, ["epoch", "step", "test_loss", "test_ppl", "test_tokens"])]
+    # Unrounded: the numbers themselves, not the log line's 2 decimals.
+    assert any(round(row["valid_ppl"], 2) != row["valid_ppl"] for row in evaluations[:2])
 
 
 def test_the_run_ends_by_listing_every_file_it_wrote(modern_run):
