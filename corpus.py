@@ -732,9 +732,16 @@ def _read_id_file(path):
     offsets_at = _offsets_at(n_ids)
     if magic != _MAGIC or n_offsets < 1 or size != offsets_at + 8 * n_offsets:
         raise ValueError(f"{path} is not a whole token cache")
-    data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
-    split = TokenizedSplit(data[_HEADER.size:_HEADER.size + 4 * n_ids].view(torch.int32),
-                           data[offsets_at:].view(torch.int64))
+    data = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+
+    def part(start, stop, dtype):
+        # A tensor on a slice of the mapped storage, not a view of one tensor on all of
+        # it: torch's multiprocessing cannot send a storage of from_file itself to
+        # DataLoader workers (its file descriptor is closed), but it can a slice of it.
+        return torch.empty(0, dtype=torch.uint8).set_(data[start:stop]).view(dtype)
+
+    split = TokenizedSplit(part(_HEADER.size, _HEADER.size + 4 * n_ids, torch.int32),
+                           part(offsets_at, size, torch.int64))
     if split.line_offsets[0] != 0 or split.line_offsets[-1] != n_ids:
         raise ValueError(f"{path} is not a whole token cache")
     return split

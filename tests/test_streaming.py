@@ -4,10 +4,12 @@ held-out sets of bounded size."""
 import gzip
 import json
 import os
+from multiprocessing.reduction import ForkingPickler  # torch adds its tensor reducers
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing  # noqa: F401  (registers the reducers DataLoader workers use)
 from conftest import toy_lines
 
 import corpus
@@ -103,6 +105,17 @@ def test_load_splits_streams_ids_to_the_cache_and_reads_them_back(tmp_path, monk
     for split in data.SPLITS:
         assert torch.equal(again[split].ids, splits[split].ids)
         assert torch.equal(again[split].line_offsets, splits[split].line_offsets)
+
+
+def test_cached_ids_can_be_sent_to_dataloader_workers(wikitext_dir):
+    """DataLoader workers get the windows through torch.multiprocessing's pickler: it must
+    be able to share a split read back from its cache file."""
+    corpus.load_splits("WikiText2", wikitext_dir, vocab_path=wikitext_dir / "v.pt", log=quiet)
+    _, splits = corpus.load_splits("WikiText2", wikitext_dir, vocab_path=wikitext_dir / "v.pt",
+                                   log=quiet)
+    window = data.mlm_windows(splits["train"], 64)[3:5]
+    sent = ForkingPickler.loads(ForkingPickler.dumps(window))
+    assert torch.equal(sent, window) and sent.dtype == torch.int32
 
 
 def test_a_truncated_cache_file_is_rebuilt(wikitext_dir, monkeypatch):
