@@ -1,9 +1,11 @@
 """Datasets on disk: download, tokenize in parallel, cache.
 
 load_splits is what the scripts call: it finds a dataset's files (downloading them if
-needed), cuts them into train/valid/test byte ranges, tokenizes them with data.py's
-tokenizer in worker processes, and caches the token ids beside the data, so a second run
-only reads them. Nothing here is BERT-specific; data.py holds the parts that are.
+needed; .txt, .jsonl and their .gz), cuts them into train/valid/test byte ranges,
+tokenizes them with data.py's tokenizer in worker processes, and writes the token ids to
+a cache file beside the data as they come, so memory does not grow with the corpus and a
+second run only maps the file. Nothing here is BERT-specific; data.py holds the parts
+that are.
 """
 
 import contextlib
@@ -305,18 +307,26 @@ def held_out_ranges(paths, max_bytes=HELD_OUT_MAX_BYTES):
     10% of the text and `max_bytes`, cut at line boundaries: test the last bytes, valid
     the ones before, train all the rest. The cuts are bytes, not whole files, so that the
     bound holds for a folder of a few huge files too (one file may straddle train and
-    valid). Sizes of .gz files count compressed bytes, and a cut inside one moves to its
-    start: such a folder holds out whole .gz files."""
+    valid). .gz files count their compressed bytes and are never cut: a held-out set ends
+    up with the whole .gz files that fit in the bound, or with one if none fits."""
     sizes = [_file_size(p) for p in paths]
     total = sum(sizes)
     held_out = min(total // 10, max_bytes)
-    test_start = _line_boundary(paths, sizes, total - held_out)
-    valid_start = _line_boundary(paths, sizes, max(test_start - held_out, 0))
+    test_start = _held_out_cut(paths, sizes, total - held_out, total)
+    valid_start = _held_out_cut(paths, sizes, max(test_start - held_out, 0), test_start)
     if valid_start == 0 < held_out:
         raise DataError(f"cannot hold out valid and test text from {', '.join(map(str, paths))}: "
-                        "a .gz file is never cut (it cannot be read from the middle); split it "
-                        "into several files, or name the splits train, valid and test")
+                        "a .gz file is never cut (it cannot be read from the middle), so valid "
+                        "and test are whole files and none would be left to train on; split "
+                        "the text into more files, or name them train, valid and test")
     return _cut(paths, sizes, [0, valid_start, test_start, total])
+
+
+def _held_out_cut(paths, sizes, position, stop):
+    """The start of a held-out set that ends at `stop`: the line start at or after
+    `position`; inside a .gz file, the file's end, or its start if the set would be empty."""
+    cut = _line_boundary(paths, sizes, position, gz_to_end=True)
+    return cut if cut < stop else _line_boundary(paths, sizes, position)
 
 
 def _cut(paths, sizes, cuts):
@@ -339,14 +349,14 @@ def _file_size(path):
         raise DataError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _line_boundary(paths, sizes, position):
+def _line_boundary(paths, sizes, position, gz_to_end=False):
     """The first line start at or after `position` in the concatenation of `paths`; in
-    a .gz file, which has no line starts one can seek to, the file's start."""
+    a .gz file, which has no line starts one can seek to, the file's start (or end)."""
     offset = 0
     for p, size in zip(paths, sizes):
         if position < offset + size:
             if _is_gzip(p):
-                return offset
+                return offset + size if gz_to_end and position > offset else offset
             with open(p, "rb") as f:
                 f.seek(position - offset)
                 if position > offset:
@@ -960,7 +970,7 @@ def load_splits(dataset, data_dir, vocab=None, min_freq=1, vocab_path=None, log=
     of the words seen `min_freq` times, or a `tokenizer="wordpiece"` vocabulary of
     `vocab_size` learned from (a sample of) the train split. Token ids are cached beside
     the data in `.cache/`, keyed by the tokenizer and the files' sizes and mtimes, so a
-    second run skips tokenization."""
+    second run skips tokenization; the splits' ids are mapped from those files."""
     ranges = dataset_ranges(dataset, data_dir, log=log)
     cache_dir = Path(ranges["train"][0][0]).parent / ".cache" if ranges["train"] else None
     splits = {}

@@ -244,7 +244,7 @@ def test_gz_files_are_held_out_whole(tmp_path, monkeypatch):
     for i in range(4):
         with gzip.open(tmp_path / f"part{i}.txt.gz", "wt") as f:
             f.write("\n".join(toy_lines(100, i)) + "\n")
-    monkeypatch.setattr(corpus, "HELD_OUT_MAX_BYTES", 10)
+    monkeypatch.setattr(corpus, "HELD_OUT_MAX_BYTES", 10)  # less than a file: one each
     ranges = corpus.dataset_ranges(str(tmp_path), "unused")
     assert [Path(p).name for p, _, _ in ranges["test"]] == ["part3.txt.gz"]
     assert [Path(p).name for p, _, _ in ranges["valid"]] == ["part2.txt.gz"]
@@ -254,3 +254,17 @@ def test_gz_files_are_held_out_whole(tmp_path, monkeypatch):
         path.unlink()
     with pytest.raises(DataError, match="a .gz file is never cut"):
         corpus.dataset_ranges(str(tmp_path), "unused")
+
+
+def test_gz_held_out_sets_take_the_whole_files_that_fit_the_bound(tmp_path, monkeypatch):
+    for i in range(30):
+        with gzip.open(tmp_path / f"part{i:02d}.txt.gz", "wt") as f:
+            f.write("\n".join(toy_lines(100, i)) + "\n")
+    size = max(p.stat().st_size for p in tmp_path.iterdir())
+    monkeypatch.setattr(corpus, "HELD_OUT_MAX_BYTES", int(2.5 * size))
+    ranges = corpus.dataset_ranges(str(tmp_path), "unused")
+    for split in ("valid", "test"):
+        assert len(ranges[split]) == 2
+        assert sum(end for _, _, end in ranges[split]) <= 2.5 * size
+    every = sorted(Path(p) for s in data.SPLITS for p, _, _ in ranges[s])
+    assert every == sorted(tmp_path.iterdir())
