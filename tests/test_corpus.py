@@ -4,6 +4,7 @@ the token-id cache and the vocab file."""
 import hashlib
 import io
 import os
+import random
 import re
 import urllib.request
 import zipfile
@@ -142,15 +143,20 @@ def test_folder_with_split_files(tmp_path):
     assert files == {s: [tmp_path / f"{s}.txt"] for s in data.SPLITS}
 
 
-def test_folder_of_many_files_is_split_by_file(tmp_path):
+def test_folder_of_many_files_is_split_by_bytes_of_shuffled_files(tmp_path):
     for i in range(40):
-        (tmp_path / f"book{i:02d}.txt").write_text(f"book {i}\n")
+        (tmp_path / f"book{i:02d}.txt").write_text(f"book {i}\n" * 10)
     (tmp_path / "README.md").write_text("not a book\n")
     files = corpus.dataset_files(str(tmp_path), "unused")
-    assert [len(files[s]) for s in ("train", "test", "valid")] == [34, 2, 4]  # 85/5/10
-    every = [p for s in data.SPLITS for p in files[s]]
-    assert sorted(every) == sorted(tmp_path.glob("*.txt"))  # disjoint, complete
+    books = sorted(tmp_path.glob("*.txt"))
+    assert files["train"] == files["valid"] == files["test"] != books  # shuffled: no README
+    assert sorted(files["train"]) == books
     assert files == corpus.dataset_files(str(tmp_path), "unused")  # a fixed seed
+    ranges = corpus.dataset_ranges(str(tmp_path), "unused")
+    sizes = {s: sum(end - start for _, start, end in ranges[s]) for s in data.SPLITS}
+    total = sum(p.stat().st_size for p in books)
+    assert sizes["valid"] == sizes["test"] == pytest.approx(total / 10, abs=8)  # whole lines
+    assert sum(sizes.values()) == total
 
 
 def test_folder_of_few_files_is_split_by_text(tmp_path):
@@ -236,8 +242,8 @@ def test_second_load_reads_the_cache(wikitext_dir, monkeypatch):
     for split in data.SPLITS:
         assert torch.equal(first[split].ids, second[split].ids)
         assert torch.equal(first[split].line_offsets, second[split].line_offsets)
-    cache = next((wikitext_dir / "wikitext-2" / ".cache").glob("train.*.pt"))
-    assert torch.load(cache, weights_only=True)["ids"].dtype == torch.int32
+    cache = next((wikitext_dir / "wikitext-2" / ".cache").glob("train.*.ids"))
+    assert corpus._read_id_file(cache).ids.dtype == torch.int32
 
 
 def test_cache_is_invalidated_when_a_file_changes(wikitext_dir, monkeypatch):
@@ -252,10 +258,11 @@ def test_cache_is_invalidated_when_a_file_changes(wikitext_dir, monkeypatch):
 
 def test_unreadable_cache_is_rebuilt(wikitext_dir):
     vocab, first = corpus.load_splits("WikiText2", wikitext_dir, log=lambda *a: None)
+    first_test = first["test"].ids.clone()  # the ids are mapped from the file overwritten here
     for cache in (wikitext_dir / "wikitext-2" / ".cache").iterdir():
         cache.write_bytes(b"truncated")
     _, second = corpus.load_splits("WikiText2", wikitext_dir, vocab=vocab)
-    assert torch.equal(first["test"].ids, second["test"].ids)
+    assert torch.equal(first_test, second["test"].ids)
 
 
 def test_vocab_file_reused_or_rebuilt(wikitext_dir, tmp_path, monkeypatch):
@@ -280,12 +287,24 @@ def test_vocab_file_reused_or_rebuilt(wikitext_dir, tmp_path, monkeypatch):
     assert tokenizer.load_vocab(vocab_path)[1]["dataset"] == str(folder.resolve())
 
 
+def varied_lines(n_lines, seed=0):
+    """Text with words of many frequencies (some seen once, for min_freq), capitals,
+    numbers and punctuation: a stand-in for real text when ../shared is absent."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(400)] + ["The", "U.S.", "don't", "3.5", "@-@", "é"]
+    marks = ["", "", "", ",", ".", ";", "?", "!", ":", '"']
+    return [" ".join(rng.choice(words[:rng.randrange(1, len(words))]) + rng.choice(marks)
+                     for _ in range(rng.randrange(0, 25)))
+            for _ in range(n_lines)]
+
+
 def test_parallel_tokenizing_equals_one_process(tmp_path, monkeypatch):
     path = tmp_path / "text.txt"
-    # Real text when there is some, plus lines that end in \r\n, other line breaks,
-    # quotes, punctuation and empty lines.
-    text = REAL_VALID.read_text(encoding="utf-8") if REAL_VALID.is_file() else ""
-    lines = text.splitlines()[:400] + toy_lines(50) + [
+    # Real text when there is some (else generated text), plus lines that end in \r\n,
+    # other line breaks, quotes, punctuation and empty lines.
+    lines = (REAL_VALID.read_text(encoding="utf-8").splitlines()[:400] if REAL_VALID.is_file()
+             else varied_lines(700))
+    lines += toy_lines(50) + [
         'a "b" c\r', "", "x\x0by\u2028z", "ΟΔΟΣ. <br />end", "(don't) stop: now; ok?!"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
     ranges = [(str(path), 0, path.stat().st_size)]
