@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import corpus
+import token_ids
 import tokenizer
 from tokenizer import TokenizerSpec
 
@@ -55,7 +56,7 @@ def bench_data(text_file, corpus_dir, tokenizer_kind="basic_english"):
     load_s = time.perf_counter() - start
     assert sum(len(s.ids) for s in cached.values()) == n_tokens
     # WordPiece encodes on threads of the tokenizers library, in this process.
-    workers = corpus.default_workers() if tokenizer_kind == "basic_english" else 0
+    workers = token_ids.default_workers() if tokenizer_kind == "basic_english" else 0
     report_data(train, n_tokens, vocab, tokenize_s, load_s, workers)
     if tokenizer_kind == "wordpiece":
         library_s = library_wordpiece_seconds(folder, len(vocab))
@@ -74,11 +75,11 @@ def library_wordpiece_seconds(folder, vocab_size):
     start = time.perf_counter()
     library = tokenizer.bert_wordpiece_pipeline()
     specials = list(tokenizer.WORDPIECE_SPECIALS.values())
-    library.train_from_iterator(corpus._sample_lines(ranges["train"]), trainers.WordPieceTrainer(
+    library.train_from_iterator(token_ids.sample_lines(ranges["train"]), trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=specials, show_progress=False))
     for split in corpus.SPLITS:
-        for job in corpus._chunks(ranges[split]):
-            library.encode_batch(corpus._read_text(*job).splitlines(), add_special_tokens=False)
+        for job in token_ids._chunks(ranges[split]):
+            library.encode_batch(token_ids._read_text(*job).splitlines(), add_special_tokens=False)
     return time.perf_counter() - start
 
 

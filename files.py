@@ -15,8 +15,8 @@ class DataError(UserError):
     """A problem with the input data, reported as one line (no traceback)."""
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)  # the process's, read once (os.umask can only be read by setting it)
+os.umask(UMASK)
 
 
 class WriteError(UserError, OSError):
@@ -35,7 +35,7 @@ def _atomic_write(path, write):
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
                                    suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -17,6 +17,7 @@ from conftest import REAL_VALID, toy_lines, write_wikitext
 
 import corpus
 import data
+import token_ids
 import tokenizer
 from files import DataError
 from tokenizer import Vocab
@@ -221,13 +222,13 @@ def test_load_splits_ids_and_lines(wikitext_dir):
 
 def _count_calls(monkeypatch):
     calls = []
-    real = corpus._map_chunks
+    real = token_ids._map_chunks
 
     def counting(fn, jobs, *args, **kwargs):
         calls.append(fn.__name__)
         return real(fn, jobs, *args, **kwargs)
 
-    monkeypatch.setattr(corpus, "_map_chunks", counting)
+    monkeypatch.setattr(token_ids, "_map_chunks", counting)
     return calls
 
 
@@ -237,13 +238,13 @@ def test_second_load_reads_the_cache(wikitext_dir, monkeypatch):
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again instead of reading the cache")
 
-    monkeypatch.setattr(corpus, "_map_chunks", no_tokenizing)
+    monkeypatch.setattr(token_ids, "_map_chunks", no_tokenizing)
     _, second = corpus.load_splits("WikiText2", wikitext_dir, vocab=vocab)
     for split in data.SPLITS:
         assert torch.equal(first[split].ids, second[split].ids)
         assert torch.equal(first[split].line_offsets, second[split].line_offsets)
     cache = next((wikitext_dir / "wikitext-2" / ".cache").glob("train.*.ids"))
-    assert corpus._read_id_file(cache).ids.dtype == torch.int32
+    assert token_ids.read_id_file(cache).ids.dtype == torch.int32
 
 
 def test_cache_is_invalidated_when_a_file_changes(wikitext_dir, monkeypatch):
@@ -308,17 +309,17 @@ def test_parallel_tokenizing_equals_one_process(tmp_path, monkeypatch):
         'a "b" c\r', "", "x\x0by\u2028z", "ΟΔΟΣ. <br />end", "(don't) stop: now; ok?!"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
     ranges = [(str(path), 0, path.stat().st_size)]
-    monkeypatch.setattr(corpus, "_CHUNK_BYTES", 2000)  # many chunks, some cut mid-paragraph
-    assert len(corpus._chunks(ranges)) > 20
-    vocab1, one = corpus.count_and_numericalize(ranges, min_freq=2, workers=1)
-    vocab2, two = corpus.count_and_numericalize(ranges, min_freq=2, workers=2)
+    monkeypatch.setattr(token_ids, "_CHUNK_BYTES", 2000)  # many chunks, some cut mid-paragraph
+    assert len(token_ids._chunks(ranges)) > 20
+    vocab1, one = token_ids.count_and_numericalize(ranges, min_freq=2, workers=1)
+    vocab2, two = token_ids.count_and_numericalize(ranges, min_freq=2, workers=2)
     assert vocab1.itos == vocab2.itos
     expected_lines = path.read_text(encoding="utf-8").splitlines()
     expected_counts = Counter(w for line in expected_lines for w in tokenizer.basic_english_normalize(line))
     assert vocab1.itos == Vocab.build(expected_counts, min_freq=2).itos
     expected_ids = naive_ids(expected_lines, vocab1)
-    for split in (one, two, corpus.numericalize(ranges, vocab1, workers=1),
-                  corpus.numericalize(ranges, vocab1, workers=2)):
+    for split in (one, two, token_ids.numericalize(ranges, vocab1, workers=1),
+                  token_ids.numericalize(ranges, vocab1, workers=2)):
         assert split.ids.tolist() == expected_ids
         assert split.line_offsets.diff().tolist() == [
             len(tokenizer.basic_english_normalize(line)) for line in expected_lines]

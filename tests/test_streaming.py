@@ -14,7 +14,9 @@ from conftest import toy_lines
 
 import corpus
 import data
-from data import DataError
+import token_ids
+import tokenizer
+from files import DataError
 
 
 def quiet(*args):
@@ -22,11 +24,11 @@ def quiet(*args):
 
 
 def naive_ids(lines, vocab):
-    return [vocab[w] for line in lines for w in data.basic_english_normalize(line)]
+    return [vocab[w] for line in lines for w in tokenizer.basic_english_normalize(line)]
 
 
 def naive_lengths(lines):
-    return [len(data.basic_english_normalize(line)) for line in lines]
+    return [len(tokenizer.basic_english_normalize(line)) for line in lines]
 
 
 # Lines with what tokenizing must keep apart across chunk and record boundaries: empty
@@ -61,12 +63,12 @@ def whole_file_ranges(folder, names):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_txt_gz_and_jsonl_ids_equal_a_naive_tokenization(tmp_path, monkeypatch, workers):
     lines_of = write_mixed_folder(tmp_path)
-    monkeypatch.setattr(corpus, "_CHUNK_BYTES", 700)  # chunks cut inside every file
+    monkeypatch.setattr(token_ids, "_CHUNK_BYTES", 700)  # chunks cut inside every file
     ranges = whole_file_ranges(tmp_path, lines_of)
-    assert len(list(corpus._jobs(ranges))) > 3 * len(lines_of)
+    assert len(list(token_ids._jobs(ranges))) > 3 * len(lines_of)
     lines = [line for name in lines_of for line in lines_of[name]]
-    vocab, counted = corpus.count_and_numericalize(ranges, workers=workers)
-    for split in (counted, corpus.numericalize(ranges, vocab, workers=workers)):
+    vocab, counted = token_ids.count_and_numericalize(ranges, workers=workers)
+    for split in (counted, token_ids.numericalize(ranges, vocab, workers=workers)):
         assert split.ids.tolist() == naive_ids(lines, vocab)
         assert split.line_offsets.diff().tolist() == naive_lengths(lines)
 
@@ -74,10 +76,10 @@ def test_txt_gz_and_jsonl_ids_equal_a_naive_tokenization(tmp_path, monkeypatch, 
 def test_load_splits_streams_ids_to_the_cache_and_reads_them_back(tmp_path, monkeypatch):
     folder = tmp_path / "corpus"
     lines_of = write_mixed_folder(folder)
-    monkeypatch.setattr(corpus, "_CHUNK_BYTES", 700)
-    monkeypatch.setattr(corpus, "_SPOOL_BLOCK_IDS", 500)
+    monkeypatch.setattr(token_ids, "_CHUNK_BYTES", 700)
+    monkeypatch.setattr(token_ids, "_SPOOL_BLOCK_IDS", 500)
     writes = []
-    real_write = corpus._IdFile.write
+    real_write = token_ids.IdFile.write
 
     def recording_write(self, ids=None, lengths=None):
         writes.append(0 if ids is None else len(ids))
@@ -85,9 +87,9 @@ def test_load_splits_streams_ids_to_the_cache_and_reads_them_back(tmp_path, monk
 
     # Structurally: the on-disk path never gathers the ids in memory, and the file gets
     # them a chunk (or a block of the count's second pass) at a time.
-    monkeypatch.setattr(corpus._IdFile, "write", recording_write)
-    monkeypatch.setattr(corpus, "_MemoryIds", None)
-    monkeypatch.setattr(corpus, "_cat", None)
+    monkeypatch.setattr(token_ids.IdFile, "write", recording_write)
+    monkeypatch.setattr(token_ids, "_MemoryIds", None)
+    monkeypatch.setattr(token_ids, "_cat", None)
     vocab, splits = corpus.load_splits(str(folder), "unused", log=quiet)
     lines = [line for name in lines_of for line in lines_of[name]]
     got = torch.cat([splits[s].ids for s in data.SPLITS])
@@ -100,7 +102,7 @@ def test_load_splits_streams_ids_to_the_cache_and_reads_them_back(tmp_path, monk
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again instead of reading the cache")
 
-    monkeypatch.setattr(corpus, "_map_chunks", no_tokenizing)
+    monkeypatch.setattr(token_ids, "_map_chunks", no_tokenizing)
     _, again = corpus.load_splits(str(folder), "unused", vocab=vocab, log=quiet)
     for split in data.SPLITS:
         assert torch.equal(again[split].ids, splits[split].ids)
@@ -127,8 +129,8 @@ def test_a_truncated_cache_file_is_rebuilt(wikitext_dir, monkeypatch):
         with open(cache, "r+b") as f:
             f.truncate(os.path.getsize(cache) - 8)  # only the last line offset is gone
     calls = []
-    real = corpus._map_chunks
-    monkeypatch.setattr(corpus, "_map_chunks", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    real = token_ids._map_chunks
+    monkeypatch.setattr(token_ids, "_map_chunks", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
     _, second = corpus.load_splits("WikiText2", wikitext_dir, vocab=vocab)
     assert len(calls) == 3
     for split in data.SPLITS:
@@ -176,7 +178,7 @@ def test_a_bad_jsonl_record_names_its_file_and_line(tmp_path, monkeypatch, name,
     good = [json.dumps({"text": line}).encode() for line in toy_lines(40)]
     payload = b"\n".join(good[:31] + [b"", record] + good[31:]) + b"\n"  # line 33
     (folder / name).write_bytes(gzip.compress(payload) if compress else payload)
-    monkeypatch.setattr(corpus, "_CHUNK_BYTES", 500)  # the bad line is in a later chunk
+    monkeypatch.setattr(token_ids, "_CHUNK_BYTES", 500)  # the bad line is in a later chunk
     with pytest.raises(DataError, match=f"{folder / name}, line 33: {problem}"):
         corpus.load_splits(str(folder), "unused", workers=1, log=quiet)
     # Nothing half-written is left: no temporary file, no cache of the split that failed.
