@@ -544,7 +544,8 @@ def count_then_remap(ranges, min_freq, workers, spool, make_sink):
     costs a second tokenization; the spool costs a write and a read of 4 bytes a token."""
     with spool:
         words, counts, lengths = _count_into(ranges, workers, spool)
-        vocab = Vocab.build(Counter(dict(zip(words, counts.tolist()))), min_freq)
+        vocab = Vocab.build(Counter(dict(zip(words, counts.tolist()))), min_freq,
+                            of_a_train_split=True)
         to_vocab = torch.tensor(vocab.lookup_indices(words), dtype=torch.int32)
         with make_sink(vocab) as sink:
             for block in spool.blocks():

@@ -127,12 +127,17 @@ class Vocab:
         return {"kind": self.kind}
 
     @classmethod
-    def build(cls, counter, min_freq=1):
-        """Words with count >= min_freq, most frequent first (ties alphabetical)."""
+    def build(cls, counter, min_freq=1, of_a_train_split=False):
+        """Words with count >= min_freq, most frequent first (ties alphabetical). A train
+        split's (`of_a_train_split`) must keep a word, or every token would be <unk>: a
+        DataError then, raised before its ids are written anywhere."""
         words = sorted(
             (w for w, c in counter.items() if c >= min_freq and w not in SPECIALS),
             key=lambda w: (-counter[w], w),
         )
+        if of_a_train_split and not words:
+            raise DataError(f"--min-freq {min_freq}: no word of the train split is seen that "
+                            "often; every token would be <unk>")
         return cls(list(SPECIALS) + words)
 
 
@@ -372,11 +377,8 @@ def choose_vocab(spec, dataset, vocab_path, learn, log=print):
     vocab = _saved_vocab(vocab_path, meta, log)
     if vocab is not None:
         return vocab
-    vocab = learn(spec)
+    vocab = learn(spec)  # Vocab.build refuses a train split whose words are all too rare
     if spec.tokenizer == "basic_english":
-        if len(vocab) == len(SPECIALS):
-            raise DataError(f"--min-freq {spec.min_freq}: no word of the train split is seen "
-                            "that often; every token would be <unk>")
         log(f"built a vocab of {len(vocab)} words from the train split (min_freq {spec.min_freq})")
     else:
         log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split")

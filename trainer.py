@@ -430,6 +430,10 @@ class Trainer:
 
     def train_epoch(self):
         config, st = self.config, self.state
+        if (config.eval_every and st.step_in_epoch and st.evaluated_step != st.global_step
+                and st.global_step % config.eval_every == 0):
+            # Stopped by a signal at a validation step, before validating: do it now.
+            self.validate(f"step {st.global_step:6d} | epoch {st.epoch:3d}")
         self.model.train()
         batches = self.task.train_batches(st.epoch)
         window = LogWindow(self.device, len(batches), self.steps_per_epoch(len(batches)))

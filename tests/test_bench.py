@@ -107,3 +107,23 @@ def test_bf16_runs_both_models_under_autocast_and_ours_keeps_the_masked_only_hea
 def test_dtype_flag():
     assert bench.parse_args(["--device", "cpu", "--dtype", "bf16"]).dtype == "bf16"
     assert bench.parse_args(["--device", "cpu"]).dtype == "auto"
+
+
+def test_bench_loop_times_the_trainer_and_its_bare_step(capsys):
+    loop_tps, bare_tps = bench.bench_loop(tiny_mlm_config(0.1), 2, rounds=2, steps=3,
+                                          device=CPU)
+    assert loop_tps > 0 and bare_tps > 0
+    out = capsys.readouterr().out
+    assert "the trainer's loop" in out and "its bare step" in out
+
+
+def test_loop_task_batches_are_mlm_task_batches():
+    """The loop's batches are made by data.mlm_batch as mlm_task.py's: <cls> first, 15% of
+    the other positions masked, targets the original tokens there."""
+    task = bench.LoopTask(tiny_mlm_config(), 4, seed=0, n_windows=8)
+    batch = task.train_batches(1)[0]
+    assert batch["inputs"].shape == (4, bench.SEQ_LEN)
+    assert (batch["inputs"][:, 0] == task.vocab.cls_id).all()
+    assert batch["masked_positions"].shape == (4, round(0.15 * (bench.SEQ_LEN - 1)))
+    assert (batch["masked_positions"] > 0).all()
+    assert bench.batch_build_ms(tiny_mlm_config(), seed=0, batch_size=4, n=3) > 0

@@ -3,12 +3,14 @@
 import functools
 import math
 import re
+import threading
 from collections import Counter
 
 import pytest
 import torch
 
 import data
+import files
 import tokenizer
 from files import DataError
 from tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIALS, UNK_ID, Vocab
@@ -385,3 +387,42 @@ def test_loader_workers_give_the_batches_of_the_main_process():
         for a, b in zip(in_process, from_workers):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+# -- evaluation samples and prefetching ---------------------------------------------
+
+
+def test_evaluation_order_is_all_or_an_even_fixed_sample():
+    assert data.evaluation_order(10, 4).tolist() == list(range(10))
+    assert data.evaluation_order(10, 4, max_batches=3).tolist() == list(range(10))  # fits
+    sample = data.evaluation_order(1000, 4, max_batches=5)
+    assert len(sample) == 20 and sample.tolist() == sorted(set(sample.tolist()))
+    assert sample[0] == 0 and sample[-1] >= 900  # spread over the whole split
+    assert torch.equal(sample, data.evaluation_order(1000, 4, max_batches=5))
+
+
+def test_prefetch_yields_the_same_items_in_order_and_stops_early():
+    assert list(data.Prefetch(range(50), depth=2)) == list(range(50))
+    produced = []
+
+    def items():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    with data.Prefetch(items(), depth=2) as ready:
+        for i in ready:
+            if i == 5:
+                break
+    assert len(produced) <= 5 + 1 + 2 + 1  # the thread stopped a few items ahead
+    assert not any(t.name == "batch-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_prefetch_raises_the_loaders_error_in_the_loop():
+    def items():
+        yield 1
+        raise files.DataError("bad batch")
+
+    with pytest.raises(files.DataError, match="bad batch"), data.Prefetch(items()) as ready:
+        for _ in ready:
+            pass

@@ -116,3 +116,16 @@ def test_bench_on_cuda(work):
     last = out.strip().splitlines()[-1].split()
     assert last[0::2] == ["mlm_train_ratio", "qa_infer_ratio", "mfu"]
     assert all(float(value) > 0 for value in last[1::2])
+
+
+def test_loop_ratio_on_cuda(work):
+    """The trainer's loop against its bare step on the GPU (bench.py --loop): the ratio is
+    printed for the note (no timing assertion); the loop must run under compile too."""
+    for flags in ([], ["--compile"]):
+        out = run(sys.executable, str(REPO / "bench.py"), "--loop", "--device", "cuda",
+                  "--quick", "--config", "base", "--batch_size", "64", *flags, cwd=REPO,
+                  timeout=900)
+        last = out.strip().splitlines()[-1].split()
+        assert last[0::2] == ["loop_ratio", "batch_ms"]
+        assert all(float(value) > 0 for value in last[1::2])
+        print(" ".join(flags) or "eager", out.strip().splitlines()[-4:])

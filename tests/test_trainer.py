@@ -24,6 +24,7 @@ import mlm_task
 import optimizer
 import tokenizer
 import trainer
+import utils
 from model import BertConfig, MLMTask
 
 CPU = torch.device("cpu")
@@ -387,3 +388,77 @@ def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_pa
     part_state = torch.load(part / "mlm_state.pt", weights_only=True)
     assert full_state["train_state"]["global_step"] == part_state["train_state"]["global_step"] == 40
     assert all(torch.equal(full_state["model"][k], part_state["model"][k]) for k in a)
+
+
+# -- evaluation during an epoch ----------------------------------------------------
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "mlm_metrics.jsonl").read_text().splitlines()]
+
+
+def test_eval_every_validates_mid_epoch_and_a_resume_is_bitwise(tmp_path):
+    """The old schedule (lr x0.1 when a validation does not improve) makes each mid-epoch
+    validation change the training: a resume must validate at the same steps, including
+    the one it was stopped at, and end with the same weights and rows."""
+    flags = [*TINY, "--epochs", "2", "--dropout", "0.1", "--log-interval", "2", "--lr", "30",
+             "--eval-every", "3", "--eval-batches", "2", "--max-steps", "24"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for folder in (full, part):
+        write_wikitext(folder / "D", zipf_lines(60, 0), zipf_lines(20, 1), zipf_lines(20, 2))
+    result = run_mlm(*flags, cwd=full)
+    assert result.returncode == 0, result.stderr
+    rows = _rows(full)
+    valid = [row for row in rows if "valid_loss" in row]
+    # 20 steps an epoch: every 3rd step, and the end of epoch 1 (step 20); at step 24,
+    # --max-steps, once.
+    assert [row["step"] for row in valid] == [3, 6, 9, 12, 15, 18, 20, 21, 24]
+    assert [row["epoch"] for row in valid] == [1, 1, 1, 1, 1, 1, 1, 2, 2]
+    # --eval-batches 2: 2 batches of 4 sequences, 15% of 15 positions masked: 2 each.
+    assert {row["valid_tokens"] for row in valid} == {2 * 4 * 2}
+    assert rows[-1]["test_tokens"] == 2 * 4 * 2 and (rows[-1]["step"], rows[-1]["epoch"]) == (24, 2)
+    assert result.stdout.count("| step ") == 8 and result.stdout.count("| end of epoch") == 1
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "mlm_task.py"), *flags], cwd=part,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # interrupt at the first log line (step 2): stops at step 3
+        if line.startswith("| epoch   1"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0 and "stopped by a signal" in rest, rest
+    resumed = run_mlm("--checkpoint", "mlm_state.pt", cwd=part)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(full / "full_mlm_model.pt", weights_only=True)["model"]
+    b = torch.load(part / "full_mlm_model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    evaluations = [row for row in rows if "loss" not in row]
+    assert [row for row in _rows(part) if "loss" not in row] == evaluations
+
+
+@pytest.mark.parametrize("flag", ["--eval-every", "--eval-batches"])
+def test_eval_flags_refuse_negative_values(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(mlm_task.get_parser(), [flag, "-1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {flag} -1: must be at least 0" + (
+        " (0: at epoch ends only)" if flag == "--eval-every" else " (0: every batch)")]
+
+
+def test_compile_defaults_to_the_device(monkeypatch):
+    parser = mlm_task.get_parser()
+    assert parser.parse_args([]).compile is None
+    assert parser.parse_args(["--no-compile"]).compile is False
+    assert parser.parse_args(["--compile"]).compile is True
+    args = parser.parse_args(["--device", "cpu"])
+    utils.setup_device(args, distributed.DistInfo())
+    assert args.compile is False
+    monkeypatch.setattr(utils, "get_device", lambda name, rank: torch.device("cuda", 0))
+    monkeypatch.setattr(utils, "check_precision", lambda device, dtype: None)
+    args = parser.parse_args([])
+    utils.setup_device(args, distributed.DistInfo())
+    assert args.compile is True
+    args = parser.parse_args(["--no-compile"])
+    utils.setup_device(args, distributed.DistInfo())
+    assert args.compile is False
