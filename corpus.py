@@ -34,7 +34,7 @@ from token_ids import (
     read_id_file,
     sample_lines,
 )
-from tokenizer import TokenizerSpec, choose_vocab, train_wordpiece
+from tokenizer import TokenizerSpec, choose_vocab
 
 ###############################################################################
 # Datasets: where the files are, how to download them
@@ -405,6 +405,25 @@ def _count_and_numericalize_cached(ranges, min_freq, cache_dir, workers=None, lo
                                  cache_dir, log)
 
 
+class TrainText:
+    """The train split's text, for tokenizer.choose_vocab to learn a vocabulary from."""
+
+    def __init__(self, ranges, cache_dir, workers, log, splits):
+        self.ranges, self.cache_dir, self.workers, self.log = ranges, cache_dir, workers, log
+        self.splits = splits  # where count_words leaves the split's ids
+
+    def count_words(self, min_freq):
+        """basic_english's vocabulary of the words seen min_freq times, the split's ids
+        numericalized in the same tokenization (and cached)."""
+        vocab, self.splits["train"] = _count_and_numericalize_cached(
+            self.ranges, min_freq, self.cache_dir, self.workers, self.log)
+        return vocab
+
+    def sample_lines(self):
+        """Lines from chunks spread evenly over the split (at most WORDPIECE_SAMPLE_BYTES)."""
+        return sample_lines(self.ranges)
+
+
 def load_splits(dataset, data_dir, vocab=None, spec=None, vocab_path=None, log=print,
                 workers=None):
     """Returns (vocab, {split: TokenizedSplit}) for `dataset`.
@@ -418,16 +437,9 @@ def load_splits(dataset, data_dir, vocab=None, spec=None, vocab_path=None, log=p
     cache_dir = Path(ranges["train"][0][0]).parent / ".cache" if ranges["train"] else None
     splits = {}
     if vocab is None:
-        def learn(spec):
-            if spec.tokenizer == "basic_english":
-                # Counting and numericalizing in one tokenization of the train split.
-                learned, splits["train"] = _count_and_numericalize_cached(
-                    ranges["train"], spec.min_freq, cache_dir, workers, log)
-                return learned
-            return train_wordpiece(sample_lines(ranges["train"]), spec.vocab_size)
-
         name = dataset if dataset in DATASETS else os.path.abspath(dataset)
-        vocab = choose_vocab(spec or TokenizerSpec(), name, vocab_path, learn, log)
+        vocab = choose_vocab(spec or TokenizerSpec(), name, vocab_path,
+                             TrainText(ranges["train"], cache_dir, workers, log, splits), log)
     for split in SPLITS:
         if split not in splits:
             splits[split] = _numericalize_cached(ranges[split], vocab, split, cache_dir, workers, log)

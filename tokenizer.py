@@ -366,10 +366,10 @@ class TokenizerSpec:
         return {"dataset": dataset, "tokenizer": self.tokenizer, "vocab_size": self.vocab_size}
 
 
-def choose_vocab(spec, dataset, vocab_path, learn, log=print):
+def choose_vocab(spec, dataset, vocab_path, train_text, log=print):
     """The tokenizer of a new model: the file spec.tokenizer names; else the vocab at
     `vocab_path` when it was built from the same `dataset` with the same settings; else
-    `learn(spec)`, the corpus's way of learning it from the train split, saved at
+    one learned from the train split (`train_text`: corpus.TrainText), saved at
     `vocab_path`."""
     if not spec.learned:
         return load_tokenizer(spec.tokenizer)
@@ -377,10 +377,12 @@ def choose_vocab(spec, dataset, vocab_path, learn, log=print):
     vocab = _saved_vocab(vocab_path, meta, log)
     if vocab is not None:
         return vocab
-    vocab = learn(spec)  # Vocab.build refuses a train split whose words are all too rare
     if spec.tokenizer == "basic_english":
+        # Vocab.build refuses a train split whose words are all too rare.
+        vocab = train_text.count_words(spec.min_freq)
         log(f"built a vocab of {len(vocab)} words from the train split (min_freq {spec.min_freq})")
     else:
+        vocab = train_wordpiece(train_text.sample_lines(), spec.vocab_size)
         log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split")
     if vocab_path:
         save_vocab(vocab, vocab_path, **meta)
