@@ -25,12 +25,29 @@ from windows import Windowing, collate, make_windows
 DEFAULT_NULL_THRESHOLD = 0.0
 
 
-def span_logits(model, batch):
-    """Start and end logits in fp32, -inf at padding (so trimming a batch changes nothing)."""
+# --span-loss: whether the start/end softmax leaves padding out ("masked", ours, so a batch
+# trimmed to its longest window gives the same loss) or counts every padding position of a
+# window of --bptt tokens ("bert": Google's run_squad.py and transformers'
+# BertForQuestionAnswering, whose windows are all padded to max_length). Decoding never
+# looks at padding, so the two differ only in the loss, hence in training.
+SPAN_LOSSES = ("masked", "bert")
+
+
+def span_logits(model, batch, mode="masked"):
+    """Start and end logits in fp32; -inf at padding unless `mode` (--span-loss) is "bert"."""
     padding_mask = batch["padding_mask"]
     start_logits, end_logits = model(batch["inputs"], batch["token_types"], padding_mask)
-    return (start_logits.float().masked_fill(~padding_mask, -math.inf),
-            end_logits.float().masked_fill(~padding_mask, -math.inf))
+    start_logits, end_logits = start_logits.float(), end_logits.float()
+    if mode == "bert":
+        return start_logits, end_logits
+    return (start_logits.masked_fill(~padding_mask, -math.inf),
+            end_logits.masked_fill(~padding_mask, -math.inf))
+
+
+def batch_length(mode, bptt, compile=False):
+    """The length of a batch of windows: its longest window (None), or --bptt for
+    --span-loss bert (the padding is part of its loss) and for --compile (one shape)."""
+    return bptt if mode == "bert" or compile else None
 
 
 def span_loss(start_logits, end_logits, batch, reduction="mean"):
@@ -62,7 +79,7 @@ def best_spans(start_logits, end_logits, context_mask, max_answer_len):
 
 @torch.no_grad()
 def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="fp32",
-                     rank=0, world_size=1):
+                     rank=0, world_size=1, mode="masked"):
     """Score the windows of every world_size-th question from `rank`.
 
     Returns ({question id: (answer text, score)}, {question id: no-answer score}, loss sum,
@@ -70,7 +87,8 @@ def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="
     cut from the original context; "" (score -inf) only for a context without a single
     token. The no-answer score is the <cls> start + end logit of the window where it is
     lowest, as Google BERT's score_null. Windows go in order of length, so each batch is
-    trimmed to little padding."""
+    trimmed to little padding (with `mode` "bert", --span-loss bert, they are padded to
+    --bptt, so that the loss is the one trained; the answers are the same)."""
     was_training = model.training
     model.eval()
     mine = torch.nonzero(windows.question % world_size == rank).flatten()
@@ -79,9 +97,10 @@ def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="
     spans = []  # (score, start, end, <cls> score) per batch, left on the device until the end
     # The whole dev set takes minutes to an hour on a CPU: a bar with rate and ETA.
     for indices in logs.progress(mine.split(batch_size), unit="batch", desc="QA evaluation"):
-        batch = utils.to_device(collate(windows, indices), device)
+        seq_len = batch_length(mode, windows.tokens.size(1))
+        batch = utils.to_device(collate(windows, indices, seq_len), device)
         with utils.autocast(device, dtype):
-            start_logits, end_logits = span_logits(model, batch)
+            start_logits, end_logits = span_logits(model, batch, mode)
         loss_sum += span_loss(start_logits, end_logits, batch, reduction="sum")
         spans.append((*best_spans(start_logits, end_logits, batch["context_mask"], max_answer_len),
                       start_logits[:, 0] + end_logits[:, 0]))
@@ -111,11 +130,13 @@ def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="
     return answers, null_scores, loss_sum.item(), n_loss
 
 
-def evaluate_all(model, windows, max_answer_len, batch_size, device, dtype, info):
+def evaluate_all(model, windows, max_answer_len, batch_size, device, dtype, info,
+                 mode="masked"):
     """evaluate_windows over all ranks: every rank gets every answer, every no-answer score
     and the mean loss."""
     answers, null_scores, loss_sum, n_loss = evaluate_windows(
-        model, windows, max_answer_len, batch_size, device, dtype, info.rank, info.world_size)
+        model, windows, max_answer_len, batch_size, device, dtype, info.rank, info.world_size,
+        mode)
     if info.enabled:
         gathered = [None] * info.world_size
         dist.all_gather_object(gathered, (answers, null_scores, loss_sum, n_loss))

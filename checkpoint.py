@@ -101,6 +101,18 @@ def task_model_from_encoder(task_class, config, encoder, path, device):
     return model.to(device)
 
 
+def task_model_from_checkpoint(task_class, kind, config, ckpt, path, device):
+    """A task model from a loaded --bert-model checkpoint: the whole model when it is one of
+    the same `kind` (a fine-tuned model, or a transformers folder with that head, continues
+    with its head), else a new head around its encoder."""
+    if ckpt.get("kind") != kind:
+        return task_model_from_encoder(task_class, config, encoder_state(ckpt, "--bert-model", path),
+                                       path, device)
+    model = task_class(config)
+    load_into(model, ckpt["model"], "--bert-model", path)
+    return model.to(device)
+
+
 def load_task_model(task_class, kind, path, flag, what):
     """(model, vocab, checkpoint) of a task model of `kind`, e.g. qa_model.pt; `what` says
     what it is and which script writes it, for the error message."""

@@ -93,7 +93,9 @@ class TokenTypeEncoding(nn.Module):
 class BertEmbedding(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.embed = nn.Embedding(config.vocab_size, config.emsize)
+        # padding_idx, as transformers' BertEmbeddings: the [PAD] row gets no gradient
+        # (it only changes training; old checkpoints load and compute as before).
+        self.embed = nn.Embedding(config.vocab_size, config.emsize, padding_idx=config.pad_id)
         self.pos_embed = PositionalEncoding(config.emsize, config.max_len)
         self.tok_type_embed = TokenTypeEncoding(config.type_vocab_size, config.emsize)
         self.norm = nn.LayerNorm(config.emsize, eps=config.layer_norm_eps)
@@ -185,9 +187,13 @@ class BertModel(nn.Module):
 
 
 def init_bert_weights(module):
-    """BERT's init: N(0, 0.02) weights, zero biases, LayerNorm weight 1 / bias 0."""
+    """BERT's init: N(0, 0.02) weights, zero biases, LayerNorm weight 1 / bias 0; an
+    embedding's padding row 0 (transformers' _init_weights)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
     if isinstance(module, nn.LayerNorm):

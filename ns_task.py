@@ -31,6 +31,7 @@ def get_parser():
                         help="fraction of pairs whose second part comes from another line (default 0.5)")
     parser.add_argument("--min_sentence_len", type=int, default=60,
                         help="lines shorter than this many tokens are not used (default 60)")
+    flags.add_recipe_flag(parser)
     flags.add_model_flags(parser)
     flags.add_common_flags(parser, lr=0.25, clip=0.1, epochs=5, batch_size=24, bptt=128,
                            seed=312216194, log_interval=600, save="ns_bert.pt",
@@ -119,17 +120,21 @@ def main(args, info):
     log = logs.make_logger(info)
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
+    flags.split_global_batch(args, info.world_size)
     run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
     checks.prepare_run(info, inputs={"--bert-model": args.bert_model},
                        outputs={flag: path for flag, (path, _) in run_outputs.items()},
                        data_dir=args.data_dir)
-    config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
+    ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
+    config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
     config = flags.model_config(config, args, source=args.bert_model)
+    if args.recipe:
+        log(flags.recipe_summary(args, info.world_size, config.dropout))
     with distributed.main_rank_first(info):
         _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
-    model = checkpoint.task_model_from_encoder(NextSentenceTask, config, encoder, args.bert_model,
-                                               device)
+    model = checkpoint.task_model_from_checkpoint(NextSentenceTask, "ns", config, ckpt,
+                                                  args.bert_model, device)
     log(f"NextSentenceTask from {args.bert_model}: {config.nlayers} layers, hidden {config.emsize}, "
         f"vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
     trainer.run(task, model, args, info, device, log)

@@ -66,6 +66,12 @@ def lr_factor(step, total_steps, warmup_steps, shape):
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0))))
 
 
+def warmup_steps(warmup, total_steps):
+    """--warmup as steps, rounded up as transformers' Trainer does (get_warmup_steps), so
+    that the same ratio gives the same schedule there and here."""
+    return math.ceil(warmup * total_steps)
+
+
 def make_scheduler(optimizer, config, total_steps):
     """plateau: the old example's lr x0.1, stepped by fit after an epoch whose validation
     does not improve. linear / cosine: stepped after every optimizer step."""
@@ -73,6 +79,6 @@ def make_scheduler(optimizer, config, total_steps):
         return torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
     # A partial, not a lambda: LambdaLR's state_dict keeps it as plain data.
     factor = functools.partial(lr_factor, total_steps=total_steps,
-                               warmup_steps=round(config.warmup * total_steps),
+                               warmup_steps=warmup_steps(config.warmup, total_steps),
                                shape=config.schedule)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

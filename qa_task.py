@@ -85,6 +85,12 @@ def get_parser():
     parser.add_argument("--qa-gelu", action="store_true",
                         help="the old example's QA head: a GELU on the encoder output before the "
                              "span layer (default off: BERT's head, one linear layer)")
+    parser.add_argument("--span-loss", type=str, default="masked", choices=answers.SPAN_LOSSES,
+                        help="masked: padding is left out of the start/end softmax and batches "
+                             "are cut to their longest window; bert: every window is padded to "
+                             "--bptt and its padding counts in the softmax, as in BERT and "
+                             "transformers (default masked)")
+    flags.add_recipe_flag(parser)
     flags.add_model_flags(parser)
     flags.add_common_flags(parser, lr=5.0, clip=0.1, epochs=2, batch_size=72, bptt=w.bptt,
                            seed=21192391, log_interval=200, save="qa_model.pt",
@@ -136,13 +142,12 @@ class QA:
         order = data.epoch_order(len(self.train_windows), a.seed, epoch, shuffle=True,
                                  rank=self.info.rank, world_size=self.info.world_size,
                                  batch_size=a.batch_size, drop_last=False)
-        seq_len = a.bptt if a.compile else None
+        seq_len = answers.batch_length(a.span_loss, a.bptt, a.compile)
         return data.Batches(functools.partial(window_batch, self.train_windows, seq_len), order,
                             a.batch_size)
 
-    @staticmethod
-    def loss(model, batch):
-        return answers.span_loss(*answers.span_logits(model, batch), batch)
+    def loss(self, model, batch):
+        return answers.span_loss(*answers.span_logits(model, batch, self.args.span_loss), batch)
 
     def evaluate(self, model, split):
         """Loss, exact match and F1 on the dev file (the "test" is the best model's final
@@ -151,7 +156,8 @@ class QA:
         a = self.args
         windows = self.dev_windows if split == "test" else self.valid_windows
         best, null_scores, loss = answers.evaluate_all(
-            model, windows, a.max_answer_len, a.batch_size, self.device, a.dtype, self.info)
+            model, windows, a.max_answer_len, a.batch_size, self.device, a.dtype, self.info,
+            a.span_loss)
         if split == "test" and self.info.is_main:
             paths = {flag: self.outputs[flag][0] for flag in ("--predictions", "--na-probs")}
             scores, _ = answers.write_predictions(paths, self.dev_dataset, best, null_scores,
@@ -243,21 +249,26 @@ def main(args, info):
     log = logs.make_logger(info)
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
+    if not args.predict:
+        flags.split_global_batch(args, info.world_size)
     check_paths(args, info)
     if args.predict:
         if info.is_main:
             predict(args, device, log)
         return
-    config, vocab, encoder = checkpoint.load_pretrained(args.bert_model)
+    ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
+    config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
     config = flags.model_config(config, args, source=args.bert_model)
+    if args.recipe:
+        log(flags.recipe_summary(args, info.world_size, config.dropout))
     config.qa_gelu = args.qa_gelu  # the head is chosen here, whatever the encoder's config says
     windowing = flags.settings(Windowing, args)
     with distributed.main_rank_first(info):
         paths = {split: squad.squad_file(given, split, args.data_dir, log)
                  for split, given in (("train", args.train_file), ("dev", args.dev_file))}
     task = QA(args, vocab, config, windowing, paths, info, device, log)
-    model = checkpoint.task_model_from_encoder(QuestionAnswerTask, config, encoder,
-                                               args.bert_model, device)
+    model = checkpoint.task_model_from_checkpoint(QuestionAnswerTask, "qa", config, ckpt,
+                                                  args.bert_model, device)
     log(f"QuestionAnswerTask from {args.bert_model}: {config.nlayers} layers, hidden "
         f"{config.emsize}, vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
     trainer.run(task, model, args, info, device, log)

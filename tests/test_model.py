@@ -157,6 +157,22 @@ def test_init_bert_weights_resets_every_kind():
     assert (layer.bias == 0).all() and (norm.weight == 1).all()
 
 
+def test_the_padding_row_starts_at_zero_and_gets_no_gradient():
+    # transformers' BertEmbeddings: padding_idx on the word embedding, its row 0 at init.
+    torch.manual_seed(0)
+    model = QuestionAnswerTask(tiny_config())
+    embed = model.bert_model.bert_embed.embed
+    assert embed.padding_idx == PAD and (embed.weight[PAD] == 0).all()
+    assert (embed.weight[PAD + 1] != 0).any()
+    ids, types = pad(*batch(), 4)
+    start, end = model(ids, types, padding_mask(ids, PAD))
+    # Padding's own logits in the loss (as --span-loss bert has them): the [PAD] row
+    # influences the loss, still it is not trained.
+    (start.logsumexp(1) + end.logsumexp(1)).sum().backward()
+    assert (embed.weight.grad[PAD] == 0).all()
+    assert (embed.weight.grad[ids[0, 0]] != 0).any()
+
+
 def test_config_round_trip():
     config = tiny_config(nlayers=3, qa_gelu=False, layer_norm_eps=1e-6)
     again = BertConfig.from_dict(config.to_dict())

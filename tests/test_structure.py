@@ -73,3 +73,15 @@ def test_modules_and_functions_stay_short(name):
 def test_model_py_holds_only_modules_and_their_config():
     """model.py imports no I/O, flags or data code of this project."""
     assert imports("model") <= {"kernels", "rules"}
+
+
+def test_readme_is_valid_restructuredtext():
+    """A malformed table renders as an error block on the project's front page."""
+    docutils_core = pytest.importorskip("docutils.core")
+    import io
+
+    errors = io.StringIO()
+    docutils_core.publish_doctree(
+        (REPO / "README.rst").read_text(encoding="utf-8"),
+        settings_overrides={"warning_stream": errors, "report_level": 2, "halt_level": 5})
+    assert errors.getvalue() == ""
