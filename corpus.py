@@ -29,7 +29,7 @@ import torch
 import logs
 import utils
 from data import SPLITS, TokenizedSplit
-from files import DataError, atomic_save
+from files import DataError, atomic_save, load_torch
 from tokenizer import UNK_ID, TokenizerSpec, Vocab, choose_vocab, normalize_text, train_wordpiece
 
 ###############################################################################
@@ -532,7 +532,7 @@ def _load_cache(path):
     if not path.exists():
         return None
     try:
-        obj = torch.load(path, weights_only=True, mmap=True)
+        obj = load_torch(path, mmap=True)
         return TokenizedSplit(obj["ids"], obj["line_offsets"])
     except Exception:  # a truncated or foreign file: tokenizing again is always correct
         return None
