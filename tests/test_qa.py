@@ -878,3 +878,30 @@ def test_metrics_logs_end_with_a_test_row_in_the_epoch_of_the_last_step(pretrain
     assert {"test_exact", "test_f1"} <= rows[-1].keys(), rows
     assert (rows[-1]["step"], rows[-1]["epoch"]) == (2, 1)
     assert not any("test_f1" in row for row in rows[:-1])
+
+
+@pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
+def test_the_readme_commands_make_the_normans_files(tmp_path):
+    """README, SQuAD v2.0: its two python -c commands make normans-train.json and
+    normans-dev.json from the official dev-v2.0.json (here its Normans article alone), and
+    the WikiText-2-layout folder from wiki.valid.tokens."""
+    readme = (REPO / "README.rst").read_text(encoding="utf-8")
+    section = readme[readme.index("commands make the files::"):]
+    commands = re.findall(r'^    python -c "\n(.*?)"$', section, re.S | re.M)[:2]
+    assert len(commands) == 2
+    (tmp_path / "dev-v2.0.json").write_text(NORMANS.read_text())
+    (tmp_path / ".data/wikitext-2").mkdir(parents=True)
+    (tmp_path / ".data/wikitext-2/wiki.valid.tokens").write_text(
+        "".join(f"line {i}\n" for i in range(100)))
+    for command in commands:
+        code = "\n".join(line.removeprefix("    ") for line in command.splitlines())
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60)
+    for name, questions, unanswerable in (("normans-train.json", 167, 91),
+                                          ("normans-dev.json", 41, 21)):
+        qas = [qa for article in json.loads((tmp_path / name).read_text())["data"]
+               for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+        assert (len(qas), sum(qa["is_impossible"] for qa in qas)) == (questions, unanswerable)
+        squad.read_squad(tmp_path / name)  # a file qa_task.py reads
+    sizes = [len((tmp_path / f"data/wikitext-2/wiki.{split}.tokens").read_text().splitlines())
+             for split in ("train", "valid", "test")]
+    assert sizes == [80, 10, 10]
