@@ -206,7 +206,10 @@ class WordPiece:
         from tokenizers import Tokenizer
 
         self.json = tokenizer_json
-        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        try:
+            self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the library raises a plain Exception for bad JSON
+            raise ValueError(f"not a tokenizer.json ({' '.join(str(e).split())[:100]})") from None
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         self.itos = [None] * len(vocab)
         for word, i in vocab.items():

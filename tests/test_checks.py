@@ -81,6 +81,7 @@ DAMAGED = {  # file: (the file it is a copy of, the field replaced, its new valu
     "vocab_text.pt": ("mlm_bert.pt", "vocab", "abc"),
     "vocab_numbers.pt": ("mlm_bert.pt", "vocab", [1, 2, 3]),
     "tokenizer_list.pt": ("mlm_bert.pt", "tokenizer", ["basic_english"]),
+    "tokenizer_json_garbage.pt": ("mlm_bert.pt", "tokenizer", {"kind": "wordpiece", "json": "x"}),
     "kind_list.pt": ("mlm_bert.pt", "kind", ["encoder"]),
     "windowing_list.pt": ("mlm_bert.pt", "windowing", [128]),
     "squad_v2_text.pt": ("mlm_bert.pt", "squad_v2", "yes"),
@@ -169,6 +170,10 @@ CASES = {
                          "vocab_numbers.pt: its 'vocab' is not a list of words"),
     "tokenizer a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "tokenizer_list.pt"],
                          "tokenizer_list.pt: its 'tokenizer' is a list, not a dict"),
+    "tokenizer json garbage": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model",
+                                              "tokenizer_json_garbage.pt"],
+                               "tokenizer_json_garbage.pt: its config or vocab is unusable "
+                               "(not a tokenizer.json"),
     "kind a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "kind_list.pt"],
                     "kind_list.pt: its 'kind' is a list, not a str"),
     "windowing a list": ("qa_task.py", ["--predict", "--qa-model", "windowing_list.pt",
