@@ -16,7 +16,7 @@ import logs
 import metrics
 import squad
 import utils
-from files import atomic_write_text
+from files import UserError, atomic_write_text
 from model import QuestionAnswerTask
 from windows import Windowing, collate, make_windows
 
@@ -239,8 +239,12 @@ def load_qa_model(path):
     model, vocab, ckpt = checkpoint.load_task_model(
         QuestionAnswerTask, "qa", path, "--qa-model",
         "a question-answering model (qa_task.py writes those to --save)")
+    windowing = ckpt.get("windowing", {})  # a dict (checkpoint.check_fields) of whole numbers
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in windowing.values()):
+        raise UserError(f"--qa-model {path}: its saved windowing {windowing!r:.80} is not "
+                        "a dict of whole numbers")
     # Checkpoints from before SQuAD v2.0 support have no squad_v2: v1.1 models.
-    return model, vocab, ckpt.get("windowing", {}), bool(ckpt.get("squad_v2", False))
+    return model, vocab, windowing, bool(ckpt.get("squad_v2", False))
 
 
 def print_answers(questions, answers, null_scores, null_threshold, predict_file):

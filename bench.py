@@ -50,8 +50,9 @@ SEQ_LEN = 128
 # 15% masked: the same count in every row, so every step does the same work.
 N_MASKED = round(0.15 * SEQ_LEN)
 # Architectures compared; timing as (rounds, training steps per round) for --quick and
-# without it (--quick stays under 90 s on an idle 2-core CPU); SQuAD questions in the QA
-# benchmark (0: all of the file); --loop's (rounds, steps) with and without --quick.
+# without it (--quick: about 75 s on an idle 2-core CPU, several times that on a busy one);
+# SQuAD questions in the QA benchmark (0: all of the file); --loop's (rounds, steps) with
+# and without --quick.
 CONFIGS = {
     "small": dict(emsize=256, nlayers=4, nhead=4, nhid=1024, batch_size=16,
                   quick=(9, 2), full=(15, 5), qa_questions=0, loop=((5, 8), (9, 16))),
@@ -460,7 +461,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small",
                         help="architecture and batch size (default small)")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer rounds: under 90 s on a 2-core CPU (default off)")
+                        help="fewer rounds: about 75 s on an idle 2-core CPU, several times "
+                             "that when other work shares the cores (default off)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda; bf16 autocast for training on GPUs with native "
                              "bf16, else fp32 (default cuda when available)")

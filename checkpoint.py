@@ -20,7 +20,7 @@ import torch
 import tokenizer
 import transformers_format
 from distributed import unwrap
-from files import DataError, UserError, atomic_save
+from files import DataError, UserError, atomic_save, load_torch
 from model import BertConfig
 
 
@@ -43,14 +43,66 @@ def load_checkpoint(path, flag):
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_torch(path)
     except Exception as e:  # torch raises many kinds; its messages advise on unsafe loading
         raise UserError(f"{flag} {path}: not a checkpoint of this project (it does not load with "
                         f"torch.load(weights_only=True): {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= ckpt.keys():
         raise UserError(f"{flag} {path}: not a checkpoint of this project "
                         "(expected a dict with model, config and vocab)")
+    check_fields(ckpt, flag, path)
     return ckpt
+
+
+# The type of every field a checkpoint or state file may hold: data from disk, checked
+# before any of it is used, so that a damaged or foreign file is one line, not a traceback.
+FIELD_TYPES = {
+    "kind": str, "model": dict, "config": dict, "vocab": list, "tokenizer": dict | None,
+    "windowing": dict, "squad_v2": bool,
+    # state files (trainer.Trainer.save_state)
+    "args": dict, "script": str | None, "train_state": dict, "rng": list | dict,
+    "optimizer": dict, "scheduler": dict, "scaler": dict,
+}
+
+
+def check_fields(ckpt, flag, path):
+    """A one-line UserError naming the file for the first field of the wrong type."""
+    for name, expected in FIELD_TYPES.items():
+        if name in ckpt and not isinstance(ckpt[name], expected):
+            raise UserError(f"{flag} {path}: its {name!r} is a {type(ckpt[name]).__name__}, "
+                            f"not a {_type_name(expected)} (not a checkpoint of this project)")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["model"].items()):
+        raise UserError(f"{flag} {path}: its 'model' is not a state dict of named tensors")
+    if not all(isinstance(word, str) for word in ckpt["vocab"]):
+        raise UserError(f"{flag} {path}: its 'vocab' is not a list of words")
+    for name, value in ckpt.get("train_state", {}).items():
+        if not _is_a(value, TRAIN_STATE_TYPES.get(name)):
+            raise UserError(f"{flag} {path}: its train_state has {name} = {value!r:.60}, not a "
+                            "field of this project's training state")
+
+
+# trainer.TrainState's fields, as a state file holds them.
+TRAIN_STATE_TYPES = {"epoch": int, "step_in_epoch": int, "global_step": int,
+                     "best_score": float | None, "train_loss_log": list, "val_loss_log": list,
+                     "epoch_loss_sum": float}
+
+
+def _is_a(value, expected):
+    """isinstance, where float admits int (never bool) and a list holds numbers."""
+    if expected is None or isinstance(value, bool):
+        return False
+    if expected is list:
+        return isinstance(value, list) and all(_is_a(x, float) for x in value)
+    if expected is int:
+        return isinstance(value, int)
+    if value is None:
+        return expected is not float  # float | None
+    return isinstance(value, int | float)
+
+
+def _type_name(expected):
+    return " or ".join(t.__name__ for t in getattr(expected, "__args__", (expected,))
+                       if t is not type(None))
 
 
 def config_and_vocab(ckpt, flag, path):

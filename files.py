@@ -3,6 +3,7 @@ the old file or the new one, never half of one."""
 
 import os
 import tempfile
+import warnings
 
 import torch
 
@@ -58,3 +59,12 @@ def atomic_save(obj, path):
 
 def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def load_torch(path, **kwargs):
+    """torch.load(path, weights_only=True, map_location="cpu") without torch's warnings: on a
+    file that is not a checkpoint (random bytes that start like a pickle) torch prints a
+    UserWarning before failing, and the caller's one-line error should be all a user sees."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)

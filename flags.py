@@ -17,7 +17,7 @@ import tokenizer
 import trainer
 import utils
 import windows
-from files import UserError
+from files import UserError, load_torch
 from model import BertConfig
 
 
@@ -354,11 +354,9 @@ def parse_args(parser, argv=None):
 
 
 def _merge_saved_flags(parser, argv, args):
-    import torch
-
     path = args.checkpoint
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_torch(path, mmap=True)
     except FileNotFoundError:
         raise UserError(f"--checkpoint {path}: no such file") from None
     except Exception as e:  # torch raises many kinds; its messages advise on unsafe loading

@@ -7,6 +7,7 @@ formatted from them (format_metrics) and the metrics log records them unrounded.
 
 import json
 import math
+import shlex
 import sys
 
 from files import UserError, atomic_write_text
@@ -41,12 +42,18 @@ def set_progress(enabled):
     _progress["enabled"] = None if enabled is None else bool(enabled)
 
 
+def bars_shown():
+    """Whether progress bars are on: set_progress's choice, else whether stderr is a terminal
+    (without one, a batch job, the trainer prints a log line at least every 30 s instead)."""
+    if _progress["enabled"] is None:
+        _progress["enabled"] = sys.stderr.isatty()
+    return _progress["enabled"]
+
+
 def progress(iterable=None, total=None, desc=None, unit="it", **kwargs):
     """tqdm(iterable, ...) with its rate and ETA on stderr, or the iterable itself (with
     tqdm's update/close doing nothing) when bars are off or tqdm is not installed."""
-    if _progress["enabled"] is None:
-        _progress["enabled"] = sys.stderr.isatty()
-    if not _progress["enabled"]:
+    if not bars_shown():
         return NoProgress(iterable)
     try:
         from tqdm import tqdm
@@ -154,3 +161,9 @@ def write_loss_log(path, train_loss, val_loss, test_loss, settings):
     lines += [f"epoch {i:3d} | val loss {v:8.5f}" for i, v in enumerate(val_loss, 1)]
     lines.append(f"test loss {test_loss:8.5f}")
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def resume_command(state_file):
+    """The command that resumes a run, from the folder it was started in: the script's path
+    as it was given (python ../bert/mlm_task.py), not only its name."""
+    return shlex.join(["python", sys.argv[0], "--checkpoint", str(state_file)])

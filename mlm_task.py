@@ -5,6 +5,8 @@
 
 import functools
 
+import cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
+
 import torch
 import torch.nn.functional as F
 

@@ -49,6 +49,12 @@ def curves(rows):
 
 
 def plot(rows, out):
+    figure(rows).savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+def figure(rows):
+    """The figure of a metrics log's rows: a panel per quantity."""
     try:
         import matplotlib
     except ImportError:
@@ -63,17 +69,41 @@ def plot(rows, out):
                              squeeze=False)
     for ax, (title, series) in zip(axes[:, 0], panels.items()):
         for name, (steps, values) in series.items():
-            # Evaluations are few points: markers show where each was.
-            ax.plot(steps, values, label=name, marker="o" if len(steps) < 50 else None)
+            ax.plot(steps, values, label=name, **series_style(name, len(steps)))
         if title in ("loss", "ppl") and all(v > 0 for _, vs in series.values() for v in vs):
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain_log_formatter())
+            ax.yaxis.set_minor_formatter(plain_log_formatter(labelOnlyBase=False))
         ax.set_ylabel(title)
         ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    print(f"wrote {out}")
+    return fig
+
+
+def series_style(name, n_points):
+    """Evaluations are few points: markers show where each was. The test is one point,
+    often at the step of the last validation: a larger hollow marker drawn below it, so
+    that a single valid point stays visible inside it."""
+    if name.startswith("test_"):
+        return {"marker": "o", "markersize": 11, "markerfacecolor": "none", "linestyle": "none",
+                "zorder": 2}
+    if name.startswith("valid_"):
+        return {"marker": "o", "zorder": 3}
+    return {"marker": "o" if n_points < 50 else None}
+
+
+def plain_log_formatter(**kwargs):
+    """matplotlib's choice of which log-axis ticks get a label, each written as a plain
+    number ("9", "698.4") rather than 9x10^0."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter(**kwargs)
 
 
 def main(argv=None):

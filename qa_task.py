@@ -19,6 +19,8 @@ import functools
 import os
 from dataclasses import asdict
 
+import cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
+
 import torch
 
 import answers

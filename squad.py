@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import corpus
-from files import UserError
+from files import DataError, UserError
 
 SQUAD = {
     "train": corpus.Archive("train-v1.1.json", "981b29407e0affa3b1b156f72073b945",
@@ -174,7 +174,11 @@ def squad_file(given, split, data_dir, log):
     archive = SQUAD[split]
     path = Path(data_dir) / "squad" / archive.filename
     if not path.exists():
-        corpus.download_archive(archive, path.parent, log, expected=[path])
+        try:
+            corpus.download_archive(archive, path.parent, log, expected=[path])
+        except DataError as e:
+            raise DataError(f"{e}; or give a SQuAD file of your own with --{split}-file PATH "
+                            "(--train-file and --dev-file)") from None
     return path
 
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 import rules
-from files import DataError, atomic_save
+from files import DataError, atomic_save, load_torch
 
 ###############################################################################
 # Tokenizer
@@ -122,6 +122,24 @@ class Vocab:
         """Short hash of the word list: keys the token-id caches."""
         return hashlib.sha1("\n".join(self.itos).encode()).hexdigest()[:16]
 
+    def save_transformers(self, folder):
+        """The files transformers' AutoTokenizer loads as this tokenizer (a
+        PreTrainedTokenizerFast: basic_english_pipeline's word-level tokenizer.json); their
+        names."""
+        specials = dict(zip(("unk_token", "pad_token", "mask_token", "cls_token", "sep_token"),
+                            SPECIALS))
+        files = {
+            "tokenizer.json": basic_english_pipeline(self.itos).to_str(),
+            "tokenizer_config.json": json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512,
+                "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+                "clean_up_tokenization_spaces": False, **specials}, indent=2),
+            "special_tokens_map.json": json.dumps(specials, indent=2),
+        }
+        for name, text in files.items():
+            (Path(folder) / name).write_text(text, encoding="utf-8")
+        return list(files)
+
     def state(self):
         """What a checkpoint stores beside the word list to rebuild the tokenizer."""
         return {"kind": self.kind}
@@ -146,6 +164,42 @@ WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[S
                       "mask": "[MASK]"}
 
 
+def basic_english_pipeline(itos):
+    """basic_english as a `tokenizers` Tokenizer, for transformers: the same substitutions
+    as normalize_text, a split on white space, a word-level vocabulary, and the pairs as
+    our QA windows hold them (<cls> A <sep> B <sep>, token types 0 then 1). The same ids as
+    Vocab.encode on ordinary text; they differ only on rare Unicode (Rust's lower case
+    has no Greek final sigma, and str.split also splits at the control characters U+001C
+    to U+001F)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(itos)}, unk_token=SPECIALS[0]))
+    steps = [normalizers.Lowercase(), normalizers.Replace('"', ""), normalizers.Replace("<br />", " ")]
+    steps += [normalizers.Replace(char, f" {char} ") for char in _OWN_TOKENS]
+    steps += [normalizers.Replace(";", " "), normalizers.Replace(":", " ")]
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(list(SPECIALS))
+    cls, sep = SPECIALS[CLS_ID], SPECIALS[SEP_ID]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, CLS_ID), (sep, SEP_ID)])
+    return tokenizer
+
+
+def basic_english_words(tokenizer_json):
+    """The word list of a tokenizer.json that is basic_english_pipeline's (convert.py's
+    export of a basic_english model), else None."""
+    vocab = tokenizer_json.get("model", {}).get("vocab")
+    if tokenizer_json.get("model", {}).get("type") != "WordLevel" or not isinstance(vocab, dict):
+        return None
+    itos = sorted(vocab, key=vocab.get)
+    if [vocab[word] for word in itos] != list(range(len(itos))) or tuple(itos[:5]) != SPECIALS:
+        return None
+    ours = json.loads(basic_english_pipeline(SPECIALS).to_str())
+    same = all(tokenizer_json.get(part) == ours[part] for part in ("normalizer", "pre_tokenizer"))
+    return itos if same else None
+
 class WordPiece:
     """BERT's WordPiece tokenizer (the `tokenizers` library's, as transformers'
     BertTokenizerFast runs it), with the interface of Vocab. Built from the content of a
@@ -157,7 +211,10 @@ class WordPiece:
         from tokenizers import Tokenizer
 
         self.json = tokenizer_json
-        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        try:
+            self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the library raises a plain Exception for bad JSON
+            raise ValueError(f"not a tokenizer.json ({' '.join(str(e).split())[:100]})") from None
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         self.itos = [None] * len(vocab)
         for word, i in vocab.items():
@@ -281,6 +338,8 @@ def load_tokenizer(path):
         if path.suffix == ".json":
             text = path.read_text(encoding="utf-8")
             model_type = json.loads(text).get("model", {}).get("type")
+            if basic_english_words(json.loads(text)) is not None:
+                return Vocab(basic_english_words(json.loads(text)))
             if model_type != "WordPiece":
                 raise DataError(f"{path}: a {model_type} tokenizer, not BERT's WordPiece")
             return WordPiece(text)
@@ -319,7 +378,7 @@ def load_vocab(path):
     """Returns (vocab, meta). Raises DataError with a clear message if unusable."""
     problem = f"{path} is not a vocab file written by this project"
     try:
-        obj = torch.load(path, weights_only=True)
+        obj = load_torch(path)
     except FileNotFoundError:
         raise
     except Exception:  # torch.load's own message is a page of advice that does not apply
@@ -381,6 +440,11 @@ def choose_vocab(spec, dataset, vocab_path, train_text, log=print):
         # Vocab.build refuses a train split whose words are all too rare.
         vocab = train_text.count_words(spec.min_freq)
         log(f"built a vocab of {len(vocab)} words from the train split (min_freq {spec.min_freq})")
+    elif len(vocab) < spec.vocab_size:
+        # WordPiece merges pieces until --vocab-size or until no pair is left to merge.
+        log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split, fewer "
+            f"than --vocab-size {spec.vocab_size}: its text has no more pieces to merge (every "
+            "word it holds is already one token); more text gives more")
     else:
         vocab = train_wordpiece(train_text.sample_lines(), spec.vocab_size)
         log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split")

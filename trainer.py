@@ -70,6 +70,10 @@ class Preemption:
 # small collective, not one per step.
 SIGNAL_CHECK_EVERY = 50
 
+# Without progress bars (no terminal: a batch job), a log line at least this often as well
+# as every --log-interval steps, so that a slow or short run is never silent for minutes.
+LOG_EVERY_SECONDS = 30
+
 
 def sync_stop_flags(first_bad_step, preempted, info):
     """(first non-finite step of any rank or -1, whether any rank was signalled).
@@ -284,25 +288,35 @@ class Trainer:
         path = self.config.checkpoint
         if ckpt.get("kind") != "state":
             raise UserError(f"--checkpoint {path}: not a state file")
+        missing = {"optimizer", "scheduler", "scaler", "train_state", "rng"} - ckpt.keys()
+        if missing:
+            raise UserError(f"--checkpoint {path}: a state file without {', '.join(sorted(missing))}")
         checkpoint.load_into(model, ckpt["model"], "--checkpoint", path)
         for flag, old_default in (("optimizer", "sgd"), ("schedule", "plateau")):
-            saved = ckpt.get("args", {}).get(flag, old_default)
+            saved = ckpt.get("args", {}).get(flag, old_default)  # a dict: checkpoint.check_fields
             if saved != getattr(self.config, flag):
                 raise UserError(f"--checkpoint {path} was saved with --{flag} {saved}: its state "
                                 f"cannot continue under --{flag} {getattr(self.config, flag)}")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
+            # A state saved without fp16 has no scaler state: a fresh scaler starts the run.
+            if ckpt["scaler"] and self.scaler.is_enabled():
+                self.scaler.load_state_dict(ckpt["scaler"])
         except (ValueError, KeyError) as e:  # e.g. --weight-decay 0 <-> not 0: other groups
             raise UserError(f"--checkpoint {path}: its optimizer state does not fit --weight-decay "
                             f"{self.config.weight_decay} ({e})") from None
-        # A state saved without fp16 has no scaler state: a fresh scaler starts the run.
-        if ckpt["scaler"] and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = TrainState(**ckpt["train_state"])
+        except (TypeError, AttributeError, IndexError, RuntimeError) as e:  # a damaged file
+            raise UserError(f"--checkpoint {path}: its optimizer, scheduler or scaler state is "
+                            f"unusable ({type(e).__name__})") from None
+        self.state = TrainState(**ckpt["train_state"])  # checked: checkpoint.check_fields
         rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
         if self.info.rank < len(rng):
-            set_rng_state(rng[self.info.rank], self.device)
+            try:
+                set_rng_state(rng[self.info.rank], self.device)
+            except (TypeError, ValueError, KeyError, RuntimeError) as e:
+                raise UserError(f"--checkpoint {path}: its random number generator state is "
+                                f"unusable ({type(e).__name__})") from None
         else:  # more ranks than the run that saved: the new ones start fresh streams
             torch.manual_seed(self.config.seed + self.info.rank)
 
@@ -335,7 +349,7 @@ class Trainer:
             return
         st, outputs = self.state, task.outputs
         logs.write_loss_log(outputs["the loss log"][0], st.train_loss_log, st.val_loss_log,
-                            metrics["loss"], self.flags)
+                            metrics["loss"], self.loss_log_settings())
         task.write_outputs(model)
         checkpoint.save_vocab_copy(task.vocab, outputs["--save-vocab"][0], log)
         self.metrics.close()
@@ -343,6 +357,13 @@ class Trainer:
                    if path is not None and os.path.exists(path)
                    and os.path.getmtime(path) >= self.started]
         log(f"wrote {', '.join(written + self.files_written())}")
+
+    def loss_log_settings(self):
+        """The run's flags, with the tokenizer and vocabulary size the model really has (the
+        flags' own are defaults, or unused when --bert-model brings its tokenizer)."""
+        kind, given = self.task.vocab.state()["kind"], self.flags.get("tokenizer")
+        shown = kind if given in (None, kind) else f"{kind} ({given})"
+        return {**self.flags, "tokenizer": shown, "vocab_size": len(self.task.vocab)}
 
     def log_evaluation(self, split, metrics):
         """An evaluation's row of the metrics log (rank 0): its numbers as they are, at the
@@ -492,13 +513,12 @@ class Trainer:
             bad_step, preempted = sync_stop_flags(first_bad_step, self.preemption.requested,
                                                   self.info)
             self.check_finite(bad_step)
-        if at_log:
+        if at_log or self.time_to_log(window):
             self.log_training(window, step_in_epoch)
         if preempted:
             self.save_state()
             self.log(f"stopped by a signal at step {st.global_step}; the state is in "
-                     f"{config.state_file}. Resume with: python {os.path.basename(sys.argv[0])} "
-                     f"--checkpoint {config.state_file}")
+                     f"{config.state_file}. Resume with: {logs.resume_command(config.state_file)}")
             if self.preemption.interrupted:
                 raise Interrupted
             return "signal"
@@ -509,6 +529,12 @@ class Trainer:
         if at_save:
             self.save_state()
         return "max_steps" if at_max else None
+
+    def time_to_log(self, window):
+        """Rank 0 without bars, LOG_EVERY_SECONDS after its last line. Only the clock is read
+        (no host sync), and the line is rank 0's own loss: no collective the others miss."""
+        return (self.info.is_main and not logs.bars_shown()
+                and time.time() - window.start >= LOG_EVERY_SECONDS)
 
     def log_training(self, window, step_in_epoch):
         """The old example's log line (a "batch" is an optimizer step), and its metrics row."""

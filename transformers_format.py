@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from files import UserError
+from files import UserError, load_torch
 from model import BertConfig, BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask
 from tokenizer import load_tokenizer, tokenizer_from_checkpoint
 
@@ -213,7 +213,7 @@ def read_weights(folder, where):
         if not os.path.isfile(path):
             raise UserError(f"{where}: no model.safetensors or pytorch_model.bin")
         # Never unpickle arbitrary objects from a file found on disk.
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        weights = load_torch(path)
     except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as e:
         raise UserError(f"{where}: its weights are unreadable ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]})") from None
@@ -317,7 +317,7 @@ def load_hint(kind, out_dir):
 
 def write_folder(kind, state, config, tokenizer, folder):
     """Write config.json, model.safetensors and the tokenizer's files into `folder`;
-    returns the names written and a note for a tokenizer transformers cannot rebuild."""
+    returns the names written."""
     from safetensors.torch import save_file
 
     their_config = {"architectures": [KINDS[kind][1]], "model_type": "bert",
@@ -329,16 +329,8 @@ def write_folder(kind, state, config, tokenizer, folder):
                for name, tensor in ours_to_transformers_state_dict(state).items()}
     save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     names = ["config.json", "model.safetensors"]
-    if tokenizer.kind == "wordpiece":
-        return names + list(tokenizer.save_transformers(folder)), None
-    # Under a name AutoTokenizer does not look for: a BertTokenizer built from it would
-    # split words differently from basic_english, and silently.
-    with open(os.path.join(folder, "basic_english_vocab.txt"), "w", encoding="utf-8") as f:
-        f.writelines(word + "\n" for word in tokenizer.itos)
-    note = ("transformers has no basic_english tokenizer, so no tokenizer was written: "
-            "tokenize with this project's tokenizer.basic_english_normalize and map each word to "
-            "its line number in basic_english_vocab.txt (unknown words to <unk>)")
-    return names + ["basic_english_vocab.txt"], note
+    # basic_english as a word-level tokenizer.json (tokenizer.basic_english_pipeline).
+    return names + list(tokenizer.save_transformers(folder))
 
 
 def export(ckpt, out_dir, force=False, source="the checkpoint"):
@@ -369,7 +361,7 @@ def export(ckpt, out_dir, force=False, source="the checkpoint"):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.")
     try:
-        names, note = write_folder(kind, ckpt["model"], config, tokenizer, tmp)
+        names = write_folder(kind, ckpt["model"], config, tokenizer, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if os.path.isdir(out_dir) and os.listdir(out_dir):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old.")
@@ -382,4 +374,4 @@ def export(ckpt, out_dir, force=False, source="the checkpoint"):
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [f"wrote {out_dir}: a {KINDS[kind][1]} ({', '.join(names)})",
              f"load it with transformers' {load_hint(kind, out_dir)}"]
-    return lines + ([note] if note else [])
+    return lines

@@ -5,6 +5,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,7 +57,35 @@ def work(tmp_path_factory):
     bad = torch.load(folder / "mlm_bert.pt", weights_only=True)
     bad["config"]["emsize"] = -16
     torch.save(bad, folder / "negative.pt")
+    # Files whose fields have the wrong type: data from disk, checked when read.
+    for name, (source, field, value) in DAMAGED.items():
+        damaged = torch.load(folder / source, weights_only=True)
+        damaged[field] = value
+        torch.save(damaged, folder / name)
     return folder
+
+
+DAMAGED = {  # file: (the file it is a copy of, the field replaced, its new value)
+    "args_list.pt": ("mlm_state.pt", "args", [["lr", 1.0]]),
+    "train_state_list.pt": ("mlm_state.pt", "train_state", [1, 2]),
+    "train_state_text.pt": ("mlm_state.pt", "train_state", {"epoch": "one"}),
+    "rng_text.pt": ("mlm_state.pt", "rng", "seed"),
+    "rng_damaged.pt": ("mlm_state.pt", "rng", [{"torch": "x", "python": 3}]),
+    "optimizer_list.pt": ("mlm_state.pt", "optimizer", [1]),
+    "optimizer_damaged.pt": ("mlm_state.pt", "optimizer", {"state": 1, "param_groups": 2}),
+    "scheduler_text.pt": ("mlm_state.pt", "scheduler", "x"),
+    "scaler_list.pt": ("mlm_state.pt", "scaler", [1]),
+    "model_list.pt": ("mlm_bert.pt", "model", [1, 2]),
+    "model_numbers.pt": ("mlm_bert.pt", "model", {"embedding.weight": 3}),
+    "config_list.pt": ("mlm_bert.pt", "config", [16, 32]),
+    "vocab_text.pt": ("mlm_bert.pt", "vocab", "abc"),
+    "vocab_numbers.pt": ("mlm_bert.pt", "vocab", [1, 2, 3]),
+    "tokenizer_list.pt": ("mlm_bert.pt", "tokenizer", ["basic_english"]),
+    "tokenizer_json_garbage.pt": ("mlm_bert.pt", "tokenizer", {"kind": "wordpiece", "json": "x"}),
+    "kind_list.pt": ("mlm_bert.pt", "kind", ["encoder"]),
+    "windowing_list.pt": ("mlm_bert.pt", "windowing", [128]),
+    "squad_v2_text.pt": ("mlm_bert.pt", "squad_v2", "yes"),
+}
 
 
 QA = ["--bert-model", "mlm_bert.pt", "--train-file", "squad.json", "--dev-file", "squad.json"]
@@ -116,6 +145,49 @@ CASES = {
     "another script's state": ("mlm_task.py", ["--checkpoint", "ns_state.pt"],
                                "a state file of ns_task.py; resume it with python ns_task.py"),
     "mlm state to qa": ("qa_task.py", ["--checkpoint", "ns_state.pt"], "a state file of ns_task"),
+    # state files and checkpoints with a field of the wrong type
+    "state args a list": ("mlm_task.py", ["--checkpoint", "args_list.pt"],
+                          "--checkpoint args_list.pt: its saved flags are a list"),
+    "state train_state a list": ("mlm_task.py", ["--checkpoint", "train_state_list.pt"],
+                                 "train_state_list.pt: its 'train_state' is a list, not a dict"),
+    "state train_state text": ("mlm_task.py", ["--checkpoint", "train_state_text.pt"],
+                               "train_state_text.pt: its train_state has epoch = 'one'"),
+    "state rng text": ("mlm_task.py", ["--checkpoint", "rng_text.pt"],
+                       "rng_text.pt: its 'rng' is a str, not a list or dict"),
+    "state rng damaged": ("mlm_task.py", ["--checkpoint", "rng_damaged.pt"],
+                          "rng_damaged.pt: its random number generator state is unusable"),
+    "state optimizer a list": ("mlm_task.py", ["--checkpoint", "optimizer_list.pt"],
+                               "optimizer_list.pt: its 'optimizer' is a list, not a dict"),
+    "state optimizer damaged": ("mlm_task.py", ["--checkpoint", "optimizer_damaged.pt"],
+                                "optimizer_damaged.pt: its optimizer"),
+    "state scheduler text": ("mlm_task.py", ["--checkpoint", "scheduler_text.pt"],
+                             "scheduler_text.pt: its 'scheduler' is a str"),
+    "state scaler a list": ("mlm_task.py", ["--checkpoint", "scaler_list.pt"],
+                            "scaler_list.pt: its 'scaler' is a list"),
+    "model a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "model_list.pt"],
+                     "--bert-model model_list.pt: its 'model' is a list, not a dict"),
+    "model of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "model_numbers.pt"],
+                         "model_numbers.pt: its 'model' is not a state dict of named tensors"),
+    "config a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "config_list.pt"],
+                      "config_list.pt: its 'config' is a list, not a dict"),
+    "vocab text": ("qa_task.py", ["--bert-model", "vocab_text.pt"],
+                   "vocab_text.pt: its 'vocab' is a str, not a list"),
+    "vocab of numbers": ("mlm_task.py", [*DATA, *TINY, "--bert-model", "vocab_numbers.pt"],
+                         "vocab_numbers.pt: its 'vocab' is not a list of words"),
+    "tokenizer a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "tokenizer_list.pt"],
+                         "tokenizer_list.pt: its 'tokenizer' is a list, not a dict"),
+    "tokenizer json garbage": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model",
+                                              "tokenizer_json_garbage.pt"],
+                               "tokenizer_json_garbage.pt: its config or vocab is unusable "
+                               "(not a tokenizer.json"),
+    "kind a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "kind_list.pt"],
+                    "kind_list.pt: its 'kind' is a list, not a str"),
+    "windowing a list": ("qa_task.py", ["--predict", "--qa-model", "windowing_list.pt",
+                                        "--question", "q", "--context", "c"],
+                         "windowing_list.pt: its 'windowing' is a list, not a dict"),
+    "squad_v2 text": ("qa_task.py", ["--predict", "--qa-model", "squad_v2_text.pt",
+                                     "--question", "q", "--context", "c"],
+                      "squad_v2_text.pt: its 'squad_v2' is a str, not a bool"),
     "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "negative.pt"],
                                   "emsize -16: must be a positive integer"),
 }
@@ -212,7 +284,30 @@ def test_ctrl_c_writes_the_state_and_exits_130(tmp_path, ddp):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in err
-    assert "Resume with: python mlm_task.py --checkpoint mlm_state.pt" in out
+    # From another folder than the script's: the script's path as it was started.
+    assert f"Resume with: python {REPO / 'mlm_task.py'} --checkpoint mlm_state.pt" in out
     state = torch.load(tmp_path / "mlm_state.pt", weights_only=True)
     assert state["script"] == "mlm_task.py" and state["train_state"]["global_step"] > 0
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_every_output_of_the_readme_commands_is_git_ignored():
+    """After the README's commands, `git status` shows nothing new: each script's default
+    outputs and the other files the README's commands write."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs git and a git checkout")
+    outputs = {"predictions.json", "na_probs.json", "mlm_metrics.png", "curves.png",
+               "qa-bert/config.json", "qa-bert/model.safetensors", "qa-bert/tokenizer.json",
+               "runs/events.out.tfevents.1", ".data/wikitext-2/wiki.train.tokens",
+               ".data/.cache/train.0123456789abcdef.pt", "data/.cache/train.0123.pt",
+               "normans-train.json", "normans-dev.json", ".mlm_state.pt.lock",
+               ".mlm_state.pt.abc123.tmp"}
+    for script in ("mlm_task", "ns_task", "qa_task"):
+        parser = importlib.import_module(script).get_parser()
+        outputs |= {action.default for action in parser._actions if action.dest in (
+            "save", "state_file", "metrics_file", "save_vocab", "predictions")}
+        outputs.add(f"{script[:script.index('_')]}_loss.txt")
+    assert {"mlm_bert.pt", "ns_state.pt", "qa_metrics.jsonl", "bert_vocab.pt"} <= outputs
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=REPO,
+                             capture_output=True, text=True).stdout.splitlines()
+    assert sorted(outputs - set(ignored)) == []

@@ -337,14 +337,27 @@ def test_export_then_import_round_trips_bitwise(tmp_path):
         assert torch.equal(again["model"][key], value), key
 
 
-def test_basic_english_export_writes_no_tokenizer(tmp_path, capsys):
-    ckpt, _ = our_checkpoint(tmp_path, "mlm", MLMTask, tokenizer="basic_english")
+def test_basic_english_export_loads_in_transformers_with_our_ids(tmp_path, capsys):
+    """AutoTokenizer reads a basic_english export as basic_english (not a BertTokenizer of
+    5 tokens mapping every word to [UNK]), with our QA windows' pair layout, and the folder
+    reads back into this project as the same tokenizer."""
+    ckpt, _ = our_checkpoint(tmp_path, "qa", QuestionAnswerTask, tokenizer="basic_english")
     folder = export_to(tmp_path, ckpt)
-    assert "transformers has no basic_english tokenizer" in capsys.readouterr().out
-    assert sorted(os.listdir(folder)) == ["basic_english_vocab.txt", "config.json",
-                                          "model.safetensors"]
-    assert (folder / "basic_english_vocab.txt").read_text().splitlines() == ckpt["vocab"]
-    load_theirs(transformers.AutoModelForMaskedLM, folder)
+    capsys.readouterr()
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(folder))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = tok.Vocab(ckpt["vocab"])
+    assert len(theirs) == len(ours)
+    for text in ("Who sat?", 'The cat\'s "mat"<br />sat: on; it (zebra)!', "THE CAT."):
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+    pair = theirs("Who sat?", "The cat sat on the mat.")
+    question, context = ours.encode("Who sat?"), ours.encode("The cat sat on the mat.")
+    assert pair["input_ids"] == [tok.CLS_ID, *question, tok.SEP_ID, *context, tok.SEP_ID]
+    assert pair["token_type_ids"] == [0] * (len(question) + 2) + [1] * (len(context) + 1)
+    assert theirs.pad_token_id == tok.PAD_ID and theirs.mask_token_id == tok.MASK_ID
+    again = checkpoint.load_checkpoint(str(folder), "--bert-model")
+    assert again["vocab"] == ckpt["vocab"] and again["tokenizer"] == {"kind": "basic_english"}
+    load_theirs(transformers.AutoModelForQuestionAnswering, folder)
 
 
 @pytest.mark.parametrize("case, expected", [

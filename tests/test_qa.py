@@ -1,6 +1,7 @@
 """qa_task.py: character spans, windows, decoding, the loss, and whole runs of the script."""
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -342,6 +343,17 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
         assert texts == {qid: answer[0] for qid, answer in single.items()}
         assert result["loss"] == pytest.approx(single_loss, rel=1e-5)
         assert result["null_scores"] == pytest.approx(single_null, abs=1e-4)
+
+
+def test_a_failed_squad_download_names_the_flags_that_replace_it(tmp_path, monkeypatch):
+    archive = dataclasses.replace(squad.SQUAD["dev"], urls=(f"file://{tmp_path}/none.json",))
+    monkeypatch.setitem(squad.SQUAD, "dev", archive)
+    with pytest.raises(files.DataError) as error:
+        squad.squad_file(None, "dev", tmp_path / "data", lambda *a: None)
+    message = str(error.value)
+    assert "could not download dev-v1.1.json" in message and "place dev-v1.1.json" in message
+    assert "with --dev-file PATH (--train-file and --dev-file)" in message
+    assert not (tmp_path / "data").exists()
 
 
 def test_squad_files_are_downloaded_only_when_absent(tmp_path, monkeypatch):
@@ -845,3 +857,51 @@ def test_squad_v2_end_to_end_on_the_normans(pretrained, tmp_path, monkeypatch, c
         assert list(line) == ["answer", "no_answer", "score", "null_score"]
         assert line["no_answer"] is no_answer and (line["answer"] == "") is no_answer
         assert line["answer"] in context and isinstance(line["null_score"], float)
+
+
+def test_metrics_logs_end_with_a_test_row_in_the_epoch_of_the_last_step(pretrained, tmp_path):
+    """--max-steps stops inside epoch 1: the test row, the last of the mlm and qa metrics
+    logs, says epoch 1 (not the epoch the loop would have started next). The loss log
+    names the tokenizer and vocabulary size the model has, not the flags' defaults."""
+    mlm_rows = [json.loads(line) for line in (pretrained / "mlm_metrics.jsonl").open()]
+    assert "test_loss" in mlm_rows[-1] and mlm_rows[-1]["epoch"] == 1
+    vocab = torch.load(pretrained / "mlm_bert.pt", weights_only=True)["vocab"]
+    loss_log = (pretrained / "mlm_loss.txt").read_text().splitlines()
+    assert "tokenizer:    basic_english" in loss_log and f"vocab_size:    {len(vocab)}" in loss_log
+    train = write_rivers_squad(tmp_path / "train.json", 1, 24)
+    dev = write_rivers_squad(tmp_path / "dev.json", 2, 4)
+    result = run(["--bert-model", pretrained / "mlm_bert.pt", "--device", "cpu", "--epochs", 3,
+                  "--max-steps", 2, "--batch_size", 4, "--train-file", train, "--dev-file", dev],
+                 tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "qa_metrics.jsonl").open()]
+    assert {"test_exact", "test_f1"} <= rows[-1].keys(), rows
+    assert (rows[-1]["step"], rows[-1]["epoch"]) == (2, 1)
+    assert not any("test_f1" in row for row in rows[:-1])
+
+
+@pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
+def test_the_readme_commands_make_the_normans_files(tmp_path):
+    """README, SQuAD v2.0: its two python -c commands make normans-train.json and
+    normans-dev.json from the official dev-v2.0.json (here its Normans article alone), and
+    the WikiText-2-layout folder from wiki.valid.tokens."""
+    readme = (REPO / "README.rst").read_text(encoding="utf-8")
+    section = readme[readme.index("commands make the files::"):]
+    commands = re.findall(r'^    python -c "\n(.*?)"$', section, re.S | re.M)[:2]
+    assert len(commands) == 2
+    (tmp_path / "dev-v2.0.json").write_text(NORMANS.read_text())
+    (tmp_path / ".data/wikitext-2").mkdir(parents=True)
+    (tmp_path / ".data/wikitext-2/wiki.valid.tokens").write_text(
+        "".join(f"line {i}\n" for i in range(100)))
+    for command in commands:
+        code = "\n".join(line.removeprefix("    ") for line in command.splitlines())
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60)
+    for name, questions, unanswerable in (("normans-train.json", 167, 91),
+                                          ("normans-dev.json", 41, 21)):
+        qas = [qa for article in json.loads((tmp_path / name).read_text())["data"]
+               for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+        assert (len(qas), sum(qa["is_impossible"] for qa in qas)) == (questions, unanswerable)
+        squad.read_squad(tmp_path / name)  # a file qa_task.py reads
+    sizes = [len((tmp_path / f"data/wikitext-2/wiki.{split}.tokens").read_text().splitlines())
+             for split in ("train", "valid", "test")]
+    assert sizes == [80, 10, 10]

@@ -3,6 +3,9 @@ import cycle among them, no grab-bag modules or long functions, and no task scri
 by library code, bench.py or the tests' helpers."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,25 @@ def test_readme_is_valid_restructuredtext():
         (REPO / "README.rst").read_text(encoding="utf-8"),
         settings_overrides={"warning_stream": errors, "report_level": 2, "halt_level": 5})
     assert errors.getvalue() == ""
+
+
+@pytest.mark.parametrize("script", ["mlm_task", "ns_task", "qa_task"])
+def test_openmp_wait_policy_is_set_before_torch_loads(script):
+    """libgomp reads OMP_WAIT_POLICY once, when torch is imported: cpu_threads must be the
+    script's first import of this project and come before torch."""
+    names = [alias.name if isinstance(node, ast.Import) else node.module
+             for node in tree(script).body if isinstance(node, ast.Import | ast.ImportFrom)
+             for alias in (node.names if isinstance(node, ast.Import) else node.names[:1])]
+    first_torch = min(i for i, name in enumerate(names) if name.split(".")[0] == "torch")
+    first_ours = min(i for i, name in enumerate(names) if name.split(".")[0] in MODULES)
+    assert names.index("cpu_threads") == first_ours < first_torch, names
+
+
+def test_openmp_wait_policy_is_passive_unless_the_user_set_one():
+    code = "import os, cpu_threads, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        extra = {"OMP_WAIT_POLICY": given} if given else {}
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, **extra},
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == expected, out.stderr

@@ -114,8 +114,14 @@ def snapshot(folder):
             for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts}
 
 
-def _garbage(work):
-    (work / "garbage.pt").write_bytes(os.urandom(4000))
+def _garbage(work, head=b""):
+    """4,000 bytes drawn with a fixed seed (the same file every run), after `head`."""
+    (work / "garbage.pt").write_bytes(head + random.Random(19).randbytes(4000 - len(head)))
+
+
+def _pickle_like_garbage(work):
+    # A pickle PROTO opcode with protocol 82: torch warned before failing.
+    _garbage(work, b"\x80\x52")
 
 
 def _tiny_corpus(work):
@@ -141,6 +147,12 @@ BAD_INPUTS = {
         None, [*MLM, "--checkpoint", "mlm_bert.pt"], "not a state file"),
     "--checkpoint is garbage": (_garbage, [*MLM, "--checkpoint", "garbage.pt"], "garbage.pt"),
     "--save-vocab is garbage": (_garbage, [*MLM, "--save-vocab", "garbage.pt"], "not a vocab file"),
+    "--save-vocab is pickle-like garbage": (
+        _pickle_like_garbage, [*MLM, "--save-vocab", "garbage.pt"], "not a vocab file"),
+    "--checkpoint is pickle-like garbage": (
+        _pickle_like_garbage, [*MLM, "--checkpoint", "garbage.pt"], "garbage.pt"),
+    "--bert-model is pickle-like garbage": (
+        _pickle_like_garbage, [*NS, "--bert-model", "garbage.pt"], "garbage.pt"),
 }
 
 

@@ -238,3 +238,19 @@ def test_continue_pretraining_from_a_checkpoint(tmp_path):
     # One step at lr 1e-9 from the loaded model: the head came along, not a fresh one.
     for key, value in first["model"].items():
         torch.testing.assert_close(again["model"][key], value, atol=1e-6, rtol=0)
+
+
+def test_a_vocabulary_smaller_than_asked_says_so_and_why(tmp_path):
+    """--vocab-size 30522 on a small text learns fewer tokens: the log says how many and why."""
+    lines = toy_lines(50, 0, 20)
+    said = []
+    vocab = tok.choose_vocab(tok.TokenizerSpec("wordpiece", 30522), "D", None,
+                             lambda spec: tok.train_wordpiece(lines, spec.vocab_size), said.append)
+    assert len(vocab) < 30522
+    assert said == [f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split, "
+                    "fewer than --vocab-size 30522: its text has no more pieces to merge (every "
+                    "word it holds is already one token); more text gives more"]
+    said.clear()
+    tok.choose_vocab(tok.TokenizerSpec("wordpiece", len(vocab)), "D", None,
+                     lambda spec: tok.train_wordpiece(lines, spec.vocab_size), said.append)
+    assert "fewer than" not in said[0]

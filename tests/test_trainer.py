@@ -275,6 +275,29 @@ def test_progress_bars_off_without_a_terminal_or_with_no_progress(monkeypatch):
     logs.set_progress(None)
 
 
+@pytest.mark.parametrize("bars, seconds, expected_lines", [
+    (False, 0, 3),  # no terminal, the time is up after every step: a line each step
+    (False, 3600, 0),  # no terminal, the time never up: only --log-interval's lines
+    (True, 0, 0),  # bars shown: they show the progress
+])
+def test_without_a_terminal_a_step_line_comes_every_few_seconds(
+        tmp_path, monkeypatch, bars, seconds, expected_lines):
+    monkeypatch.setattr(trainer, "LOG_EVERY_SECONDS", seconds)
+    logs.set_progress(bars)
+    try:
+        loop = _trainer(_args(tmp_path, "--log-interval", "1000", "--max-steps", "3"), monkeypatch)
+        lines = []
+        loop.log = lines.append
+        loop.train_epoch()
+    finally:
+        logs.set_progress(None)
+    steps = [line for line in lines if line.startswith("| epoch   1 |")]
+    assert len(steps) == expected_lines, lines
+    assert [line.split("|")[2].split("/")[0].strip() for line in steps] == ["1", "2", "3"][:expected_lines]
+    rows = [json.loads(line) for line in open(tmp_path / "m.jsonl")] if expected_lines else []
+    assert [row["step"] for row in rows] == [1, 2, 3][:expected_lines]
+
+
 def test_log_lines_are_formatted_from_the_numbers():
     assert logs.format_metrics("valid", {"loss": 6.5, "ppl": 665.1412}) == (
         "valid loss  6.50000 | valid ppl   665.14")
@@ -359,6 +382,29 @@ def test_plot_writes_a_png(modern_run, tmp_path):
                             env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_writes_plain_numbers_and_shows_a_single_valid_point():
+    pytest.importorskip("matplotlib")
+    import plot
+
+    rows = [{"step": s, "epoch": 1, "loss": 698.4 / s, "lr": 1.0} for s in range(1, 80)]
+    rows += [{"step": 79, "epoch": 1, "valid_loss": 9.0}, {"step": 79, "epoch": 1, "test_loss": 9.1}]
+    fig = plot.figure(rows)
+    try:
+        fig.canvas.draw()
+        loss_axis = fig.axes[0]
+        labels = [t.get_text() for minor in (False, True)
+                  for t in loss_axis.get_yticklabels(minor=minor) if t.get_text()]
+        assert labels and not any("times" in text or "^" in text for text in labels), labels
+        assert all(float(text) > 0 for text in labels)
+        lines = {line.get_label(): line for line in loss_axis.get_lines()}
+        valid, test = lines["valid_loss"], lines["test_loss"]
+        assert valid.get_marker() != "None" and valid.get_zorder() > test.get_zorder()
+        assert test.get_markerfacecolor() == "none" and test.get_markersize() > valid.get_markersize()
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
 
 
 def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_path):
