@@ -6,6 +6,7 @@ locally spawned ranks, each a DistInfo; errors of any rank reported in one line.
 
 import contextlib
 import datetime
+import math
 import os
 import re
 import signal
@@ -240,3 +241,49 @@ def main_rank_first(info):
     yield
     if info.is_main:
         barrier(info)
+
+
+###############################################################################
+# Preemption: a signal, then every rank stops at the same step
+###############################################################################
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) and Ctrl-C (SIGINT) set a
+    flag; the loop finishes its step, writes the state file and exits. A second Ctrl-C
+    stops at once."""
+
+    def __init__(self):
+        self.requested = self.interrupted = False
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
+            if sig is not None:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt  # the second Ctrl-C: exit 130 now (distributed._run_rank)
+            self.interrupted = True
+            print("\nCtrl-C: stopping after this step to write the state file "
+                  "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+        self.requested = True
+
+
+# Under DDP the ranks agree on a stop at log and save steps, and at least this often: one
+# small collective, not one per step.
+SIGNAL_CHECK_EVERY = 50
+
+
+def sync_stop_flags(first_bad_step, preempted, info):
+    """(first non-finite step of any rank or -1, whether any rank was signalled).
+
+    One all_reduce of a tensor on the training device (first_bad_step's): NCCL has no
+    collectives for CPU tensors. `first_bad_step` is -1 where the loss stayed finite."""
+    if not info.enabled:
+        return int(first_bad_step.item()), preempted
+    bad = first_bad_step.float()
+    flags = torch.stack([torch.full_like(bad, float(preempted)),
+                         torch.where(bad < 0, -math.inf, -bad)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    preempted, negative_step = flags.tolist()
+    return (int(-negative_step) if math.isfinite(negative_step) else -1), preempted > 0

@@ -25,9 +25,6 @@ import contextlib
 import importlib.util
 import math
 import os
-import random
-import signal
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -43,67 +40,6 @@ import rules
 import utils
 from files import UserError, atomic_save
 from optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) and Ctrl-C (SIGINT) set a
-    flag; the loop finishes its step, writes the state file and exits. A second Ctrl-C
-    stops at once."""
-
-    def __init__(self):
-        self.requested = self.interrupted = False
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
-            if sig is not None:
-                signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            if self.interrupted:
-                raise KeyboardInterrupt  # the second Ctrl-C: exit 130 now (distributed._run_rank)
-            self.interrupted = True
-            print("\nCtrl-C: stopping after this step to write the state file "
-                  "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
-        self.requested = True
-
-
-# Under DDP the ranks agree on a stop at log and save steps, and at least this often: one
-# small collective, not one per step.
-SIGNAL_CHECK_EVERY = 50
-
-# Without progress bars (no terminal: a batch job), a log line at least this often as well
-# as every --log-interval steps, so that a slow or short run is never silent for minutes.
-LOG_EVERY_SECONDS = 30
-
-
-def sync_stop_flags(first_bad_step, preempted, info):
-    """(first non-finite step of any rank or -1, whether any rank was signalled).
-
-    One all_reduce of a tensor on the training device (first_bad_step's): NCCL has no
-    collectives for CPU tensors. `first_bad_step` is -1 where the loss stayed finite."""
-    if not info.enabled:
-        return int(first_bad_step.item()), preempted
-    bad = first_bad_step.float()
-    flags = torch.stack([torch.full_like(bad, float(preempted)),
-                         torch.where(bad < 0, -math.inf, -bad)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    preempted, negative_step = flags.tolist()
-    return (int(-negative_step) if math.isfinite(negative_step) else -1), preempted > 0
-
-
-def rng_state(device):
-    """This rank's RNG: the CPU generator, Python's, and its own GPU's."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
 
 ###############################################################################
 # Settings
@@ -212,6 +148,11 @@ class TrainState:
     evaluated_step: int = -1  # global_step of the last validation
 
 
+# Without progress bars (no terminal: a batch job), a log line at least this often as well
+# as every --log-interval steps, so that a slow or short run is never silent for minutes.
+LOG_EVERY_SECONDS = 30
+
+
 class NonFiniteLoss(UserError):
     pass
 
@@ -230,7 +171,7 @@ class Trainer:
         self.flags = dict(flags or {})
         self.started = time.time() - 1  # files older than this were not written by this run
         self.state = TrainState()
-        self.preemption = Preemption()
+        self.preemption = distributed.Preemption()
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
         self.epoch_loss = torch.zeros((), device=device)
         # What every state file holds besides the training state, built once.
@@ -269,10 +210,10 @@ class Trainer:
     # -- state file ---------------------------------------------------------
     def save_state(self):
         self.state.epoch_loss_sum = float(self.epoch_loss)
-        rng = [rng_state(self.device)]
+        rng = [utils.rng_state(self.device)]
         if self.info.enabled:  # each rank's own RNG, so that a resume restores every rank's
             rng = [None] * self.info.world_size
-            dist.all_gather_object(rng, rng_state(self.device))
+            dist.all_gather_object(rng, utils.rng_state(self.device))
         if self.info.is_main:
             atomic_save({
                 "kind": "state", "model": distributed.unwrap(self.model).state_dict(),
@@ -313,7 +254,7 @@ class Trainer:
         rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
         if self.info.rank < len(rng):
             try:
-                set_rng_state(rng[self.info.rank], self.device)
+                utils.set_rng_state(rng[self.info.rank], self.device)
             except (TypeError, ValueError, KeyError, RuntimeError) as e:
                 raise UserError(f"--checkpoint {path}: its random number generator state is "
                                 f"unusable ({type(e).__name__})") from None
@@ -506,11 +447,11 @@ class Trainer:
         # Under DDP every rank must reach the same checks (a collective); alone, a
         # signal is acted on at the next step.
         at_check = at_log or at_save or at_max or at_end or (
-            st.global_step % SIGNAL_CHECK_EVERY == 0 if self.info.enabled
+            st.global_step % distributed.SIGNAL_CHECK_EVERY == 0 if self.info.enabled
             else self.preemption.requested)
         preempted = False
         if at_check:
-            bad_step, preempted = sync_stop_flags(first_bad_step, self.preemption.requested,
+            bad_step, preempted = distributed.sync_stop_flags(first_bad_step, self.preemption.requested,
                                                   self.info)
             self.check_finite(bad_step)
         if at_log or self.time_to_log(window):

@@ -4,6 +4,7 @@ files.py.)"""
 
 import contextlib
 import os
+import random
 
 import torch
 
@@ -78,3 +79,18 @@ def available_cpus():
 def to_device(batch, device):
     # non_blocking pairs with the DataLoader's pinned memory on CUDA.
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def rng_state(device):
+    """This rank's RNG: the CPU generator, Python's, and its own GPU's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -51,7 +51,7 @@ def collectives(monkeypatch):
 def test_stop_flags_are_reduced_on_the_training_device(collectives):
     first_bad_step = torch.full((), -1, device=META)
     with pytest.raises(CollectiveCalled):
-        trainer.sync_stop_flags(first_bad_step, True, TWO_RANKS)
+        distributed.sync_stop_flags(first_bad_step, True, TWO_RANKS)
     assert collectives == [META]
 
 
@@ -65,13 +65,13 @@ def test_stop_flags_agree_across_ranks(monkeypatch):
         torch.maximum(tensor, other_rank, out=tensor)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    assert trainer.sync_stop_flags(torch.tensor(-1), True, TWO_RANKS) == (3, True)
-    assert trainer.sync_stop_flags(torch.tensor(5), False, TWO_RANKS) == (3, False)
+    assert distributed.sync_stop_flags(torch.tensor(-1), True, TWO_RANKS) == (3, True)
+    assert distributed.sync_stop_flags(torch.tensor(5), False, TWO_RANKS) == (3, False)
     other_rank = torch.tensor([0.0, -float("inf")])
-    assert trainer.sync_stop_flags(torch.tensor(-1), False, TWO_RANKS) == (-1, False)
+    assert distributed.sync_stop_flags(torch.tensor(-1), False, TWO_RANKS) == (-1, False)
     # Alone, no collective at all.
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("collective"))
-    assert trainer.sync_stop_flags(torch.tensor(7), True, distributed.DistInfo()) == (7, True)
+    assert distributed.sync_stop_flags(torch.tensor(7), True, distributed.DistInfo()) == (7, True)
 
 
 def _tiny_config():
