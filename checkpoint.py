@@ -81,10 +81,11 @@ def check_fields(ckpt, flag, path):
                             "field of this project's training state")
 
 
-# trainer.TrainState's fields, as a state file holds them.
+# trainer.TrainState's fields, as a state file holds them (tests/test_trainer.py checks
+# that the two name the same fields).
 TRAIN_STATE_TYPES = {"epoch": int, "step_in_epoch": int, "global_step": int,
                      "best_score": float | None, "train_loss_log": list, "val_loss_log": list,
-                     "epoch_loss_sum": float}
+                     "epoch_loss_sum": float, "evaluated_step": int}
 
 
 def _is_a(value, expected):

@@ -440,14 +440,15 @@ def choose_vocab(spec, dataset, vocab_path, train_text, log=print):
         # Vocab.build refuses a train split whose words are all too rare.
         vocab = train_text.count_words(spec.min_freq)
         log(f"built a vocab of {len(vocab)} words from the train split (min_freq {spec.min_freq})")
-    elif len(vocab) < spec.vocab_size:
-        # WordPiece merges pieces until --vocab-size or until no pair is left to merge.
-        log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split, fewer "
-            f"than --vocab-size {spec.vocab_size}: its text has no more pieces to merge (every "
-            "word it holds is already one token); more text gives more")
     else:
         vocab = train_wordpiece(train_text.sample_lines(), spec.vocab_size)
-        log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split")
+        if len(vocab) < spec.vocab_size:
+            # WordPiece merges pieces until --vocab-size or until no pair is left to merge.
+            log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split, "
+                f"fewer than --vocab-size {spec.vocab_size}: its text has no more pieces to "
+                "merge (every word it holds is already one token); more text gives more")
+        else:
+            log(f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split")
     if vocab_path:
         save_vocab(vocab, vocab_path, **meta)
     return vocab

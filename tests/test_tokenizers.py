@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -242,15 +243,13 @@ def test_continue_pretraining_from_a_checkpoint(tmp_path):
 
 def test_a_vocabulary_smaller_than_asked_says_so_and_why(tmp_path):
     """--vocab-size 30522 on a small text learns fewer tokens: the log says how many and why."""
-    lines = toy_lines(50, 0, 20)
+    text = SimpleNamespace(sample_lines=lambda: toy_lines(50, 0, 20))  # as corpus.TrainText
     said = []
-    vocab = tok.choose_vocab(tok.TokenizerSpec("wordpiece", 30522), "D", None,
-                             lambda spec: tok.train_wordpiece(lines, spec.vocab_size), said.append)
+    vocab = tok.choose_vocab(tok.TokenizerSpec("wordpiece", 30522), "D", None, text, said.append)
     assert len(vocab) < 30522
     assert said == [f"trained a WordPiece vocabulary of {len(vocab)} tokens on the train split, "
                     "fewer than --vocab-size 30522: its text has no more pieces to merge (every "
                     "word it holds is already one token); more text gives more"]
     said.clear()
-    tok.choose_vocab(tok.TokenizerSpec("wordpiece", len(vocab)), "D", None,
-                     lambda spec: tok.train_wordpiece(lines, spec.vocab_size), said.append)
+    tok.choose_vocab(tok.TokenizerSpec("wordpiece", len(vocab)), "D", None, text, said.append)
     assert "fewer than" not in said[0]

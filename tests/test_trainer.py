@@ -3,6 +3,7 @@ bars and plot.py; the new flags' checks. In-process on tiny models where the Tra
 be driven directly, mlm_task.py in a subprocess where the whole run is the point."""
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -15,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, write_wikitext
 
+import checkpoint
 import data
 import distributed
 import files
@@ -508,3 +510,7 @@ def test_compile_defaults_to_the_device(monkeypatch):
     args = parser.parse_args(["--no-compile"])
     utils.setup_device(args, distributed.DistInfo())
     assert args.compile is False
+
+
+def test_state_files_are_checked_against_every_field_of_the_training_state():
+    assert set(checkpoint.TRAIN_STATE_TYPES) == {f.name for f in dataclasses.fields(trainer.TrainState)}
