@@ -11,6 +11,7 @@ import copy
 import re
 import sys
 
+import checkpoint
 import data
 import rules
 import tokenizer
@@ -323,6 +324,17 @@ def model_config(config, args, source):
         config.dropout = args.dropout
     check_bptt(args.bptt, config, source)
     return config
+
+
+def fine_tuning_start(args, info, log):
+    """(checkpoint, BertConfig after the model flags, tokenizer) of --bert-model, for
+    ns_task.py and qa_task.py; the effective settings printed when --recipe is given."""
+    ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
+    config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
+    config = model_config(config, args, source=args.bert_model)
+    if args.recipe:
+        log(recipe_summary(args, info.world_size, config.dropout))
+    return ckpt, config, vocab
 
 
 def check_bptt(bptt, config, source):

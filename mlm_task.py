@@ -20,7 +20,7 @@ import logs
 import trainer
 import utils
 from files import UserError
-from model import BertConfig, MLMTask, count_parameters
+from model import BertConfig, MLMTask
 from tokenizer import TokenizerSpec
 
 # The architecture of a model pretrained from scratch (BERT-base), flags left out.
@@ -189,10 +189,9 @@ def main(args, info):
         module = model if weights[0] == "mlm" else model.bert_model
         checkpoint.load_into(module, weights[1], "--bert-model", args.bert_model)
     model = model.to(device)
-    log(f"MLMTask: {count_parameters(model) / 1e6:.1f}M parameters, "
-        f"vocab {len(vocab)}, {len(splits['train'].ids)} train tokens, device {device}, "
-        f"{info.world_size} process(es)")
-    trainer.run(task, model, args, info, device, log)
+    start = f"from {args.bert_model}" if args.bert_model else "new"
+    trainer.run(task, model, args, info, device, log,
+                start=f"{start}, {len(splits['train'].ids)} train tokens")
 
 
 if __name__ == "__main__":

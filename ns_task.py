@@ -127,19 +127,13 @@ def main(args, info):
     checks.prepare_run(info, inputs={"--bert-model": args.bert_model},
                        outputs={flag: path for flag, (path, _) in run_outputs.items()},
                        data_dir=args.data_dir)
-    ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
-    config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
-    config = flags.model_config(config, args, source=args.bert_model)
-    if args.recipe:
-        log(flags.recipe_summary(args, info.world_size, config.dropout))
+    ckpt, config, vocab = flags.fine_tuning_start(args, info, log)
     with distributed.main_rank_first(info):
         _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
     model = checkpoint.task_model_from_checkpoint(NextSentenceTask, "ns", config, ckpt,
                                                   args.bert_model, device)
-    log(f"NextSentenceTask from {args.bert_model}: {config.nlayers} layers, hidden {config.emsize}, "
-        f"vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
-    trainer.run(task, model, args, info, device, log)
+    trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
 
 
 if __name__ == "__main__":

@@ -258,11 +258,7 @@ def main(args, info):
         if info.is_main:
             predict(args, device, log)
         return
-    ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
-    config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
-    config = flags.model_config(config, args, source=args.bert_model)
-    if args.recipe:
-        log(flags.recipe_summary(args, info.world_size, config.dropout))
+    ckpt, config, vocab = flags.fine_tuning_start(args, info, log)
     config.qa_gelu = args.qa_gelu  # the head is chosen here, whatever the encoder's config says
     windowing = flags.settings(Windowing, args)
     with distributed.main_rank_first(info):
@@ -271,9 +267,7 @@ def main(args, info):
     task = QA(args, vocab, config, windowing, paths, info, device, log)
     model = checkpoint.task_model_from_checkpoint(QuestionAnswerTask, "qa", config, ckpt,
                                                   args.bert_model, device)
-    log(f"QuestionAnswerTask from {args.bert_model}: {config.nlayers} layers, hidden "
-        f"{config.emsize}, vocab {len(vocab)}, device {device}, {info.world_size} process(es)")
-    trainer.run(task, model, args, info, device, log)
+    trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
 
 
 if __name__ == "__main__":

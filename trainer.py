@@ -39,6 +39,7 @@ import logs
 import rules
 import utils
 from files import UserError, atomic_save
+from model import count_parameters
 from optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 
 ###############################################################################
@@ -545,9 +546,14 @@ def evaluation_sums(model, batches, sums, n_sums, info, device, dtype):
     return total.tolist()
 
 
-def run(task, model, args, info, device, log):
-    """The run of every task script after its setup: train (resuming from --checkpoint),
-    then test the best model and write every output. `args`: the parsed flags."""
+def run(task, model, args, info, device, log, start):
+    """The run of every task script after its setup: say what trains (`start`: where its
+    weights come from), train (resuming from --checkpoint), then test the best model and
+    write every output. `args`: the parsed flags."""
+    config = task.config
+    log(f"{type(model).__name__} {start}: {count_parameters(model) / 1e6:.1f}M "
+        f"parameters, {config.nlayers} layers, hidden {config.emsize}, vocab {len(task.vocab)}, "
+        f"device {device}, {info.world_size} process(es)")
     loop = Trainer(task, model, TrainConfig.from_flags(args), info, device, log,
                    flags=vars(args))
     if not loop.fit():  # True: stopped by a signal, the state file written
