@@ -178,9 +178,10 @@ def decay_names_of_their_trainer(model):
     return set(transformers.Trainer.get_decay_parameter_names(None, model))
 
 
-def reference_qa_run(model_dir, features, mask_padding):
-    """(losses, lrs) of STEPS full-batch steps, transformers and torch only."""
-    model = transformers.BertForQuestionAnswering.from_pretrained(model_dir).train()
+def reference_steps(model, compute_loss):
+    """(losses, lrs) of STEPS full-batch steps of `model`, as transformers' Trainer runs
+    them, with transformers and torch only: its decay groups, AdamW, the linear schedule
+    with warmup, clip_grad_norm_."""
     decay = decay_names_of_their_trainer(model)
     named = list(model.named_parameters())
     adamw = torch.optim.AdamW(
@@ -190,15 +191,7 @@ def reference_qa_run(model_dir, features, mask_padding):
         adamw, math.ceil(WARMUP * STEPS), STEPS)
     losses, lrs = [], []
     for _ in range(STEPS):
-        out = model(**features)
-        if mask_padding:
-            real = features["attention_mask"].bool()
-            ce = torch.nn.functional.cross_entropy
-            loss = (ce(out.start_logits.masked_fill(~real, -math.inf), features["start_positions"])
-                    + ce(out.end_logits.masked_fill(~real, -math.inf),
-                         features["end_positions"])) / 2
-        else:
-            loss = out.loss
+        loss = compute_loss(model)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         losses.append(loss.item())
@@ -207,6 +200,23 @@ def reference_qa_run(model_dir, features, mask_padding):
         schedule.step()
         adamw.zero_grad()
     return losses, lrs
+
+
+def reference_qa_run(model_dir, features, mask_padding):
+    """(losses, lrs) of the QA fine-tuning, transformers and torch only."""
+    model = transformers.BertForQuestionAnswering.from_pretrained(model_dir).train()
+
+    def compute_loss(model):
+        out = model(**features)
+        if not mask_padding:
+            return out.loss
+        real = features["attention_mask"].bool()
+        ce = torch.nn.functional.cross_entropy
+        return (ce(out.start_logits.masked_fill(~real, -math.inf), features["start_positions"])
+                + ce(out.end_logits.masked_fill(~real, -math.inf),
+                     features["end_positions"])) / 2
+
+    return reference_steps(model, compute_loss)
 
 
 def our_qa_run(model_dir, train, n_windows, span_loss, tmp_path, monkeypatch):
@@ -380,23 +390,8 @@ def test_mlm_training_equals_transformers_step_for_step(tmp_path, monkeypatch):
         our_lrs.append(loop.step_lr)
 
     theirs = transformers.BertForMaskedLM.from_pretrained(tmp_path / "mlm").train()
-    decay = decay_names_of_their_trainer(theirs)
-    named = list(theirs.named_parameters())
-    adamw = torch.optim.AdamW(
-        [{"params": [p for n, p in named if n in decay], "weight_decay": WEIGHT_DECAY},
-         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}], lr=LR)
-    schedule = transformers.get_linear_schedule_with_warmup(adamw, math.ceil(WARMUP * STEPS),
-                                                            STEPS)
-    their_losses, their_lrs = [], []
-    for _ in range(STEPS):
-        loss = theirs(input_ids=inputs, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), CLIP)
-        their_losses.append(loss.item())
-        their_lrs.append(schedule.get_last_lr()[0])
-        adamw.step()
-        schedule.step()
-        adamw.zero_grad()
+    their_losses, their_lrs = reference_steps(
+        theirs, lambda model: model(input_ids=inputs, labels=labels).loss)
     print("mlm max relative loss difference",
           max(abs(a - b) / abs(b) for a, b in zip(our_losses, their_losses)))
     assert_same_steps((our_losses, our_lrs), (their_losses, their_lrs))
