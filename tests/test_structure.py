@@ -102,11 +102,14 @@ def test_openmp_wait_policy_is_set_before_torch_loads(script):
     assert names.index("cpu_threads") == first_ours < first_torch, names
 
 
-def test_openmp_wait_policy_is_passive_unless_the_user_set_one():
-    code = "import os, cpu_threads, torch; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
-        extra = {"OMP_WAIT_POLICY": given} if given else {}
-        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, **extra},
-                             capture_output=True, text=True, timeout=120)
-        assert out.stdout.strip() == expected, out.stderr
+def test_openmp_waits_passively_only_on_a_busy_machine_and_keeps_the_users_choice():
+    import cpu_threads
+
+    assert cpu_threads.wait_policy({}, busy=0.9) == "PASSIVE"
+    assert cpu_threads.wait_policy({}, busy=0.1) is None  # idle: OpenMP's spinning pays
+    assert cpu_threads.wait_policy({"OMP_WAIT_POLICY": "ACTIVE"}, busy=0.9) is None
+    assert 0.0 <= cpu_threads.busy_share(0.05) <= 1.0
+    code = "import os, cpu_threads, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.strip() == "ACTIVE", out.stderr
