@@ -131,13 +131,6 @@ def encoder_state(ckpt, flag, path):
     return encoder
 
 
-def load_pretrained(path, flag="--bert-model"):
-    """(config, vocab, encoder weights) from any checkpoint that holds a BERT encoder."""
-    ckpt = load_checkpoint(path, flag)
-    config, vocab = config_and_vocab(ckpt, flag, path)
-    return config, vocab, encoder_state(ckpt, flag, path)
-
-
 def load_into(module, state, flag, path):
     try:
         module.load_state_dict(state)
@@ -146,23 +139,23 @@ def load_into(module, state, flag, path):
         raise UserError(f"{flag} {path}: weights do not fit the model ({detail})") from None
 
 
-def task_model_from_encoder(task_class, config, encoder, path, device):
-    """A task model (NextSentenceTask, QuestionAnswerTask) around the pretrained encoder
-    weights read from --bert-model `path`."""
-    model = task_class(config)
-    load_into(model.bert_model, encoder, "--bert-model", path)
-    return model.to(device)
+def starting_weights(ckpt, kind, path):
+    """(part, state): what a task model of `kind` starts from in a loaded --bert-model
+    checkpoint: the whole model ("task") when the checkpoint is one of that kind (a
+    fine-tuned model, or a transformers folder with that head, continues with its head),
+    else its encoder ("encoder") under a new head. Called before any long work, so that a
+    checkpoint without an encoder is refused at once."""
+    if ckpt.get("kind") == kind:
+        return "task", ckpt["model"]
+    return "encoder", encoder_state(ckpt, "--bert-model", path)
 
 
-def task_model_from_checkpoint(task_class, kind, config, ckpt, path, device):
-    """A task model from a loaded --bert-model checkpoint: the whole model when it is one of
-    the same `kind` (a fine-tuned model, or a transformers folder with that head, continues
-    with its head), else a new head around its encoder."""
-    if ckpt.get("kind") != kind:
-        return task_model_from_encoder(task_class, config, encoder_state(ckpt, "--bert-model", path),
-                                       path, device)
+def task_model(task_class, config, weights, path, device):
+    """A task model (MLMTask, NextSentenceTask, QuestionAnswerTask) with the starting_weights
+    of --bert-model `path`."""
     model = task_class(config)
-    load_into(model, ckpt["model"], "--bert-model", path)
+    part, state = weights
+    load_into(model if part == "task" else model.bert_model, state, "--bert-model", path)
     return model.to(device)
 
 

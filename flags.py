@@ -254,8 +254,6 @@ def add_model_flags(parser, **fresh):
                             help=f"{helps[name]} (default {shown})")
 
 
-
-
 # Ranges of the flags that no settings object owns (the others: SETTINGS below).
 FLAG_RULES = {
     "world_size": (rules.at_least(1), "must be at least 1"),
@@ -291,9 +289,7 @@ def flag_error(parser, error):
         name = flag_name(parser, error.name)
     else:
         name = "--" + error.name.replace("_", "-")
-    shown = " ".join(map(str, error.value)) if isinstance(error.value, list | tuple) \
-        else error.value
-    return UserError(f"{name} {shown}: {error.requirement}")
+    return UserError(f"{name} {error.shown}: {error.requirement}")
 
 
 def flag_name(parser, dest):
@@ -326,15 +322,16 @@ def model_config(config, args, source):
     return config
 
 
-def fine_tuning_start(args, info, log):
-    """(checkpoint, BertConfig after the model flags, tokenizer) of --bert-model, for
-    ns_task.py and qa_task.py; the effective settings printed when --recipe is given."""
+def fine_tuning_start(args, info, log, kind):
+    """(the weights a task model of `kind` starts from (checkpoint.starting_weights),
+    BertConfig after the model flags, tokenizer) of --bert-model, for ns_task.py and
+    qa_task.py; the effective settings printed when --recipe is given."""
     ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
     config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
     config = model_config(config, args, source=args.bert_model)
     if args.recipe:
         log(recipe_summary(args, info.world_size, config.dropout))
-    return ckpt, config, vocab
+    return checkpoint.starting_weights(ckpt, kind, args.bert_model), config, vocab
 
 
 def check_bptt(bptt, config, source):

@@ -139,8 +139,8 @@ def outputs(args):
 
 
 def start_from(args):
-    """(config, tokenizer, (kind, weights)) of --bert-model, or (None, None, None) for a new
-    model, whose tokenizer (--tokenizer) corpus.load_splits chooses."""
+    """(config, tokenizer, checkpoint.starting_weights) of --bert-model, or (None, None,
+    None) for a new model, whose tokenizer (--tokenizer) corpus.load_splits chooses."""
     if args.bert_model is None:
         return None, None, None
     if args.tokenizer is not None:
@@ -149,10 +149,8 @@ def start_from(args):
     ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
     config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
     config = flags.model_config(config, args, source=args.bert_model)
-    if ckpt.get("kind") == "mlm":
-        return config, vocab, ("mlm", ckpt["model"])
-    return config, vocab, ("encoder", checkpoint.encoder_state(ckpt, "--bert-model",
-                                                               args.bert_model))
+    # A full MLM model continues with its head; an encoder gets a fresh head.
+    return config, vocab, checkpoint.starting_weights(ckpt, "mlm", args.bert_model)
 
 
 def fresh_config(args, vocab):
@@ -183,12 +181,8 @@ def main(args, info):
                                            vocab_path=args.save_vocab, log=log)
     config = config or fresh_config(args, vocab)
     task = MLM(args, vocab, splits, config, info, device)
-    model = MLMTask(config)
-    if weights is not None:
-        # A full MLM model continues with its head; an encoder gets a fresh head.
-        module = model if weights[0] == "mlm" else model.bert_model
-        checkpoint.load_into(module, weights[1], "--bert-model", args.bert_model)
-    model = model.to(device)
+    model = (checkpoint.task_model(MLMTask, config, weights, args.bert_model, device)
+             if weights is not None else MLMTask(config).to(device))
     start = f"from {args.bert_model}" if args.bert_model else "new"
     trainer.run(task, model, args, info, device, log,
                 start=f"{start}, {len(splits['train'].ids)} train tokens")

@@ -127,12 +127,11 @@ def main(args, info):
     checks.prepare_run(info, inputs={"--bert-model": args.bert_model},
                        outputs={flag: path for flag, (path, _) in run_outputs.items()},
                        data_dir=args.data_dir)
-    ckpt, config, vocab = flags.fine_tuning_start(args, info, log)
+    weights, config, vocab = flags.fine_tuning_start(args, info, log, "ns")
     with distributed.main_rank_first(info):
         _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
-    model = checkpoint.task_model_from_checkpoint(NextSentenceTask, "ns", config, ckpt,
-                                                  args.bert_model, device)
+    model = checkpoint.task_model(NextSentenceTask, config, weights, args.bert_model, device)
     trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
 
 

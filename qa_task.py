@@ -258,15 +258,14 @@ def main(args, info):
         if info.is_main:
             predict(args, device, log)
         return
-    ckpt, config, vocab = flags.fine_tuning_start(args, info, log)
+    weights, config, vocab = flags.fine_tuning_start(args, info, log, "qa")
     config.qa_gelu = args.qa_gelu  # the head is chosen here, whatever the encoder's config says
     windowing = flags.settings(Windowing, args)
     with distributed.main_rank_first(info):
         paths = {split: squad.squad_file(given, split, args.data_dir, log)
                  for split, given in (("train", args.train_file), ("dev", args.dev_file))}
     task = QA(args, vocab, config, windowing, paths, info, device, log)
-    model = checkpoint.task_model_from_checkpoint(QuestionAnswerTask, "qa", config, ckpt,
-                                                  args.bert_model, device)
+    model = checkpoint.task_model(QuestionAnswerTask, config, weights, args.bert_model, device)
     trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
 
 

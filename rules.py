@@ -10,8 +10,9 @@ class SettingError(ValueError):
 
     def __init__(self, name, value, requirement):
         self.name, self.value, self.requirement = name, value, requirement
-        shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
-        super().__init__(f"{name} {shown}: {requirement}")
+        # As typed on a command line: --betas 0.9 1.5, not (0.9, 1.5).
+        self.shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+        super().__init__(f"{name} {self.shown}: {requirement}")
 
 
 def finite(x):
