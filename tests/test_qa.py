@@ -882,11 +882,11 @@ def test_metrics_logs_end_with_a_test_row_in_the_epoch_of_the_last_step(pretrain
 
 @pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
 def test_the_readme_commands_make_the_normans_files(tmp_path):
-    """README, SQuAD v2.0: its two python -c commands make normans-train.json and
+    """docs/squad.rst, SQuAD v2.0: its two python -c commands make normans-train.json and
     normans-dev.json from the official dev-v2.0.json (here its Normans article alone), and
     the WikiText-2-layout folder from wiki.valid.tokens."""
-    readme = (REPO / "README.rst").read_text(encoding="utf-8")
-    section = readme[readme.index("commands make the files::"):]
+    doc = (REPO / "docs/squad.rst").read_text(encoding="utf-8")
+    section = doc[doc.index("commands make the files::"):]
     commands = re.findall(r'^    python -c "\n(.*?)"$', section, re.S | re.M)[:2]
     assert len(commands) == 2
     (tmp_path / "dev-v2.0.json").write_text(NORMANS.read_text())

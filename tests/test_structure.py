@@ -78,14 +78,18 @@ def test_model_py_holds_only_modules_and_their_config():
     assert imports("model") <= {"kernels", "rules"}
 
 
-def test_readme_is_valid_restructuredtext():
+DOCS = ["README.rst", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.rst"))]
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_readme_and_docs_are_valid_restructuredtext(name):
     """A malformed table renders as an error block on the project's front page."""
     docutils_core = pytest.importorskip("docutils.core")
     import io
 
     errors = io.StringIO()
     docutils_core.publish_doctree(
-        (REPO / "README.rst").read_text(encoding="utf-8"),
+        (REPO / name).read_text(encoding="utf-8"),
         settings_overrides={"warning_stream": errors, "report_level": 2, "halt_level": 5})
     assert errors.getvalue() == ""
 
@@ -113,3 +117,16 @@ def test_openmp_waits_passively_only_on_a_busy_machine_and_keeps_the_users_choic
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"})
     assert out.stdout.strip() == "ACTIVE", out.stderr
+
+
+def test_readme_links_every_doc_and_every_link_has_its_file():
+    """The README is the index of docs/: each file there is linked from it, and every link
+    (README -> docs/X.rst, docs/X.rst -> Y.rst) names a file that exists."""
+    import re
+
+    readme = (REPO / "README.rst").read_text(encoding="utf-8")
+    linked = set(re.findall(r"<(docs/[\w.-]+\.rst)>`_", readme))
+    assert linked == {name for name in DOCS if name.startswith("docs/")}
+    for name in DOCS[1:]:
+        for target in re.findall(r"<([\w.-]+\.rst)>`_", (REPO / name).read_text(encoding="utf-8")):
+            assert (REPO / "docs" / target).is_file(), f"{name} links {target}"
