@@ -109,7 +109,10 @@ def qa_setup(tmp_path_factory):
     else:
         vocab_file = folder / "vocab.txt"
         vocab_file.write_text("".join(w + "\n" for w in WORDS), encoding="utf-8")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab_file))
+    # from_pretrained on the folder: transformers 5 ignores BertTokenizerFast(vocab_file=...)
+    # and builds a 5-token tokenizer.
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(vocab_file.parent))
+    assert len(tokenizer) == len(vocab_file.read_text(encoding="utf-8").splitlines())
     data = json.loads(NOTRE_DAME.read_text()) if NOTRE_DAME.is_file() else synthetic_squad()
     data, question_len = pick_questions(data, tokenizer)
     train = folder / "train.json"
