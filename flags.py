@@ -353,8 +353,7 @@ def check_bptt(bptt, config, source):
 
 def parse_args(parser, argv=None):
     """Parse flags and check their values; with --checkpoint, start from the flags saved in
-    the state file and apply only those given on this command line. A run that would
-    replace an unfinished run's state files refuses (states.check_replaceable)."""
+    the state file and apply only those given on this command line."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
@@ -362,17 +361,12 @@ def parse_args(parser, argv=None):
         auto = args.checkpoint == "auto"
         resumed = resolve_checkpoint(args)
         if resumed:
-            if "recipe" in given:
-                raise UserError(f"--recipe {args.recipe}: a resumed run keeps the settings "
-                                "saved in its state file; leave --recipe out")
-            # auto found the state at this command's --state-file: the run goes on there.
-            args = _merge_saved_flags(parser, argv, args, keep={"state_file"} if auto else ())
+            args = _merge_saved_flags(parser, argv, args, auto)
         args.script = parser.prog
         if getattr(args, "recipe", None) is not None:
             apply_recipe(args, given, resumed)
         check_values(args, parser)
         settings(trainer.TrainConfig, args, parser)  # the rules between flags, too
-        states.check_replaceable(args.state_file, args.checkpoint if resumed else None)
         if getattr(args, "slurm_requeue", False):
             distributed.check_slurm_requeue()
     except UserError as e:
@@ -406,8 +400,14 @@ def resolve_checkpoint(args):
 LAUNCH_FLAGS = {"slurm_requeue"}
 
 
-def _merge_saved_flags(parser, argv, args, keep=()):
-    path = args.checkpoint
+def _merge_saved_flags(parser, argv, args, auto=False):
+    """The flags saved in the state file args.checkpoint, those given on the command line
+    winning. `auto`: the command that started the run, given again: its --recipe is the
+    saved one, and the run goes on at its --state-file, where auto found the state."""
+    path, given = args.checkpoint, explicit_flags(parser, argv)
+    if "recipe" in given and not auto:
+        raise UserError(f"--recipe {args.recipe}: a resumed run keeps the settings "
+                        "saved in its state file; leave --recipe out")
     try:
         ckpt = load_torch(path, mmap=True)
     except FileNotFoundError:
@@ -426,8 +426,11 @@ def _merge_saved_flags(parser, argv, args, keep=()):
         raise UserError(f"--checkpoint {path}: " + (
             writer if script else f"a state file of another script (with its flags "
                                   f"{', '.join('--' + f for f in foreign[:3])})"))
+    if "recipe" in given and ckpt["args"].get("recipe") != args.recipe:
+        raise UserError(f"--recipe {args.recipe}: the run at {path} was started with --recipe "
+                        f"{ckpt['args'].get('recipe')}; a resumed run keeps it")
     merged = dict(ckpt["args"])
-    given = explicit_flags(parser, argv) | LAUNCH_FLAGS | set(keep)
+    given |= LAUNCH_FLAGS | ({"state_file"} if auto else set())
     merged.update({k: v for k, v in vars(args).items() if k in given or k not in merged})
     return argparse.Namespace(**merged)
 

@@ -562,7 +562,9 @@ def run_outputs(task_outputs, config):
     """{flag or description: (path, what)} of every file a run writes: the task's and the
     Trainer's own (the older states --keep-states keeps too); for the path checks before
     the run (checks.prepare_run) and the "wrote" line after it. The state a run resumes
-    (--checkpoint) may be one of its own states, never another output."""
+    (--checkpoint) may be one of its own states, never another output; a run replaces no
+    unfinished run's states (states.check_replaceable)."""
+    states.check_replaceable(config.state_file, config.checkpoint)
     older = {f"--keep-states {config.keep_states} (older state {n})":
              (states.older(config.state_file, n), "older training state")
              for n in range(1, config.keep_states)}

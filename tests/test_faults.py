@@ -29,6 +29,7 @@ import distributed
 import flags as cli
 import logs
 import mlm_task
+import qa_task
 import states
 import trainer
 from files import UserError
@@ -175,7 +176,8 @@ def test_a_new_run_over_an_unfinished_state_refuses(recovered, monkeypatch, caps
     monkeypatch.chdir(recovered.kept)
     before = hashes(recovered.kept)
     with pytest.raises(SystemExit) as exit_info:
-        cli.parse_args(mlm_task.get_parser(), [*MODEL, *SINGLE])
+        distributed.launch(mlm_task.main, cli.parse_args(mlm_task.get_parser(), [*MODEL, *SINGLE]))
+    checks.release_outputs()
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and out == "" and hashes(recovered.kept) == before
     lines = err.strip().splitlines()
@@ -415,6 +417,31 @@ def test_a_resume_never_writes_over_the_state_it_resumes(tmp_path):
     args.save = str(other)
     with pytest.raises(UserError, match="--save .*other.pt is also --checkpoint"):
         trainer.run_outputs(mlm_task.outputs(args), config)
+
+
+def test_auto_resumes_the_command_that_started_the_run(tmp_path, monkeypatch, capsys):
+    """The same command again: its --recipe is the saved one (any other is refused); a
+    state file written under --slurm-requeue resumes outside SLURM without it."""
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    state = tmp_path / "qa_state.pt"
+    command = ["--recipe", "bert", "--lr", "5e-5", "--state-file", str(state)]
+    args = cli.parse_args(qa_task.get_parser(), command)
+    cli.split_global_batch(args, 1)
+    args.slurm_requeue = True
+    torch.save({"kind": "state", "args": vars(args), "script": "qa_task.py",
+                "train_state": {"global_step": 7}}, state)
+    resumed = cli.parse_args(qa_task.get_parser(), [*command, "--checkpoint", "auto"])
+    assert (resumed.checkpoint, resumed.optimizer, resumed.lr, resumed.span_loss) == (
+        str(state), "adamw", 5e-5, "bert")
+    assert resumed.slurm_requeue is False and capsys.readouterr().out == ""
+    args = cli.parse_args(qa_task.get_parser(), ["--state-file", str(state)])
+    torch.save({"kind": "state", "args": vars(args), "script": "qa_task.py"}, state)
+    with pytest.raises(SystemExit):
+        cli.parse_args(qa_task.get_parser(), [*command, "--checkpoint", "auto"])
+    assert capsys.readouterr().err.strip() == (
+        f"error: --recipe bert: the run at {state} was started with --recipe None; a resumed "
+        "run keeps it")
 
 
 @pytest.fixture
