@@ -59,7 +59,7 @@ def save(state, path, keep, continues):
         found = [(n, p) for n, p in family(path) if n > 0]
         kept = [p for n, p in found if continues is not None and n >= continues]
         targets = [older(path, n) for n in range(1, keep)]
-        if continues == 0:
+        if continues == 0 and os.path.isfile(path):
             kept.insert(0, path)
         for p in [p for n, p in found if p not in kept] + kept[len(targets):]:
             if p != path:  # the newest is replaced by the new state

@@ -126,6 +126,7 @@ def recovered(tmp_path_factory):
     first.kill()
     first.wait()
     assert (run / ".mlm_state.pt.lock").exists()  # a dead process's lock: not held
+    (run / ".mlm_state.pt.k1ll3d.tmp").write_bytes(b"half a state")  # as a killed write leaves
     newest = run / "mlm_state.pt"
     (kept / "mlm_state.pt").write_bytes(newest.read_bytes())
     newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 2])
@@ -405,6 +406,26 @@ def test_a_resumed_metrics_log_keeps_the_rows_of_its_state(tmp_path, monkeypatch
     log_path.write_text("".join(json.dumps(r) + "\n" for r in written))
     logs.MetricsLog(str(log_path)).resume(step=2)
     assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [1, 2]
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_path, events = str(tmp_path / "m.jsonl"), str(tmp_path / "tb")
+    stopped = logs.MetricsLog(log_path, events)
+    for step in (1, 2, 3, 4):
+        stopped.write({"step": step, "loss": float(step)})
+    stopped.close()
+    resumed = logs.MetricsLog(log_path, events)  # from a state written at step 2
+    resumed.resume(step=2, rows=2)
+    for step in (3, 4):
+        resumed.write({"step": step, "loss": 10.0 + step})
+    resumed.close()
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("loss")] == [
+        (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
 
 
 def test_a_resume_never_writes_over_the_state_it_resumes(tmp_path):
