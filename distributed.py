@@ -339,6 +339,7 @@ class Preemption:
 
     def __init__(self):
         self.signal = 0  # the first signal received, 0 for none
+        self.interrupted = False  # Ctrl-C once
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
             if sig is not None:
                 signal.signal(sig, self._handle)
@@ -349,8 +350,9 @@ class Preemption:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
-            if self.signal == signal.SIGINT:
+            if self.interrupted:
                 raise KeyboardInterrupt  # the second Ctrl-C: exit 130 now (distributed._run_rank)
+            self.interrupted = True
             print("\nCtrl-C: stopping after this step to write the state file "
                   "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
         self.signal = self.signal or signum

@@ -473,7 +473,8 @@ class Trainer:
             self.save_state()
             self.log(f"stopped by a signal ({signal.Signals(stop_signal).name}) at step "
                      f"{st.global_step}; the state is in {config.state_file}. Resume with: "
-                     f"{logs.resume_command(config.state_file)}")
+                     f"{logs.resume_command(config.state_file)} (or the command that "
+                     "started it, with --checkpoint auto)")
             self.exit_code = self.exit_code_after(stop_signal)
             return "signal"
         if config.eval_every and st.global_step % config.eval_every == 0:

@@ -326,6 +326,16 @@ def test_slurm_requeue_after_sigusr1(tmp_path, ddp, scontrol_works):
     assert "slurm_requeue" in state["args"]
 
 
+def test_the_first_signal_decides_the_exit_code_and_a_second_ctrl_c_still_quits(monkeypatch):
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # no handler in the test process
+    preemption = distributed.Preemption()
+    preemption._handle(signal.SIGUSR1, None)
+    preemption._handle(signal.SIGINT, None)
+    assert preemption.signal == signal.SIGUSR1  # 138 unless requeued
+    with pytest.raises(KeyboardInterrupt):
+        preemption._handle(signal.SIGINT, None)
+
+
 def test_the_job_to_requeue_is_the_array_tasks_own():
     assert distributed.slurm_job_id({"SLURM_JOB_ID": "77"}) == "77"
     assert distributed.slurm_job_id({"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70",
