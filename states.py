@@ -53,8 +53,8 @@ def save(state, path, keep, continues):
     run. The states of its own run move one place older (path -> path.1 -> path.2 ...)
     and the oldest beyond `keep` are removed; those of an earlier run, and those newer
     than the state it resumed (they did not load), are removed. The moves happen only
-    once the new file is complete, so a crash at any point leaves the newest complete
-    state loadable."""
+    once the new file is complete: a crash at any point leaves the new state or the one
+    before it for --checkpoint auto."""
     def make_room():
         found = [(n, p) for n, p in family(path) if n > 0]
         kept = [p for n, p in found if continues is not None and n >= continues]
