@@ -387,6 +387,27 @@ def test_kept_states_rotate_and_only_the_newest_k_stay(tmp_path):
         states.resumable(path)
 
 
+def test_a_crash_between_the_moves_and_the_new_state_leaves_the_one_before(tmp_path,
+                                                                          monkeypatch):
+    path = str(tmp_path / "s.pt")
+    for step, continues in ((1, None), (2, 0)):
+        states.save({"kind": "state", "train_state": {"global_step": step}}, path, 3, continues)
+    replace = os.replace
+
+    def dies_naming_the_new_state(source, target):
+        if target == path and source.endswith(".tmp"):
+            raise KeyboardInterrupt  # as if killed there
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", dies_naming_the_new_state)
+    with pytest.raises(KeyboardInterrupt):
+        states.save({"kind": "state", "train_state": {"global_step": 3}}, path, 3, 0)
+    monkeypatch.undo()
+    resumed, state, notes = states.resumable(path)
+    assert (resumed, states.step_of(state), notes) == (f"{path}.1", 2, [])
+    assert sorted(os.listdir(tmp_path)) == ["s.pt.1", "s.pt.2"]  # no temporary file left
+
+
 def test_a_resumed_metrics_log_keeps_the_rows_of_its_state(tmp_path, monkeypatch):
     log_path = tmp_path / "m.jsonl"
     written = [{"step": s, "loss": 1.0} for s in (1, 2, 3)] + [{"step": 3, "valid_loss": 2.0}]
