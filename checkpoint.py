@@ -59,9 +59,9 @@ def load_checkpoint(path, flag):
 FIELD_TYPES = {
     "kind": str, "model": dict, "config": dict, "vocab": list, "tokenizer": dict | None,
     "windowing": dict, "squad_v2": bool,
-    # state files (trainer.Trainer.save_state)
+    # state files (trainer.Trainer.save_state, states.mark_finished)
     "args": dict, "script": str | None, "train_state": dict, "rng": list | dict,
-    "optimizer": dict, "scheduler": dict, "scaler": dict,
+    "optimizer": dict, "scheduler": dict, "scaler": dict, "metrics_rows": int, "finished": bool,
 }
 
 

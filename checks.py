@@ -41,8 +41,10 @@ def check_inputs(inputs):
 
 def prepare_run(info, inputs, outputs, data_dir=None, also_read=None):
     """Every path check of a run, before any work; then, on rank 0 (the rank that writes),
-    the lock on its outputs, held until the process ends. `also_read`: {flag: path} of
-    inputs that may not exist yet (downloads), only kept apart from the outputs."""
+    the lock on its outputs, held until the process ends. `also_read`: {what: path} of
+    inputs that may not exist yet (downloads) or that no flag names alone (a dataset's
+    files, its token cache: corpus.dataset_inputs), only kept apart from the outputs. An
+    input that is a folder keeps every output out of it."""
     check_inputs(inputs)
     if data_dir is not None and os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: is a file, not a folder")
@@ -67,17 +69,23 @@ def release_outputs():
 
 def check_outputs(outputs, inputs):
     """{flag: path} of the files a run writes, against {flag: path} of those it reads:
-    no output is a folder, lies under a file, is unwritable, is an input, or is another
-    output. Probes each output's folder with a file made and removed."""
+    no output is a folder, lies under a file, is unwritable, is an input or inside an
+    input folder, or is another output. Probes each output's folder with a file made and
+    removed."""
     seen = {}
     for flag, path in outputs.items():
         if path is None:
             continue
         real = os.path.realpath(path)
         for other_flag, other in inputs.items():
-            if other is not None and os.path.realpath(other) == real:
+            if other is None:
+                continue
+            if os.path.realpath(other) == real:
                 raise UserError(f"{flag} {path} is also {other_flag}: writing it would "
                                 "overwrite that input")
+            if Path(os.path.realpath(other)) in Path(real).parents:
+                raise UserError(f"{flag} {path} is inside {other} ({other_flag}): writing it "
+                                "would change that input; give it another folder")
         if real in seen:
             raise UserError(f"{flag} {path} is also {seen[real]}: two outputs in one file")
         seen[real] = flag

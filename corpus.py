@@ -241,6 +241,23 @@ def dataset_files(dataset, data_dir, download=True, log=print):
     return {s: paths for s in SPLITS}  # split by bytes, below
 
 
+def dataset_inputs(dataset, data_dir):
+    """{what: path} of what a run reads of `dataset`, downloaded or not, for the output
+    checks before the run (checks.prepare_run's also_read): the split files of a named
+    dataset and the token-id cache folder beside them (load_splits), or the dataset's
+    folder, cache included. Nothing for an unknown name (load_splits says so)."""
+    spec = DATASETS.get(dataset)
+    if spec is None:
+        return {"--dataset": dataset} if os.path.isdir(dataset) else {}
+    folder = Path(data_dir) / spec.folder
+    if spec.splits is None:
+        return {f"--dataset {dataset}": str(folder)}
+    inputs = {f"--dataset {dataset}'s {split} file": str(folder / name)
+              for split, names in spec.splits.items() for name in names}
+    inputs[f"the token-id cache of --dataset {dataset}"] = str(folder / ".cache")
+    return inputs
+
+
 # The most text a folder dataset (and BookCorpus) holds out for each of valid and test,
 # else 10% of it. A held-out set is only there to measure the loss: 8 MB is about 1.5M
 # tokens, where the mean loss is already stable to far below the differences worth

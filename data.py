@@ -320,3 +320,16 @@ class Prefetch:
 class _Failure:
     def __init__(self, error):
         self.error = error
+
+
+def micro_batch_groups(batches, size):
+    """Consecutive groups of `size` batches (the last may be shorter): one optimizer
+    step each (--grad-accum)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group

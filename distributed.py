@@ -1,5 +1,6 @@
 """Distributed launch and the collectives the tasks use: one process, torchrun, srun, or
-locally spawned ranks, each a DistInfo; errors of any rank reported in one line.
+locally spawned ranks, each a DistInfo; errors of any rank reported in one line; a stop by
+a signal (Preemption), its exit code, and SLURM's requeue.
 
     launch(main, args)   # main(args, info) on every rank
 """
@@ -9,10 +10,14 @@ import datetime
 import math
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import time
 import traceback
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -147,22 +152,35 @@ def _spawned(index, main, args, infos, init):
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
+# Every rank of a torchrun start reaches the process group within seconds of the others: a
+# rank that waits longer for its peers there stops (torchrun then restarts them all).
+START_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+class Stopped(Exception):
+    """A run stopped by a signal, its state file written: the process exits with `code`
+    (Trainer.exit_code_after: 128 + the signal's number, or 0 once requeued)."""
+
+    def __init__(self, code):
+        super().__init__(f"stopped, exit code {code}")
+        self.code = code
+
+
 def _run_rank(main, args, info, init_method):
     # Bars from rank 0 only; None leaves the choice to whether stderr is a terminal.
     logs.set_progress(False if getattr(args, "no_progress", False) or not info.is_main else None)
+    stopped = None
     try:
         if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             # Local CPU processes share the cores (torchrun sets OMP_NUM_THREADS itself).
             torch.set_num_threads(max(1, utils.available_cpus() // info.world_size))
         if init_method is not None:
-            nccl = torch.cuda.is_available() and args.device in ("auto", "cuda")
-            dist.init_process_group(
-                "nccl" if nccl else "gloo", init_method=init_method, rank=info.rank,
-                world_size=info.world_size, timeout=COLLECTIVE_TIMEOUT,
-                # Binds the group to this rank's GPU (NCCL's communicators are per device).
-                device_id=torch.device("cuda", utils.cuda_index(info.local_rank)) if nccl else None)
+            _init_process_group(args, info, init_method)
         try:
-            main(args, info)
+            try:
+                main(args, info)
+            except Stopped as e:  # every rank stops at the same step (Preemption)
+                stopped = e
             if dist.is_initialized():
                 # Rank 0 may still be writing files: no rank tears the group down while
                 # another still uses it (gloo aborts the process when that happens).
@@ -180,11 +198,77 @@ def _run_rank(main, args, info, init_method):
             _report_rank_failure(e, info)
             os._exit(1)  # do not wait in collectives that will never complete
         raise
+    if stopped is not None:
+        sys.exit(stopped.code)
+
+
+def _init_process_group(args, info, init_method):
+    nccl = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    store = _restart_safe_store(info) if init_method == "env://" else None
+    dist.init_process_group(
+        "nccl" if nccl else "gloo", init_method=None if store else init_method, store=store,
+        rank=info.rank, world_size=info.world_size, timeout=COLLECTIVE_TIMEOUT,
+        # Binds the group to this rank's GPU (NCCL's communicators are per device).
+        device_id=torch.device("cuda", utils.cuda_index(info.local_rank)) if nccl else None)
+
+
+###############################################################################
+# torchrun's restarts: a store namespace of their own for each start of the ranks
+###############################################################################
+
+
+def _restart_safe_store(info):
+    """The store the process group meets in, under torchrun: torchrun's own store (its
+    agent's, at MASTER_ADDR:MASTER_PORT), which outlives the ranks and so still holds the
+    keys of the group of the ranks it started before a restart (torch's env:// reads them:
+    gloo then connects to the addresses of dead ranks, pytorch issue 135712). The group
+    meets under a namespace fresh for each start instead. Not torchrun's restart count:
+    each node's agent counts its own restarts, and they differ. None when not under
+    torchrun's agent (env:// as torch does it)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          info.world_size, is_master=False, timeout=START_TIMEOUT)
+    return dist.PrefixStore(f"bert/start/{start_token(store, info, START_TIMEOUT)}/", store)
+
+
+def start_token(store, info, timeout, poll_seconds=0.05):
+    """A token every rank of this start agrees on and no earlier start used: rank 0 makes
+    it and gives it to each rank that asks under a name of its own (a random `hello`), so
+    that the answer cannot be one left by an earlier start. Every wait is bounded by
+    `timeout`."""
+    if info.rank > 0:
+        hello = uuid.uuid4().hex
+        store.set(f"bert/hello/{info.rank}", hello)
+        store.wait([f"bert/answer/{hello}"], timeout)
+        token = store.get(f"bert/answer/{hello}").decode()
+        store.set(f"bert/joined/{token}/{info.rank}", "1")
+        return token
+    token, waiting = uuid.uuid4().hex, set(range(1, info.world_size))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while waiting:
+        for rank in sorted(waiting):
+            if store.check([f"bert/joined/{token}/{rank}"]):
+                waiting.discard(rank)
+            elif store.check([f"bert/hello/{rank}"]):  # maybe an earlier start's: answered
+                hello = store.get(f"bert/hello/{rank}").decode()  # too, and never read
+                store.set(f"bert/answer/{hello}", token)
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"rank(s) {sorted(waiting)} did not join the process group "
+                               f"within {timeout}")
+        if waiting:
+            time.sleep(poll_seconds)
+    return token
 
 
 def _report_rank_failure(error, info):
     frames = traceback.extract_tb(error.__traceback__)
-    if any("torch/distributed/" in f.filename.replace(os.sep, "/") for f in frames[-3:]):
+    # A collective fails inside torch.distributed, or inside backward (DDP's gradient
+    # all-reduce), where only the message names the backend.
+    in_collective = any("torch/distributed/" in f.filename.replace(os.sep, "/")
+                        for f in frames[-3:])
+    if in_collective or isinstance(error, getattr(dist, "DistError", ())) or any(
+            name in str(error) for name in ("/gloo/", "NCCL")):
         # Either a peer died (it printed its own error) or the collective itself is wrong
         # here: the error's own words tell which, so every rank prints them.
         summary = " ".join(str(error).split())[:500]
@@ -250,14 +334,19 @@ def main_rank_first(info):
 
 class Preemption:
     """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) and Ctrl-C (SIGINT) set a
-    flag; the loop finishes its step, writes the state file and exits. A second Ctrl-C
-    stops at once."""
+    flag; the loop finishes its step, writes the state file and exits with 128 + the
+    signal's number (143, 138, 130). A second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.requested = self.interrupted = False
+        self.signal = 0  # the first signal received, 0 for none
+        self.interrupted = False  # Ctrl-C once
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
             if sig is not None:
                 signal.signal(sig, self._handle)
+
+    @property
+    def requested(self):
+        return self.signal != 0
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
@@ -266,7 +355,7 @@ class Preemption:
             self.interrupted = True
             print("\nCtrl-C: stopping after this step to write the state file "
                   "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
-        self.requested = True
+        self.signal = self.signal or signum
 
 
 # Under DDP the ranks agree on a stop at log and save steps, and at least this often: one
@@ -274,16 +363,73 @@ class Preemption:
 SIGNAL_CHECK_EVERY = 50
 
 
-def sync_stop_flags(first_bad_step, preempted, info):
-    """(first non-finite step of any rank or -1, whether any rank was signalled).
+def sync_stop_flags(first_bad_step, stop_signal, info):
+    """(first non-finite step of any rank or -1, the signal that stops the run: the
+    highest number any rank received, 0 for none), the same on every rank.
 
     One all_reduce of a tensor on the training device (first_bad_step's): NCCL has no
     collectives for CPU tensors. `first_bad_step` is -1 where the loss stayed finite."""
     if not info.enabled:
-        return int(first_bad_step.item()), preempted
+        return int(first_bad_step.item()), stop_signal
     bad = first_bad_step.float()
-    flags = torch.stack([torch.full_like(bad, float(preempted)),
+    flags = torch.stack([torch.full_like(bad, float(stop_signal)),
                          torch.where(bad < 0, -math.inf, -bad)])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    preempted, negative_step = flags.tolist()
-    return (int(-negative_step) if math.isfinite(negative_step) else -1), preempted > 0
+    stop_signal, negative_step = flags.tolist()
+    return (int(-negative_step) if math.isfinite(negative_step) else -1), int(stop_signal)
+
+
+def any_rank(flag, info, device):
+    """Whether `flag` is true on any rank (a collective: every rank calls it)."""
+    if not info.enabled:
+        return bool(flag)
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() > 0
+
+
+def launcher_rank(environ=os.environ):
+    """This process's rank as its launcher set it, before any process group: torchrun's
+    RANK, srun's SLURM_PROCID, else 0. For lines printed once, before launch."""
+    return int(environ.get("RANK") or environ.get("SLURM_PROCID") or 0)
+
+
+###############################################################################
+# SLURM's requeue (--slurm-requeue)
+###############################################################################
+
+
+def slurm_job_id(environ=os.environ):
+    """The id `scontrol requeue` takes for this job (an array task's own), None outside
+    SLURM."""
+    if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID")
+
+
+def check_slurm_requeue():
+    """--slurm-requeue, before any work: a SLURM job to requeue, and scontrol to do it."""
+    if slurm_job_id() is None:
+        raise UserError("--slurm-requeue: not running under SLURM (no SLURM_JOB_ID): nothing "
+                        "to requeue; leave the flag out outside sbatch and srun")
+    if shutil.which("scontrol") is None:
+        raise UserError("--slurm-requeue: scontrol is not on the PATH, so the job cannot be "
+                        "requeued")
+
+
+def requeue_slurm_job(log):
+    """`scontrol requeue` of this job (rank 0, after the state file is written): SLURM then
+    stops the job and queues it again; it resumes with --checkpoint auto. Whether it worked."""
+    job = slurm_job_id()
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log(f"scontrol requeue {job} failed: {e}")
+        return False
+    if result.returncode != 0:
+        detail = " ".join((result.stderr or result.stdout).split())[:200]
+        log(f"scontrol requeue {job} failed (exit code {result.returncode}): {detail}")
+        return False
+    log(f"requeued SLURM job {job}: it starts again and resumes with --checkpoint auto")
+    return True

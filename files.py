@@ -25,10 +25,11 @@ class WriteError(UserError, OSError):
     OSError, for callers that carry on without the file (the token cache)."""
 
 
-def _atomic_write(path, write):
+def _atomic_write(path, write, before_replace=None):
     """Write to a temporary file in the same folder, fsync, then rename over `path`:
     a crash at any point leaves either the old file or the new one, never half of one,
-    and a failure leaves no temporary file."""
+    and a failure leaves no temporary file. `before_replace()` runs once the new file is
+    complete, just before it takes the name (states.py moves the older states then)."""
     path = os.fspath(path)
     tmp = None
     try:
@@ -41,6 +42,8 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
@@ -53,8 +56,8 @@ def _atomic_write(path, write):
         raise
 
 
-def atomic_save(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_save(obj, path, before_replace=None):
+    _atomic_write(path, lambda f: torch.save(obj, f), before_replace)
 
 
 def atomic_write_text(path, text):

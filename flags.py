@@ -1,7 +1,7 @@
 """Flags: the parser of each script and how its flags become the settings objects
 (TrainConfig, BertConfig, Masking, Windowing, ...), each of which checks its own ranges
 (rules.py); on --checkpoint, the flags saved in the state file, with those given again
-on the command line winning.
+on the command line winning; --checkpoint auto resolved to the state file it resumes.
 
 Every problem is one line `error: ...`, exit code 2. (Paths and locks: checks.py.)
 """
@@ -13,7 +13,9 @@ import sys
 
 import checkpoint
 import data
+import distributed
 import rules
+import states
 import tokenizer
 import trainer
 import utils
@@ -59,7 +61,9 @@ def add_common_flags(parser, **defaults):
                              f"--grad-accum is 1) (default {d['log_interval']})")
     parser.add_argument("--checkpoint", type=str, default="None",
                         help="resume from this state file (see --state-file); the flags saved in it "
-                             "apply unless given again (default None)")
+                             "apply unless given again. auto: resume from --state-file when there "
+                             "is one (the newest of --keep-states that loads), else start a new "
+                             "run; a run that finished exits at once (default None)")
     parser.add_argument("--save", type=str, default=d["save"], help=f"where to write the model (default {d['save']})")
     parser.add_argument("--save-vocab", type=str, default="bert_vocab.pt",
                         help="vocab file. mlm_task: reused if built from the same dataset and "
@@ -99,6 +103,14 @@ def add_common_flags(parser, **defaults):
                              "every batch)")
     parser.add_argument("--state-file", type=str, default=d["state_file"],
                         help=f"full training state for --checkpoint, written atomically (default {d['state_file']})")
+    parser.add_argument("--keep-states", type=int, default=2, metavar="K",
+                        help="state files kept: the newest at --state-file, the K-1 before it "
+                             "beside it (STATE.1, ...), for --checkpoint auto to fall back to "
+                             "when the newest does not load (default 2)")
+    parser.add_argument("--slurm-requeue", action="store_true",
+                        help="when SLURM stops the job (SIGUSR1, SIGTERM), requeue it once the "
+                             "state file is written (scontrol requeue); it resumes with "
+                             "--checkpoint auto. An error outside SLURM (default off)")
     add_optimizer_flags(parser)
     # <task>_state.pt -> <task>_metrics.jsonl: each script names its files once.
     metrics_file = d["state_file"].replace("_state.pt", "_metrics.jsonl")
@@ -346,24 +358,56 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     try:
         given = explicit_flags(parser, argv)
-        resumed = args.checkpoint != "None"
+        auto = args.checkpoint == "auto"
+        resumed = resolve_checkpoint(args)
         if resumed:
-            if "recipe" in given:
-                raise UserError(f"--recipe {args.recipe}: a resumed run keeps the settings "
-                                "saved in its state file; leave --recipe out")
-            args = _merge_saved_flags(parser, argv, args)
+            args = _merge_saved_flags(parser, argv, args, auto)
         args.script = parser.prog
         if getattr(args, "recipe", None) is not None:
             apply_recipe(args, given, resumed)
         check_values(args, parser)
         settings(trainer.TrainConfig, args, parser)  # the rules between flags, too
+        if getattr(args, "slurm_requeue", False):
+            distributed.check_slurm_requeue()
     except UserError as e:
         parser.error(str(e))
     return args
 
 
-def _merge_saved_flags(parser, argv, args):
-    path = args.checkpoint
+def resolve_checkpoint(args):
+    """--checkpoint auto, resolved once, through the run's --state-file as it is final
+    here: the newest state file there that loads (states.resumable; a line says when it
+    is an older one), or "None" for a new run, said in one line. A run that finished ends
+    the process here: exit 0, nothing touched. Returns whether the run resumes; the
+    flags saved in that state file and the Trainer then read the same file."""
+    if args.checkpoint != "auto":
+        return args.checkpoint != "None"
+    path, state, notes = states.resumable(args.state_file)
+    if state is not None and state.get("finished") is True:
+        notes.append(f"--checkpoint auto: {path}: this run finished (step "
+                     f"{states.step_of(state)}, every output written); nothing to do. To "
+                     f"train again, give another --state-file or remove {path}")
+    if distributed.launcher_rank() == 0:
+        for note in notes:
+            print(note, flush=True)
+    if state is not None and state.get("finished") is True:
+        sys.exit(0)
+    args.checkpoint = path or "None"
+    return path is not None
+
+
+# Flags about this start of a run, not the run: never taken from a state file.
+LAUNCH_FLAGS = {"slurm_requeue"}
+
+
+def _merge_saved_flags(parser, argv, args, auto=False):
+    """The flags saved in the state file args.checkpoint, those given on the command line
+    winning. `auto`: the command that started the run, given again: its --recipe is the
+    saved one, and the run goes on at its --state-file, where auto found the state."""
+    path, given = args.checkpoint, explicit_flags(parser, argv)
+    if "recipe" in given and not auto:
+        raise UserError(f"--recipe {args.recipe}: a resumed run keeps the settings "
+                        "saved in its state file; leave --recipe out")
     try:
         ckpt = load_torch(path, mmap=True)
     except FileNotFoundError:
@@ -382,8 +426,11 @@ def _merge_saved_flags(parser, argv, args):
         raise UserError(f"--checkpoint {path}: " + (
             writer if script else f"a state file of another script (with its flags "
                                   f"{', '.join('--' + f for f in foreign[:3])})"))
+    if "recipe" in given and ckpt["args"].get("recipe") != args.recipe:
+        raise UserError(f"--recipe {args.recipe}: the run at {path} was started with --recipe "
+                        f"{ckpt['args'].get('recipe')}; a resumed run keeps it")
     merged = dict(ckpt["args"])
-    given = explicit_flags(parser, argv)
+    given |= LAUNCH_FLAGS | ({"state_file"} if auto else set())
     merged.update({k: v for k, v in vars(args).items() if k in given or k not in merged})
     return argparse.Namespace(**merged)
 

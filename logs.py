@@ -9,6 +9,9 @@ import json
 import math
 import shlex
 import sys
+import time
+
+import torch
 
 from files import UserError, atomic_write_text
 
@@ -91,20 +94,33 @@ class NoProgress:
 
 class MetricsLog:
     """The machine-readable log of a run: one JSON object per line in `path` (opened on
-    the first row; appended to when resuming), and the same numbers as TensorBoard
-    scalars in `tensorboard_dir` when given. Rank 0 only."""
+    the first row), and the same numbers as TensorBoard scalars in `tensorboard_dir` when
+    given. Rank 0 only. A resumed run continues the log (resume): each step's rows appear
+    once, in order, however often the run was stopped and resumed."""
 
-    def __init__(self, path, tensorboard_dir=None, append=False):
-        self.path, self.tensorboard_dir, self.append = path, tensorboard_dir, append
+    def __init__(self, path, tensorboard_dir=None):
+        self.path, self.tensorboard_dir = path, tensorboard_dir
         self.file = self.writer = None
+        self.rows = 0  # in the file: saved with each state file, for resume
+        self.mode, self.purge_step = "w", None
+
+    def resume(self, step, rows=None):
+        """Continue the log of a run resumed at optimizer step `step`: the rows the stopped
+        run wrote after its state are removed (the file rewritten atomically): all but the
+        first `rows`, the log's length when the state was written, or (`rows` None: a
+        state file without it, or another log) the rows of steps after `step`. TensorBoard
+        drops its events of those steps (purge_step)."""
+        self.mode, self.purge_step = "a", step + 1
+        self.rows = keep_rows(self.path, rows, step)
 
     def write(self, row):
         if self.file is None:
-            self.file = open(self.path, "a" if self.append else "w", encoding="utf-8")
+            self.file = open(self.path, self.mode, encoding="utf-8")
             if self.tensorboard_dir:
-                self.writer = tensorboard_writer(self.tensorboard_dir)
+                self.writer = tensorboard_writer(self.tensorboard_dir, self.purge_step)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()  # a run can be watched (and plotted) while it trains
+        self.rows += 1
         if self.writer is not None:
             for name, value in row.items():
                 if name not in ("step", "epoch") and isinstance(value, (int, float)):
@@ -125,12 +141,39 @@ class MetricsLog:
             self.writer.close()
 
 
-def tensorboard_writer(folder):
+def keep_rows(path, rows, step):
+    """Cut the JSON-lines log at `path` to its first `rows` lines, or (None) to its rows of
+    steps up to `step`; an unfinished last line goes too. Returns the rows kept."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return 0
+    complete = [line for line in lines if line.endswith("\n")]
+    if rows is None:
+        kept = []
+        for line in complete:
+            try:
+                if json.loads(line).get("step", 0) > step:
+                    break
+            except (ValueError, AttributeError):  # not a row of this project's log
+                break
+            kept.append(line)
+    else:
+        kept = complete[:rows]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+    return len(kept)
+
+
+def tensorboard_writer(folder, purge_step=None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(folder)
+    # purge_step: a resumed run's first step; TensorBoard hides the events of the stopped
+    # run from there on.
+    return SummaryWriter(folder, purge_step=purge_step)
 
 
 # How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
@@ -167,3 +210,30 @@ def resume_command(state_file):
     """The command that resumes a run, from the folder it was started in: the script's path
     as it was given (python ../bert/mlm_task.py), not only its name."""
     return shlex.join(["python", sys.argv[0], "--checkpoint", str(state_file)])
+
+
+class LogWindow:
+    """The training loss, steps and tokens since the last log line (the loss stays on the
+    device until read)."""
+
+    def __init__(self, device, n_batches, n_steps):
+        self.n_batches, self.n_steps = n_batches, n_steps  # of the epoch
+        self.loss_sum = torch.zeros((), device=device)
+        self.batches = self.steps = self.tokens = 0
+        self.start = time.time()
+
+    def add(self, loss_sum, batches):
+        self.loss_sum += loss_sum
+        self.batches += len(batches)
+        self.steps += 1
+        self.tokens += sum(batch["inputs"].numel() for batch in batches)
+
+    def read_and_reset(self):
+        """(mean loss per batch, seconds) since the last call; last_steps and last_tokens
+        keep the counts of that window."""
+        loss, seconds = self.loss_sum.item() / self.batches, time.time() - self.start
+        self.last_steps, self.last_tokens = self.steps, self.tokens
+        self.loss_sum.zero_()
+        self.batches = self.steps = self.tokens = 0
+        self.start = time.time()
+        return loss, seconds

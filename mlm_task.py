@@ -173,7 +173,8 @@ def main(args, info):
     checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model,
                       "--tokenizer": None if spec.learned else spec.tokenizer},
-        outputs={flag: path for flag, (path, _) in run_outputs.items()}, data_dir=args.data_dir)
+        outputs={flag: path for flag, (path, _) in run_outputs.items()}, data_dir=args.data_dir,
+        also_read=corpus.dataset_inputs(args.dataset, args.data_dir))
     config, vocab, weights = start_from(args)
     # Rank 0 builds the vocab and the token caches; the other ranks then read them.
     with distributed.main_rank_first(info):

@@ -126,7 +126,8 @@ def main(args, info):
     run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
     checks.prepare_run(info, inputs={"--bert-model": args.bert_model},
                        outputs={flag: path for flag, (path, _) in run_outputs.items()},
-                       data_dir=args.data_dir)
+                       data_dir=args.data_dir,
+                       also_read=corpus.dataset_inputs(args.dataset, args.data_dir))
     weights, config, vocab = flags.fine_tuning_start(args, info, log, "ns")
     with distributed.main_rank_first(info):
         _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)

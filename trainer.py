@@ -18,13 +18,15 @@ A task tells the Trainer what it needs and nothing more:
     task.write_outputs(model)         # rank 0, after the test: the task's own files
                                       # (the encoder; the predictions)
 
-The Trainer reads its settings from a TrainConfig, checked once when it is made.
+The Trainer reads its settings from a TrainConfig, checked once when it is made. Its state
+files are states.py's (kept states, --checkpoint auto, the finished mark).
 """
 
 import contextlib
 import importlib.util
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -37,8 +39,9 @@ import data
 import distributed
 import logs
 import rules
+import states
 import utils
-from files import UserError, atomic_save
+from files import UserError
 from model import count_parameters
 from optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 
@@ -73,7 +76,9 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "fp32"
     compile: bool = False
-    checkpoint: str = None  # a state file to resume from
+    checkpoint: str = None  # a state file to resume from (flags.parse_args resolves auto)
+    keep_states: int = 2  # state files kept: the newest at state_file, the others beside it
+    slurm_requeue: bool = False  # requeue the SLURM job when stopped by SIGTERM or SIGUSR1
     tensorboard: str = None
 
     RULES: ClassVar = {
@@ -88,6 +93,7 @@ class TrainConfig:
         "max_steps": (rules.at_least(0), "must be at least 0 (0: no limit)"),
         "num_workers": (rules.at_least(0), "must be at least 0"),
         "save_every": (rules.at_least(0), "must be at least 0 (0: at epoch ends only)"),
+        "keep_states": (rules.at_least(1), "must be at least 1 (1: the newest state only)"),
         "eval_every": (rules.at_least(0), "must be at least 0 (0: at epoch ends only)"),
         "eval_batches": (rules.at_least(0), "must be at least 0 (0: every batch)"),
         "weight_decay": (lambda x: rules.finite(x) and x >= 0, "must be at least 0"),
@@ -115,19 +121,6 @@ class TrainConfig:
         if values.get("checkpoint") == "None":
             values["checkpoint"] = None
         return cls(**values)
-
-
-def micro_batch_groups(batches, size):
-    """Consecutive groups of `size` batches (the last may be shorter): one optimizer
-    step each (--grad-accum)."""
-    group = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 ###############################################################################
@@ -158,10 +151,6 @@ class NonFiniteLoss(UserError):
     pass
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, after the state file was written: exit code 130, as a shell expects."""
-
-
 class Trainer:
     """The epoch loop of all three tasks (see the module docstring for the task's part)."""
 
@@ -184,6 +173,10 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps() if
                                         self.per_step_schedule else None)
         self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
+        self.metrics = logs.MetricsLog(config.metrics_file, config.tensorboard)
+        # Which of the state files at state_file this run continues (states.save).
+        self.continues = states.slot(config.checkpoint, config.state_file)
+        self.state_written, self.exit_code = False, 0
         if config.checkpoint is not None:
             self.load_state(checkpoint.load_checkpoint(config.checkpoint, "--checkpoint"), model)
             log(f"resumed from {config.checkpoint} at epoch {self.state.epoch}, "
@@ -196,9 +189,6 @@ class Trainer:
         # Compile the module, then wrap it in DDP (PyTorch's current advice for the pair).
         self.model = torch.compile(model) if config.compile else model
         self.model = distributed.wrap_ddp(self.model, device, info)
-        self.metrics = logs.MetricsLog(config.metrics_file, config.tensorboard,
-                                        append=config.checkpoint is not None)
-        self.state_written = False
 
     def steps_per_epoch(self, n_batches):
         return -(-n_batches // self.config.grad_accum)
@@ -216,15 +206,17 @@ class Trainer:
             rng = [None] * self.info.world_size
             dist.all_gather_object(rng, utils.rng_state(self.device))
         if self.info.is_main:
-            atomic_save({
+            states.save({
                 "kind": "state", "model": distributed.unwrap(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
                 "rng": rng, "args": self.flags, **self.extra,
                 # Which script may resume it (flags.parse_args refuses the others).
                 "script": self.flags.get("script"),
-            }, self.config.state_file)
+                "metrics_rows": self.metrics.rows,  # the log's rows a resume keeps
+            }, self.config.state_file, self.config.keep_states, self.continues)
             self.state_written = True
+        self.continues = 0
 
     def load_state(self, ckpt, model):
         path = self.config.checkpoint
@@ -261,6 +253,10 @@ class Trainer:
                                 f"unusable ({type(e).__name__})") from None
         else:  # more ranks than the run that saved: the new ones start fresh streams
             torch.manual_seed(self.config.seed + self.info.rank)
+        if self.info.is_main:  # the rows the stopped run wrote after its state go
+            same_log = ckpt.get("args", {}).get("metrics_file") == self.config.metrics_file
+            self.metrics.resume(self.state.global_step,
+                                ckpt.get("metrics_rows") if same_log else None)
 
     def load_best(self, path):
         """After fit: every rank loads the best model rank 0 saved at `path`; returns the
@@ -279,8 +275,11 @@ class Trainer:
     # -- the end of a run -------------------------------------------------------
     def finish(self):
         """After fit: every rank tests the best model; rank 0 writes the task's files, the
-        old example's loss log and the vocab copy, and lists every file written."""
+        old example's loss log and the vocab copy, and lists every file written; then marks
+        the state file finished."""
         task, log = self.task, self.log
+        if self.continues != 0:  # resumed an older or another state, with nothing to train:
+            self.save_state()  # the final state goes to --state-file, to be marked there
         model = self.load_best(task.best_model_path)
         metrics = task.evaluate(model, "test")
         self.log_evaluation("test", metrics)
@@ -295,6 +294,7 @@ class Trainer:
         task.write_outputs(model)
         checkpoint.save_vocab_copy(task.vocab, outputs["--save-vocab"][0], log)
         self.metrics.close()
+        states.mark_finished(self.config.state_file)  # --checkpoint auto: nothing left to do
         written = [f"{path} ({what})" for path, what in outputs.values()
                    if path is not None and os.path.exists(path)
                    and os.path.getmtime(path) >= self.started]
@@ -325,8 +325,8 @@ class Trainer:
     # -- loop ---------------------------------------------------------------
     def fit(self):
         """Train until --epochs or --max-steps; returns True when stopped by a signal."""
-        config, st = self.config, self.state
-        while st.epoch <= config.epochs:
+        st = self.state
+        while not self.training_done():
             epoch_start = time.time()
             stopped = self.train_epoch()
             if stopped == "signal":
@@ -341,6 +341,16 @@ class Trainer:
             if stopped == "max_steps":
                 break
         return False
+
+    def training_done(self):
+        """--epochs done, or --max-steps and the validation after it (a resume of the
+        state written at the end of fit trains no more)."""
+        st, max_steps = self.state, self.config.max_steps
+        return st.epoch > self.config.epochs or bool(
+            max_steps and st.global_step >= max_steps and st.step_in_epoch == 0)
+
+    def max_steps_done(self):
+        return bool(self.config.max_steps and self.state.global_step >= self.config.max_steps)
 
     def validate(self, where):
         """Evaluate the valid split; keep the model if it is the best so far; the old
@@ -399,7 +409,7 @@ class Trainer:
             self.validate(f"step {st.global_step:6d} | epoch {st.epoch:3d}")
         self.model.train()
         batches = self.task.train_batches(st.epoch)
-        window = LogWindow(self.device, len(batches), self.steps_per_epoch(len(batches)))
+        window = logs.LogWindow(self.device, len(batches), self.steps_per_epoch(len(batches)))
         self.epoch_loss.fill_(st.epoch_loss_sum)
         first_bad_step = torch.full((), -1, device=self.device)
         loader = data.batch_loader(batches, st.step_in_epoch, config.num_workers,
@@ -408,7 +418,9 @@ class Trainer:
                                   desc=f"epoch {st.epoch}")
         stopped = None
         with data.Prefetch(loader) as ready:
-            for group in micro_batch_groups(ready, config.grad_accum):
+            # Resumed from a state written at --max-steps (stopped there): no more steps.
+            for group in () if self.max_steps_done() else data.micro_batch_groups(
+                    ready, config.grad_accum):
                 stopped = self.train_step(group, window, first_bad_step)
                 if stopped:
                     break
@@ -418,7 +430,7 @@ class Trainer:
         if st.step_in_epoch:
             st.train_loss_log.append(self.epoch_loss.item() / st.step_in_epoch)
         self.epoch_loss.zero_()
-        return "max_steps" if (config.max_steps and st.global_step >= config.max_steps) else None
+        return "max_steps" if self.max_steps_done() else None
 
     def train_step(self, group, window, first_bad_step):
         """One optimizer step of the epoch over `group` (its batches), then after_step."""
@@ -450,19 +462,20 @@ class Trainer:
         at_check = at_log or at_save or at_max or at_end or (
             st.global_step % distributed.SIGNAL_CHECK_EVERY == 0 if self.info.enabled
             else self.preemption.requested)
-        preempted = False
+        stop_signal = 0
         if at_check:
-            bad_step, preempted = distributed.sync_stop_flags(first_bad_step, self.preemption.requested,
-                                                  self.info)
+            bad_step, stop_signal = distributed.sync_stop_flags(
+                first_bad_step, self.preemption.signal, self.info)
             self.check_finite(bad_step)
         if at_log or self.time_to_log(window):
             self.log_training(window, step_in_epoch)
-        if preempted:
+        if stop_signal:
             self.save_state()
-            self.log(f"stopped by a signal at step {st.global_step}; the state is in "
-                     f"{config.state_file}. Resume with: {logs.resume_command(config.state_file)}")
-            if self.preemption.interrupted:
-                raise Interrupted
+            self.log(f"stopped by a signal ({signal.Signals(stop_signal).name}) at step "
+                     f"{st.global_step}; the state is in {config.state_file}. Resume with: "
+                     f"{logs.resume_command(config.state_file)} (or the command that "
+                     "started it, with --checkpoint auto)")
+            self.exit_code = self.exit_code_after(stop_signal)
             return "signal"
         if config.eval_every and st.global_step % config.eval_every == 0:
             started = time.time()
@@ -471,6 +484,18 @@ class Trainer:
         if at_save:
             self.save_state()
         return "max_steps" if at_max else None
+
+    def exit_code_after(self, signum):
+        """The exit code of a run stopped by `signum`, its state written: 0 once rank 0
+        requeued the SLURM job (--slurm-requeue; SIGTERM, SIGUSR1), else 128 + signum (143
+        for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C), so that a scheduler or an `afterok`
+        chain does not take a stopped run for a finished one."""
+        requeued = False
+        if self.config.slurm_requeue and signum != signal.SIGINT:
+            requeued = distributed.any_rank(
+                self.info.is_main and distributed.requeue_slurm_job(self.log), self.info,
+                self.device)
+        return 0 if requeued else 128 + signum
 
     def time_to_log(self, window):
         """Rank 0 without bars, LOG_EVERY_SECONDS after its last line. Only the clock is read
@@ -502,33 +527,6 @@ class Trainer:
             raise NonFiniteLoss(f"the training loss became NaN or infinite at step {step}; stopped: {hint}")
 
 
-class LogWindow:
-    """The training loss, steps and tokens since the last log line (the loss stays on the
-    device until read)."""
-
-    def __init__(self, device, n_batches, n_steps):
-        self.n_batches, self.n_steps = n_batches, n_steps  # of the epoch
-        self.loss_sum = torch.zeros((), device=device)
-        self.batches = self.steps = self.tokens = 0
-        self.start = time.time()
-
-    def add(self, loss_sum, batches):
-        self.loss_sum += loss_sum
-        self.batches += len(batches)
-        self.steps += 1
-        self.tokens += sum(batch["inputs"].numel() for batch in batches)
-
-    def read_and_reset(self):
-        """(mean loss per batch, seconds) since the last call; last_steps and last_tokens
-        keep the counts of that window."""
-        loss, seconds = self.loss_sum.item() / self.batches, time.time() - self.start
-        self.last_steps, self.last_tokens = self.steps, self.tokens
-        self.loss_sum.zero_()
-        self.batches = self.steps = self.tokens = 0
-        self.start = time.time()
-        return loss, seconds
-
-
 @torch.no_grad()
 def evaluation_sums(model, batches, sums, n_sums, info, device, dtype):
     """`n_sums` sums over every batch of a split, `sums(model, batch)` giving a batch's as
@@ -556,14 +554,29 @@ def run(task, model, args, info, device, log, start):
         f"device {device}, {info.world_size} process(es)")
     loop = Trainer(task, model, TrainConfig.from_flags(args), info, device, log,
                    flags=vars(args))
-    if not loop.fit():  # True: stopped by a signal, the state file written
-        loop.finish()
+    if loop.fit():  # stopped by a signal, the state file written
+        raise distributed.Stopped(loop.exit_code)
+    loop.finish()
 
 
 def run_outputs(task_outputs, config):
     """{flag or description: (path, what)} of every file a run writes: the task's and the
-    Trainer's own; for the path checks before the run (checks.prepare_run) and the "wrote"
-    line after it."""
-    return {**task_outputs, "--state-file": (config.state_file, "training state"),
-            "--metrics-file": (config.metrics_file, "metrics")}
+    Trainer's own (the older states --keep-states keeps too); for the path checks before
+    the run (checks.prepare_run) and the "wrote" line after it. The state a run resumes
+    (--checkpoint) may be one of its own states, never another output; a run replaces no
+    unfinished run's states (states.check_replaceable)."""
+    states.check_replaceable(config.state_file, config.checkpoint)
+    older = {f"--keep-states {config.keep_states} (older state {n})":
+             (states.older(config.state_file, n), "older training state")
+             for n in range(1, config.keep_states)}
+    outputs = {**task_outputs, "--state-file": (config.state_file, "training state"), **older,
+               "--metrics-file": (config.metrics_file, "metrics")}
+    if config.checkpoint is not None:
+        resumed = os.path.realpath(config.checkpoint)
+        for flag, (path, _) in outputs.items():
+            if (path is not None and os.path.realpath(path) == resumed
+                    and states.slot(config.checkpoint, config.state_file) is None):
+                raise UserError(f"{flag} {path} is also --checkpoint: writing it would "
+                                "overwrite the state this run resumes")
+    return outputs
 

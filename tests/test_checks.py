@@ -301,7 +301,7 @@ def test_every_output_of_the_readme_commands_is_git_ignored():
                "runs/events.out.tfevents.1", ".data/wikitext-2/wiki.train.tokens",
                ".data/.cache/train.0123456789abcdef.pt", "data/.cache/train.0123.pt",
                "normans-train.json", "normans-dev.json", ".mlm_state.pt.lock",
-               ".mlm_state.pt.abc123.tmp"}
+               ".mlm_state.pt.abc123.tmp", "mlm_state.pt.1", "bert-mlm-1234.out"}
     for script in ("mlm_task", "ns_task", "qa_task"):
         parser = importlib.import_module(script).get_parser()
         outputs |= {action.default for action in parser._actions if action.dest in (

@@ -1,0 +1,141 @@
+"""The training state files of a run: the newest at --state-file, up to --keep-states - 1
+older ones beside it (mlm_state.pt.1 the one before it, mlm_state.pt.2, ...), each written
+atomically; which one --checkpoint auto resumes from; and whether their run finished.
+
+    save(state, path, keep, continues)  # rank 0, at every state write (trainer.Trainer)
+    mark_finished(path)                 # rank 0, once every end-of-run output is written
+    resumable(path)                     # --checkpoint auto: the newest state that loads
+    check_replaceable(path, resumes)    # no run replaces an unfinished run's states
+
+A state file of a finished run holds "finished": True. Such a run is done: --checkpoint auto
+exits at once, and a new run without --checkpoint may replace its states. An unfinished
+run's states are never replaced by a run that did not resume from them.
+"""
+
+import os
+import re
+
+from files import UserError, atomic_save, load_torch
+
+
+def older(path, n):
+    """The path of the n-th state before the newest: mlm_state.pt.1, ..."""
+    return f"{path}.{n}"
+
+
+def family(path):
+    """[(n, path)] of the state files there are at `path`: the newest (n = 0) and the older
+    ones beside it (path.n), newest first."""
+    folder = os.path.dirname(path) or "."
+    name = re.escape(os.path.basename(path))
+    found = [(0, path)] if os.path.isfile(path) else []
+    if os.path.isdir(folder):
+        for entry in os.listdir(folder):
+            match = re.fullmatch(rf"{name}\.(\d+)", entry)
+            if match and int(match[1]) > 0:
+                found.append((int(match[1]), older(path, int(match[1]))))
+    return sorted(found)
+
+
+def slot(checkpoint, path):
+    """Which of the state files at `path` a run resuming `checkpoint` continues (0: the
+    newest, n: path.n), or None: a new run, or one resumed from a file elsewhere."""
+    if checkpoint is None:
+        return None
+    real = os.path.realpath(checkpoint)
+    return next((n for n, p in family(path) if os.path.realpath(p) == real), None)
+
+
+def save(state, path, keep, continues):
+    """Write `state` to `path` atomically, keeping the newest `keep` state files in all.
+
+    `continues`: the slot (above) of the state file this run continues, or None for a new
+    run. The states of its own run move one place older (path -> path.1 -> path.2 ...)
+    and the oldest beyond `keep` are removed; those of an earlier run, and those newer
+    than the state it resumed (they did not load), are removed. The moves happen only
+    once the new file is complete: a crash at any point leaves the new state or the one
+    before it for --checkpoint auto."""
+    def make_room():
+        found = [(n, p) for n, p in family(path) if n > 0]
+        kept = [p for n, p in found if continues is not None and n >= continues]
+        targets = [older(path, n) for n in range(1, keep)]
+        if continues == 0 and os.path.isfile(path):
+            kept.insert(0, path)
+        for p in [p for n, p in found if p not in kept] + kept[len(targets):]:
+            if p != path:  # the newest is replaced by the new state
+                os.remove(p)
+        moves = list(zip(kept, targets))
+        # Moving up (path -> path.1) starts with the oldest; moving down (after a fallback
+        # to path.2, say) with the newest: no move replaces a file still to be moved.
+        for source, target in reversed(moves) if continues == 0 else moves:
+            if source != target:
+                os.replace(source, target)
+
+    atomic_save(state, path, before_replace=make_room)
+
+
+def mark_finished(path):
+    """Record in the state at `path` that its run finished, every output written: the
+    same state, rewritten atomically with "finished": True."""
+    state = load_torch(path, mmap=True)
+    state["finished"] = True
+    atomic_save(state, path)
+
+
+def read(path):
+    """(the state file at `path`, loaded with its tensors mapped from disk, or None, why it
+    does not load). A file that loads but is not a training state is an error."""
+    try:
+        state = load_torch(path, mmap=True)
+    except Exception as e:  # torch raises many kinds for a truncated or damaged file
+        return None, f"truncated or damaged: {type(e).__name__}"
+    if not isinstance(state, dict) or state.get("kind") != "state":
+        raise UserError(f"--state-file {path}: holds no training state (it is not a state "
+                        "file of this project); give another --state-file, or move it away")
+    return state, None
+
+
+def step_of(state):
+    train_state = state.get("train_state")
+    return train_state.get("global_step", "?") if isinstance(train_state, dict) else "?"
+
+
+def resumable(path):
+    """For --checkpoint auto: (the state file to resume from, its state, notes to print),
+    or (None, None, notes) when there is none yet: a new run. The newest state that loads
+    is taken; states that do not load (truncated or damaged by a dying node's filesystem)
+    are passed over, and the notes say so. None loading at all is an error."""
+    if os.path.isdir(path):
+        raise UserError(f"--state-file {path}: is a folder; --checkpoint auto resumes from "
+                        "the state file of that name, give a file name")
+    found = family(path)
+    if not found:
+        return None, None, [f"--checkpoint auto: no state file at {path}: starting a new run"]
+    failed = []
+    for _, candidate in found:
+        state, problem = read(candidate)
+        if state is None:
+            failed.append(f"{candidate} ({problem})")
+            continue
+        notes = [f"--checkpoint auto: {'; '.join(failed)} did not load: resuming from the "
+                 f"state before, {candidate} (step {step_of(state)})"] if failed else []
+        return candidate, state, notes
+    raise UserError(f"--checkpoint auto: no state file at {path} loads: {'; '.join(failed)}; "
+                    "remove them to start a new run")
+
+
+def check_replaceable(path, resumes):
+    """A run that writes its states to `path` without resuming one of them (`resumes`: the
+    state file it resumes, or None) refuses when an unfinished run's states are there:
+    that run's work would be lost. A finished run's states may be replaced."""
+    found = family(path)
+    if not found or slot(resumes, path) is not None:
+        return
+    state, _ = read(path) if found[0][0] == 0 else (None, None)
+    if state is not None and state.get("finished") is True:
+        return
+    where = f"{path} holds the state of an unfinished run (step {step_of(state)})" if state \
+        else f"{', '.join(p for _, p in found)}: the states of an unfinished run"
+    raise UserError(f"--state-file {where}: resume it with --checkpoint auto, or start a new "
+                    f"run with another --state-file (or remove {path} and the states beside "
+                    "it)")
