@@ -207,6 +207,12 @@ def all_reduce_sum(tensor, info):
     return tensor
 
 
+def all_reduce_max(tensor, info):
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def unwrap(model):
     """The plain module inside DDP and torch.compile wrappers (whose state dict keys
     carry `module.` / `_orig_mod.` prefixes)."""

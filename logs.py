@@ -1,5 +1,6 @@
-"""What a run shows and records: log lines (rank 0), progress bars, the metrics log
-(JSON lines, and TensorBoard), and the old example's loss log.
+"""What a run shows and records: log lines (rank 0), the training loss between them
+(LogWindow), progress bars, the metrics log (JSON lines, and TensorBoard), and the old
+example's loss log.
 
 Metrics travel as dicts of numbers ({"loss": 6.5, "ppl": 665.1}); the log line is
 formatted from them (format_metrics) and the metrics log records them unrounded.
@@ -7,8 +8,12 @@ formatted from them (format_metrics) and the metrics log records them unrounded.
 
 import json
 import math
+import os
 import shlex
 import sys
+import time
+
+import torch
 
 from files import UserError, atomic_write_text
 
@@ -100,6 +105,7 @@ class MetricsLog:
 
     def write(self, row):
         if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self.file = open(self.path, "a" if self.append else "w", encoding="utf-8")
             if self.tensorboard_dir:
                 self.writer = tensorboard_writer(self.tensorboard_dir)
@@ -133,21 +139,58 @@ def tensorboard_writer(folder):
     return SummaryWriter(folder)
 
 
+class LogWindow:
+    """The training loss, steps and tokens since the last log line (the loss stays on the
+    device until read)."""
+
+    def __init__(self, device, n_batches, n_steps):
+        self.n_batches, self.n_steps = n_batches, n_steps  # of the epoch
+        self.loss_sum = torch.zeros((), device=device)
+        self.batches = self.steps = self.tokens = 0
+        self.start = time.time()
+
+    def add(self, loss_sum, batches):
+        self.loss_sum += loss_sum
+        self.batches += len(batches)
+        self.steps += 1
+        self.tokens += sum(batch["inputs"].numel() for batch in batches)
+
+    def read_and_reset(self):
+        """(mean loss per batch, seconds) since the last call; last_steps and last_tokens
+        keep the counts of that window."""
+        loss, seconds = self.loss_sum.item() / self.batches, time.time() - self.start
+        self.last_steps, self.last_tokens = self.steps, self.tokens
+        self.loss_sum.zero_()
+        self.batches = self.steps = self.tokens = 0
+        self.start = time.time()
+        return loss, seconds
+
+
 # How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
-DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%",
-           "tokens": "d", "pairs": "d", "questions": "d"}
+DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%"}
+# The counts of what an evaluation scored, and what each counts: shown as "scored N ...".
+COUNTS = {"tokens": "masked tokens", "pairs": "pairs", "questions": "questions"}
 
 
 def format_metrics(split, metrics):
-    """'valid loss  6.50000 | valid ppl   665.14 | valid tokens 1234' of {"loss": 6.5,
-    "ppl": 665.14, "tokens": 1234}: the counts ("tokens", "pairs", "questions") say how
-    much was scored."""
+    """'valid loss  6.50000 | valid ppl   665.14 | scored 1234 masked tokens' of
+    {"loss": 6.5, "ppl": 665.14, "tokens": 1234}: the counts (COUNTS) say how much was
+    scored (MLM: the masked tokens, where the loss is measured)."""
     parts = []
     for name, value in metrics.items():
+        if name in COUNTS:
+            parts.append(f"scored {value} {COUNTS[name]}")
+            continue
         spec = DISPLAY.get(name, "g")
         shown = f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
         parts.append(f"{split} {name} {shown}")
     return " | ".join(parts)
+
+
+def evaluation_row(split, metrics, step, epoch):
+    """An evaluation's row of the metrics log: {"step", "epoch", "<split>_<name>": ...}."""
+    return {"step": step, "epoch": epoch,
+            **{f"{split}_{name}": value for name, value in metrics.items()}}
 
 
 def perplexity(loss):

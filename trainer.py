@@ -12,6 +12,7 @@ A task tells the Trainer what it needs and nothing more:
                                       # best model of the run
     task.save_best(model)             # rank 0: write the best model so far ...
     task.best_model_path              # ... there, where every rank reads it after fit
+    task.new_best()                   # optional, every rank: that validation was the best
     task.outputs                      # {flag or description: (path, what)}: every file the
                                       # run writes besides the Trainer's own; among them
                                       # "--save-vocab" and "the loss log"
@@ -75,6 +76,7 @@ class TrainConfig:
     compile: bool = False
     checkpoint: str = None  # a state file to resume from
     tensorboard: str = None
+    evaluate_only: bool = False  # evaluate the starting model, write only the metrics log
 
     RULES: ClassVar = {
         "optimizer": (rules.one_of(*OPTIMIZERS), f"use one of {', '.join(OPTIMIZERS)}"),
@@ -103,6 +105,9 @@ class TrainConfig:
         if self.warmup and self.schedule == "plateau":
             raise rules.SettingError("warmup", self.warmup, "needs --schedule linear or cosine "
                                      "(plateau's lr changes only at epoch ends)")
+        if self.evaluate_only and self.checkpoint:
+            raise UserError(f"--evaluate-only evaluates --bert-model; --checkpoint "
+                            f"{self.checkpoint} would resume a training: give one of them")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
@@ -175,9 +180,11 @@ class Trainer:
         self.preemption = distributed.Preemption()
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
         self.epoch_loss = torch.zeros((), device=device)
-        # What every state file holds besides the training state, built once.
-        self.extra = {"config": task.config.to_dict(), "vocab": task.vocab.itos,
-                      "tokenizer": task.vocab.state()}
+        # The longest sequence trained on (BertConfig.trained_len): the starting weights',
+        # then the longest of every batch, kept on the device until a checkpoint is written.
+        self.longest = torch.full((), task.config.trained_len or 0, device=device)
+        # What every state file holds besides the training state and the config, built once.
+        self.extra = {"vocab": task.vocab.itos, "tokenizer": task.vocab.state()}
         # The defaults are the old example's: plain SGD, lr x0.1 when validation does not improve.
         self.optimizer = make_optimizer(model, config, device)
         self.per_step_schedule = config.schedule != "plateau"
@@ -215,12 +222,15 @@ class Trainer:
         if self.info.enabled:  # each rank's own RNG, so that a resume restores every rank's
             rng = [None] * self.info.world_size
             dist.all_gather_object(rng, utils.rng_state(self.device))
+        self.record_trained_len()
         if self.info.is_main:
             atomic_save({
                 "kind": "state", "model": distributed.unwrap(self.model).state_dict(),
+                "config": self.task.config.to_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                "rng": rng, "args": self.flags, **self.extra,
+                "rng": rng, "args": self.flags, "best_model": self.task.best_model_path,
+                **self.extra,
                 # Which script may resume it (flags.parse_args refuses the others).
                 "script": self.flags.get("script"),
             }, self.config.state_file)
@@ -252,6 +262,7 @@ class Trainer:
             raise UserError(f"--checkpoint {path}: its optimizer, scheduler or scaler state is "
                             f"unusable ({type(e).__name__})") from None
         self.state = TrainState(**ckpt["train_state"])  # checked: checkpoint.check_fields
+        self.longest.clamp_(min=ckpt["config"].get("trained_len") or 0)
         rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
         if self.info.rank < len(rng):
             try:
@@ -261,6 +272,23 @@ class Trainer:
                                 f"unusable ({type(e).__name__})") from None
         else:  # more ranks than the run that saved: the new ones start fresh streams
             torch.manual_seed(self.config.seed + self.info.rank)
+
+    def note_lengths(self, batches):
+        """Training batches' longest sequence of real tokens (the padding mask's, else the
+        batch's width) into self.longest, without a host sync."""
+        for batch in batches:
+            mask = batch.get("padding_mask")
+            if mask is None:
+                self.longest.clamp_(min=batch["inputs"].size(1))
+            else:
+                torch.maximum(self.longest, mask.sum(1).max(), out=self.longest)
+
+    def record_trained_len(self):
+        """The longest sequence trained on so far, over all ranks, into the task's config:
+        every checkpoint written from here on records it (every rank calls this)."""
+        longest = int(distributed.all_reduce_max(self.longest.clone(), self.info))
+        if longest:
+            self.task.config.trained_len = longest
 
     def load_best(self, path):
         """After fit: every rank loads the best model rank 0 saved at `path`; returns the
@@ -314,8 +342,7 @@ class Trainer:
         st = self.state
         epoch = st.epoch - 1 if st.step_in_epoch == 0 and st.epoch > 1 else st.epoch
         if self.info.is_main:
-            self.metrics.write({"step": st.global_step, "epoch": epoch,
-                                **{f"{split}_{name}": value for name, value in metrics.items()}})
+            self.metrics.write(logs.evaluation_row(split, metrics, st.global_step, epoch))
 
     def score(self, metrics):
         """The task's best_metric as a score where lower is better (QA's: -F1)."""
@@ -346,6 +373,7 @@ class Trainer:
         """Evaluate the valid split; keep the model if it is the best so far; the old
         schedule's lr x0.1 if it is not. `where`: the log line's first part."""
         st = self.state
+        self.record_trained_len()  # before save_best writes the model
         metrics = self.task.evaluate(distributed.unwrap(self.model), "valid")
         st.val_loss_log.append(metrics["loss"])
         st.evaluated_step = st.global_step
@@ -358,6 +386,8 @@ class Trainer:
             st.best_score = score
             if self.info.is_main:
                 self.task.save_best(distributed.unwrap(self.model))
+            if hasattr(self.task, "new_best"):
+                self.task.new_best()
         elif not self.per_step_schedule:
             self.scheduler.step()  # the old schedule: lr x0.1 when validation does not improve
 
@@ -399,7 +429,7 @@ class Trainer:
             self.validate(f"step {st.global_step:6d} | epoch {st.epoch:3d}")
         self.model.train()
         batches = self.task.train_batches(st.epoch)
-        window = LogWindow(self.device, len(batches), self.steps_per_epoch(len(batches)))
+        window = logs.LogWindow(self.device, len(batches), self.steps_per_epoch(len(batches)))
         self.epoch_loss.fill_(st.epoch_loss_sum)
         first_bad_step = torch.full((), -1, device=self.device)
         loader = data.batch_loader(batches, st.step_in_epoch, config.num_workers,
@@ -425,7 +455,9 @@ class Trainer:
         st = self.state
         # No .item() here: a host sync every step stalls the GPU. Losses and the first
         # non-finite step are accumulated on the device and read at log time.
-        loss_sum = self.step([utils.to_device(batch, self.device) for batch in group])
+        batches = [utils.to_device(batch, self.device) for batch in group]
+        self.note_lengths(batches)
+        loss_sum = self.step(batches)
         bad = ~torch.isfinite(loss_sum)
         first_bad_step.copy_(torch.where(bad & (first_bad_step < 0), st.global_step + 1,
                                          first_bad_step))
@@ -502,33 +534,6 @@ class Trainer:
             raise NonFiniteLoss(f"the training loss became NaN or infinite at step {step}; stopped: {hint}")
 
 
-class LogWindow:
-    """The training loss, steps and tokens since the last log line (the loss stays on the
-    device until read)."""
-
-    def __init__(self, device, n_batches, n_steps):
-        self.n_batches, self.n_steps = n_batches, n_steps  # of the epoch
-        self.loss_sum = torch.zeros((), device=device)
-        self.batches = self.steps = self.tokens = 0
-        self.start = time.time()
-
-    def add(self, loss_sum, batches):
-        self.loss_sum += loss_sum
-        self.batches += len(batches)
-        self.steps += 1
-        self.tokens += sum(batch["inputs"].numel() for batch in batches)
-
-    def read_and_reset(self):
-        """(mean loss per batch, seconds) since the last call; last_steps and last_tokens
-        keep the counts of that window."""
-        loss, seconds = self.loss_sum.item() / self.batches, time.time() - self.start
-        self.last_steps, self.last_tokens = self.steps, self.tokens
-        self.loss_sum.zero_()
-        self.batches = self.steps = self.tokens = 0
-        self.start = time.time()
-        return loss, seconds
-
-
 @torch.no_grad()
 def evaluation_sums(model, batches, sums, n_sums, info, device, dtype):
     """`n_sums` sums over every batch of a split, `sums(model, batch)` giving a batch's as
@@ -554,16 +559,35 @@ def run(task, model, args, info, device, log, start):
     log(f"{type(model).__name__} {start}: {count_parameters(model) / 1e6:.1f}M "
         f"parameters, {config.nlayers} layers, hidden {config.emsize}, vocab {len(task.vocab)}, "
         f"device {device}, {info.world_size} process(es)")
-    loop = Trainer(task, model, TrainConfig.from_flags(args), info, device, log,
-                   flags=vars(args))
+    train_config = TrainConfig.from_flags(args)
+    if train_config.evaluate_only:
+        evaluate_only(task, model, train_config, info, log)
+        return
+    loop = Trainer(task, model, train_config, info, device, log, flags=vars(args))
     if not loop.fit():  # True: stopped by a signal, the state file written
         loop.finish()
 
 
+def evaluate_only(task, model, config, info, log):
+    """--evaluate-only: the model as loaded, on the valid and test splits (--eval-batches
+    applies, as the tasks read it), into the log and the metrics log (step 0, epoch 0);
+    no other file is written."""
+    metrics_log = logs.MetricsLog(config.metrics_file, config.tensorboard)
+    for split in ("valid", "test"):
+        metrics = task.evaluate(model, split)
+        log(f"| evaluation | {logs.format_metrics(split, metrics)}")
+        if info.is_main:
+            metrics_log.write(logs.evaluation_row(split, metrics, step=0, epoch=0))
+    metrics_log.close()
+    log(f"wrote {', '.join(metrics_log.files())}")
+
+
 def run_outputs(task_outputs, config):
     """{flag or description: (path, what)} of every file a run writes: the task's and the
-    Trainer's own; for the path checks before the run (checks.prepare_run) and the "wrote"
-    line after it."""
-    return {**task_outputs, "--state-file": (config.state_file, "training state"),
-            "--metrics-file": (config.metrics_file, "metrics")}
+    Trainer's own (with --evaluate-only the metrics log alone); for the path checks before
+    the run (checks.prepare_run) and the "wrote" line after it."""
+    metrics = {"--metrics-file": (config.metrics_file, "metrics")}
+    if config.evaluate_only:
+        return metrics
+    return {**task_outputs, "--state-file": (config.state_file, "training state"), **metrics}
 

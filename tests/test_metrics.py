@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import NORMANS, NOTRE_DAME, needs_real
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,9 +30,6 @@ from squad import (  # noqa: E402
     load_predictions,
     load_squad_json,
 )
-
-NOTRE_DAME = REPO.parent / "shared/data/squad/train-v1.1-notre-dame.json"
-NORMANS = REPO.parent / "shared/data/squad/dev-v2.0-normans.json"
 
 
 def make_dataset(qas_answers, v2=False):
@@ -359,7 +357,7 @@ def test_cli_missing_file(tmp_path):
 # ---------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not NOTRE_DAME.exists(), reason=f"{NOTRE_DAME} not present")
+@needs_real(NOTRE_DAME)
 def test_notre_dame_gold_and_empty_predictions(capsys):
     data = load_squad_json(NOTRE_DAME)
     questions = list(squad.iter_questions(data))
@@ -818,7 +816,7 @@ def test_evaluate_v2_matches_official_script(seed, capsys):
 
 # ------------------------------------------------ SQuAD v2.0 on the real Normans slice
 
-needs_normans = pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
+needs_normans = needs_real(NORMANS)
 
 
 @pytest.fixture

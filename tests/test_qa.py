@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NORMANS, NOTRE_DAME, needs_real
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,11 +34,10 @@ from squad import Question  # noqa: E402
 from tokenizer import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
 from windows import Windowing  # noqa: E402
 
-NOTRE_DAME = Path(__file__).resolve().parents[2] / "shared/data/squad/train-v1.1-notre-dame.json"
-needs_notre_dame = pytest.mark.skipif(not NOTRE_DAME.exists(), reason=f"{NOTRE_DAME} not present")
-# One real SQuAD v2.0 dev article: 39 paragraphs, 208 questions, 112 without an answer.
-NORMANS = NOTRE_DAME.parent / "dev-v2.0-normans.json"
-needs_normans = pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
+# One real SQuAD v1.1 train article; one real SQuAD v2.0 dev article: 39 paragraphs, 208
+# questions, 112 without an answer (conftest: where real data is looked for).
+needs_notre_dame = needs_real(NOTRE_DAME)
+needs_normans = needs_real(NORMANS)
 
 TRICKY_CONTEXTS = [
     'He said "Hello, World!" and left.',
@@ -306,14 +306,14 @@ def test_predict_answers_returns_original_text_from_the_best_window():
     assert answers["c"] == ("", float("-inf"))  # a context without tokens: no span at all
 
 
-def _ddp_eval_rank(rank, port, windows, state, out_dir):
+def _ddp_eval_rank(rank, port, questions, vocab, windowing, state, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=2)
     model = QuestionAnswerTask(BertConfig(**state["config"]))
     model.load_state_dict(state["model"])
     info = distributed.DistInfo(rank, 2)
-    answers, null_scores, loss = qa_answers.evaluate_all(model, windows, 5, 3, torch.device("cpu"),
-                                                      "fp32", info)
+    answers, null_scores, loss = qa_answers.evaluate_all(model, questions, vocab, windowing, 3,
+                                                         torch.device("cpu"), "fp32", info)
     torch.save({"answers": answers, "null_scores": null_scores, "loss": loss},
                Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -327,15 +327,14 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
         word = q.context.split()[1]
         questions.append(Question(f"q{i}", q.text, q.context, [(word, q.context.index(word))]))
     vocab = vocab_of([q.context + " " + q.text for q in questions])
-    windows = qa_windows.make_windows(questions, vocab, Windowing(bptt=32, doc_stride=8,
-                                                               max_query_len=6, max_answer_len=5))
+    windowing = Windowing(bptt=32, doc_stride=8, max_query_len=6, max_answer_len=5)
     model = tiny_model(len(vocab), max_len=32)
-    single, single_null, single_loss = qa_answers.evaluate_all(model, windows, 5, 3,
-                                                            torch.device("cpu"), "fp32",
+    single, single_null, single_loss = qa_answers.evaluate_all(model, questions, vocab, windowing,
+                                                            3, torch.device("cpu"), "fp32",
                                                             distributed.DistInfo())
     state = {"config": model.bert_model.config.to_dict(), "model": model.state_dict()}
-    torch.multiprocessing.spawn(_ddp_eval_rank, args=(distributed._free_port(), windows, state, tmp_path),
-                                nprocs=2)
+    torch.multiprocessing.spawn(_ddp_eval_rank, args=(distributed._free_port(), questions, vocab,
+                                                      windowing, state, tmp_path), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert list(result["answers"]) == list(single)
@@ -880,7 +879,7 @@ def test_metrics_logs_end_with_a_test_row_in_the_epoch_of_the_last_step(pretrain
     assert not any("test_f1" in row for row in rows[:-1])
 
 
-@pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
+@needs_normans
 def test_the_readme_commands_make_the_normans_files(tmp_path):
     """README, SQuAD v2.0: its two python -c commands make normans-train.json and
     normans-dev.json from the official dev-v2.0.json (here its Normans article alone), and
