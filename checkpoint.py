@@ -60,7 +60,7 @@ def load_checkpoint(path, flag):
 # before any of it is used, so that a damaged or foreign file is one line, not a traceback.
 FIELD_TYPES = {
     "kind": str, "model": dict, "config": dict, "vocab": list, "tokenizer": dict | None,
-    "windowing": dict, "squad_v2": bool, "best_model": str,
+    "windowing": dict, "squad_v2": bool, "best_model": str | None,
     # state files (trainer.Trainer.save_state)
     "args": dict, "script": str | None, "train_state": dict, "rng": list | dict,
     "optimizer": dict, "scheduler": dict, "scaler": dict,

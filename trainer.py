@@ -105,7 +105,7 @@ class TrainConfig:
         if self.warmup and self.schedule == "plateau":
             raise rules.SettingError("warmup", self.warmup, "needs --schedule linear or cosine "
                                      "(plateau's lr changes only at epoch ends)")
-        if self.evaluate_only and self.checkpoint:
+        if self.evaluate_only and self.checkpoint not in (None, "None"):
             raise UserError(f"--evaluate-only evaluates --bert-model; --checkpoint "
                             f"{self.checkpoint} would resume a training: give one of them")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -229,7 +229,7 @@ class Trainer:
                 "config": self.task.config.to_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                "rng": rng, "args": self.flags, "best_model": self.task.best_model_path,
+                "rng": rng, "args": self.flags, "best_model": getattr(self.task, "best_model_path", None),
                 **self.extra,
                 # Which script may resume it (flags.parse_args refuses the others).
                 "script": self.flags.get("script"),

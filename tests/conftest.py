@@ -1,6 +1,7 @@
 """Shared fixtures: real data when it is there, small WikiText-layout folders, and a local
 HTTP server standing in for the dataset hosts."""
 
+import contextlib
 import functools
 import http.server
 import os
@@ -45,6 +46,20 @@ def real_data_skip(*paths):
 def real_valid_lines():
     real_data_skip(REAL_VALID)
     return REAL_VALID.read_text(encoding="utf-8").splitlines()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run in this process on one thread: they gain nothing from more, and on
+    a busy machine OpenMP's spinning threads make each step many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def toy_lines(n_lines, seed=0, words_per_line=30):

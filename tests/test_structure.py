@@ -113,3 +113,22 @@ def test_openmp_waits_passively_only_on_a_busy_machine_and_keeps_the_users_choic
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"})
     assert out.stdout.strip() == "ACTIVE", out.stderr
+
+
+def test_real_data_is_looked_for_where_BERT_TEST_DATA_says(tmp_path):
+    """The real-data tests read the folder the variable names (../shared/data without it),
+    and skip with a reason that names what is missing and the variable."""
+    (tmp_path / "squad").mkdir()
+    (tmp_path / "squad" / "train-v1.1-notre-dame.json").write_text("{}")
+    code = ("import conftest as c; print(c.REAL_DATA); print(c.NOTRE_DAME.exists()); "
+            "print(c.absent_reason(c.NORMANS))")
+    shown = {}
+    for value in (str(tmp_path), ""):
+        env = {**os.environ, "BERT_TEST_DATA": value}
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", env=env,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        shown[value] = out
+    assert shown[str(tmp_path)] == [
+        str(tmp_path), "True", f"real data absent: {tmp_path}/squad/dev-v2.0-normans.json (set "
+                               "BERT_TEST_DATA to a folder that has it)"]
+    assert shown[""][0] == str(REPO.parent / "shared" / "data")
