@@ -389,7 +389,9 @@ def test_every_output_of_the_readme_commands_is_git_ignored():
         pytest.skip("needs git and a git checkout")
     outputs = {"predictions.json", "na_probs.json", "mlm_metrics.png", "curves.png",
                "qa-bert/config.json", "qa-bert/model.safetensors", "qa-bert/tokenizer.json",
-               "runs/events.out.tfevents.1", ".data/wikitext-2/wiki.train.tokens",
+               "runs/events.out.tfevents.1", "tensorboard/events.out.tfevents.1",
+               "dev-v1.1.predictions.json", "dev-v2.0.na_probs.json", "runs/eval/mlm_metrics.jsonl",
+               ".data/wikitext-2/wiki.train.tokens",
                ".data/.cache/train.0123456789abcdef.pt", "data/.cache/train.0123.pt",
                "normans-train.json", "normans-dev.json", ".mlm_state.pt.lock",
                ".mlm_state.pt.abc123.tmp"}
