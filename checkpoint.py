@@ -10,9 +10,9 @@ torch.load(weights_only=True); never a pickled module:
 "encoder" holds a BertModel (mlm_bert.pt, ns_bert.pt); "mlm", "ns" and "qa" hold a task
 model whose encoder weights sit under `bert_model.`; "state" is a training state file
 (trainer.Trainer writes it) that also holds the optimizer, the RNG, the flags and the path
-of its run's best model. The config records the longest sequence the weights were trained
-on (BertConfig.trained_len). A
-transformers BERT folder reads as the checkpoint of its heads (transformers_format.py).
+of its run's best model. Every config records the longest sequence the weights were
+trained on (BertConfig.trained_len). A transformers BERT folder reads as the checkpoint of
+its heads (transformers_format.py).
 """
 
 import os

@@ -229,8 +229,9 @@ class Trainer:
                 "config": self.task.config.to_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                "rng": rng, "args": self.flags, "best_model": getattr(self.task, "best_model_path", None),
-                **self.extra,
+                "rng": rng, "args": self.flags, **self.extra,
+                # What to give a script that wants a model (checkpoint.refuse_state_file).
+                "best_model": getattr(self.task, "best_model_path", None),
                 # Which script may resume it (flags.parse_args refuses the others).
                 "script": self.flags.get("script"),
             }, self.config.state_file)

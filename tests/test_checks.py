@@ -201,9 +201,11 @@ CASES = {
                                       "--checkpoint resumes); give its run's best model, "
                                       "full_mlm_model.pt"),
     "state file as ns --bert-model": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model",
-                                                     "ns_state.pt"], "ns_model.pt"),
+                                                     "mlm_state.pt"], "full_mlm_model.pt"),
+    "ns state file as qa --bert-model": ("qa_task.py", ["--bert-model", "ns_state.pt"],
+                                         "give its run's best model, ns_model.pt"),
     "state file as mlm --bert-model": ("mlm_task.py", [*DATA, *TINY[:2], "--bert-model",
-                                                       "mlm_state.pt"], "a training state file"),
+                                                       "ns_state.pt"], "a training state file"),
     "state file as --qa-model": ("qa_task.py", ["--predict", "--qa-model", "ns_state.pt",
                                                 "--question", "q", "--context", "c"],
                                  "--qa-model ns_state.pt: a training state file"),
