@@ -1,6 +1,10 @@
 """Windows to answers: the span logits and loss, the best span of every question over its
 windows (on every rank), SQuAD v2.0's no-answer decision, and the predictions files scored
 by the official metric. (transformers' utils_qa.py is the counterpart.)
+
+An evaluation's memory does not grow with the dev file: windows are cut a chunk of
+questions at a time (windows.window_chunks), and of each batch only every question's best
+span so far is kept.
 """
 
 import json
@@ -18,7 +22,7 @@ import squad
 import utils
 from files import UserError, atomic_write_text
 from model import QuestionAnswerTask
-from windows import Windowing, collate, make_windows
+from windows import Windowing, collate, window_chunks
 
 # --null-threshold's default: answer "" when the no-answer score beats the best span at all,
 # as Google BERT's run_squad.py (null_score_diff_threshold 0.0).
@@ -88,13 +92,19 @@ def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="
     token. The no-answer score is the <cls> start + end logit of the window where it is
     lowest, as Google BERT's score_null. Windows go in order of length, so each batch is
     trimmed to little padding (with `mode` "bert", --span-loss bert, they are padded to
-    --bptt, so that the loss is the one trained; the answers are the same)."""
+    --bptt, so that the loss is the one trained; the answers are the same).
+
+    Of each batch only every question's best span so far is kept (read one batch late, so
+    that a GPU computes the next batch meanwhile): holding every batch's results until the
+    end left the heap in pieces, several times the memory of the windows themselves."""
     was_training = model.training
     model.eval()
     mine = torch.nonzero(windows.question % world_size == rank).flatten()
     mine = mine[torch.argsort(windows.lengths[mine], stable=True)]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    spans = []  # (score, start, end, <cls> score) per batch, left on the device until the end
+    best = {}  # question index -> [score, first token, last token] of its best window
+    null = {}  # question index -> its lowest <cls> score over its windows
+    pending = None  # the last batch's spans, read after the next batch is started
     # The whole dev set takes minutes to an hour on a CPU: a bar with rate and ETA.
     for indices in logs.progress(mine.split(batch_size), unit="batch", desc="QA evaluation"):
         seq_len = batch_length(mode, windows.tokens.size(1))
@@ -102,23 +112,14 @@ def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="
         with utils.autocast(device, dtype):
             start_logits, end_logits = span_logits(model, batch, mode)
         loss_sum += span_loss(start_logits, end_logits, batch, reduction="sum")
-        spans.append((*best_spans(start_logits, end_logits, batch["context_mask"], max_answer_len),
-                      start_logits[:, 0] + end_logits[:, 0]))
+        if pending is not None:
+            keep_best_spans(best, null, windows, *pending)
+        pending = (indices, *best_spans(start_logits, end_logits, batch["context_mask"],
+                                        max_answer_len), start_logits[:, 0] + end_logits[:, 0])
+    if pending is not None:
+        keep_best_spans(best, null, windows, *pending)
     model.train(was_training)
-    if not spans:  # more ranks than questions
-        return {}, {}, 0.0, 0
     n_loss = int((windows.start_positions[mine] >= 0).sum())
-    score, start, end, cls_score = (torch.cat(part).cpu() for part in zip(*spans))
-    # Row positions to indices of context tokens.
-    to_context_token = windows.context_start[mine] - windows.context_offset[mine]
-    first_token, last_token = (start + to_context_token).tolist(), (end + to_context_token).tolist()
-    best = {}  # question index -> (score, first token, last token) of its best window
-    null = {}  # question index -> its lowest <cls> score over its windows
-    for question, null_score, *span in zip(windows.question[mine].tolist(), cls_score.tolist(),
-                                           score.tolist(), first_token, last_token):
-        if question not in best or span[0] > best[question][0]:
-            best[question] = span
-        null[question] = min(null_score, null.get(question, math.inf))
     answers, null_scores = {}, {}
     for question, (span_score, first, last) in best.items():
         q, char_spans = windows.questions[question], windows.context_spans[question]
@@ -127,16 +128,44 @@ def evaluate_windows(model, windows, max_answer_len, batch_size, device, dtype="
         else:
             answers[q.qid] = (q.context[char_spans[first][0]:char_spans[last][1]], span_score)
         null_scores[q.qid] = null[question]
-    return answers, null_scores, loss_sum.item(), n_loss
+    return answers, null_scores, loss_sum.item() if best else 0.0, n_loss
 
 
-def evaluate_all(model, windows, max_answer_len, batch_size, device, dtype, info,
+def keep_best_spans(best, null, windows, indices, score, start, end, cls_score):
+    """Fold a batch of windows (rows `indices`) into `best` and `null` (evaluate_windows):
+    a window's span replaces its question's best only when higher, so of equal scores
+    the first window's stays."""
+    # Row positions to indices of context tokens.
+    to_context_token = (windows.context_start[indices] - windows.context_offset[indices]).tolist()
+    for question, null_score, span_score, first, last, shift in zip(
+            windows.question[indices].tolist(), cls_score.tolist(), score.tolist(),
+            start.tolist(), end.tolist(), to_context_token):
+        if question not in best or span_score > best[question][0]:
+            best[question] = [span_score, first + shift, last + shift]
+        null[question] = min(null_score, null.get(question, math.inf))
+
+
+def evaluate_questions(model, questions, vocab, windowing, batch_size, device, dtype="fp32",
+                       rank=0, world_size=1, mode="masked"):
+    """evaluate_windows over the windows of `questions`, cut a chunk at a time
+    (windows.window_chunks): its four results, summed over the chunks."""
+    answers, null_scores, loss_sum, n_loss = {}, {}, 0.0, 0
+    for windows in window_chunks(questions, vocab, windowing):
+        part = evaluate_windows(model, windows, windowing.max_answer_len, batch_size, device,
+                                dtype, rank, world_size, mode)
+        answers.update(part[0])
+        null_scores.update(part[1])
+        loss_sum, n_loss = loss_sum + part[2], n_loss + part[3]
+    return answers, null_scores, loss_sum, n_loss
+
+
+def evaluate_all(model, questions, vocab, windowing, batch_size, device, dtype, info,
                  mode="masked"):
-    """evaluate_windows over all ranks: every rank gets every answer, every no-answer score
-    and the mean loss."""
-    answers, null_scores, loss_sum, n_loss = evaluate_windows(
-        model, windows, max_answer_len, batch_size, device, dtype, info.rank, info.world_size,
-        mode)
+    """evaluate_questions over all ranks: every rank gets every answer, every no-answer
+    score and the mean loss."""
+    answers, null_scores, loss_sum, n_loss = evaluate_questions(
+        model, questions, vocab, windowing, batch_size, device, dtype, info.rank,
+        info.world_size, mode)
     if info.enabled:
         gathered = [None] * info.world_size
         dist.all_gather_object(gathered, (answers, null_scores, loss_sum, n_loss))
@@ -144,7 +173,7 @@ def evaluate_all(model, windows, max_answer_len, batch_size, device, dtype, info
         null_scores = {qid: s for _, part, _, _ in gathered for qid, s in part.items()}
         loss_sum, n_loss = sum(g[2] for g in gathered), sum(g[3] for g in gathered)
     # Back in the questions' order, so predictions files list them as the dataset does.
-    answers = {q.qid: answers[q.qid] for q in windows.questions}
+    answers = {q.qid: answers[q.qid] for q in questions}
     return answers, null_scores, loss_sum / n_loss if n_loss else math.nan
 
 
@@ -153,9 +182,8 @@ def score_questions(model, questions, vocab, windowing=None, batch_size=64, devi
     """({question id: (best span text, score)}, {question id: no-answer score}) for
     Questions (see read_squad): raw text in, answer strings out, in one process."""
     windowing = windowing or Windowing()
-    windows = make_windows(questions, vocab, windowing)
-    answers, null_scores, _, _ = evaluate_windows(model, windows, windowing.max_answer_len,
-                                                  batch_size, torch.device(device), dtype)
+    answers, null_scores, _, _ = evaluate_questions(model, questions, vocab, windowing,
+                                                    batch_size, torch.device(device), dtype)
     return {q.qid: answers[q.qid] for q in questions}, null_scores
 
 

@@ -9,8 +9,10 @@ torch.load(weights_only=True); never a pickled module:
 
 "encoder" holds a BertModel (mlm_bert.pt, ns_bert.pt); "mlm", "ns" and "qa" hold a task
 model whose encoder weights sit under `bert_model.`; "state" is a training state file
-(trainer.Trainer writes it) that also holds the optimizer, the RNG and the flags. A
-transformers BERT folder reads as the checkpoint of its heads (transformers_format.py).
+(trainer.Trainer writes it) that also holds the optimizer, the RNG, the flags and the path
+of its run's best model. Every config records the longest sequence the weights were
+trained on (BertConfig.trained_len). A transformers BERT folder reads as the checkpoint of
+its heads (transformers_format.py).
 """
 
 import os
@@ -58,7 +60,7 @@ def load_checkpoint(path, flag):
 # before any of it is used, so that a damaged or foreign file is one line, not a traceback.
 FIELD_TYPES = {
     "kind": str, "model": dict, "config": dict, "vocab": list, "tokenizer": dict | None,
-    "windowing": dict, "squad_v2": bool,
+    "windowing": dict, "squad_v2": bool, "best_model": str | None,
     # state files (trainer.Trainer.save_state, states.mark_finished)
     "args": dict, "script": str | None, "train_state": dict, "rng": list | dict,
     "optimizer": dict, "scheduler": dict, "scaler": dict, "metrics_rows": int, "finished": bool,
@@ -139,14 +141,38 @@ def load_into(module, state, flag, path):
         raise UserError(f"{flag} {path}: weights do not fit the model ({detail})") from None
 
 
-def starting_weights(ckpt, kind, path):
+# The file of each kind of task model the scripts write, for the messages that ask for one.
+TASK_MODELS = {"mlm": "full_mlm_model.pt, mlm_task.py's best model",
+               "ns": "ns_model.pt, ns_task.py's best model",
+               "qa": "qa_model.pt, qa_task.py's --save"}
+
+
+def refuse_state_file(ckpt, flag, path):
+    """A training state file where a model is wanted: one line naming the better file,
+    the best model of its run (state files record it; older ones: the usual names)."""
+    if ckpt.get("kind") != "state":
+        return
+    best = ckpt.get("best_model")
+    better = (f"its run's best model, {best}" if isinstance(best, str) else
+              "a model (full_mlm_model.pt, ns_model.pt, qa_model.pt, mlm_bert.pt, ns_bert.pt)")
+    raise UserError(f"{flag} {path}: a training state file (what --checkpoint resumes); "
+                    f"give {better}")
+
+
+def starting_weights(ckpt, kind, path, evaluate_only=False):
     """(part, state): what a task model of `kind` starts from in a loaded --bert-model
     checkpoint: the whole model ("task") when the checkpoint is one of that kind (a
     fine-tuned model, or a transformers folder with that head, continues with its head),
-    else its encoder ("encoder") under a new head. Called before any long work, so that a
-    checkpoint without an encoder is refused at once."""
+    else its encoder ("encoder") under a new head, which --evaluate-only refuses. Called
+    before any long work, so that a checkpoint without an encoder is refused at once."""
+    refuse_state_file(ckpt, "--bert-model", path)
     if ckpt.get("kind") == kind:
         return "task", ckpt["model"]
+    if evaluate_only:
+        wanted = TASK_MODELS.get(kind, f"a {kind} model")
+        raise UserError(f"--evaluate-only: --bert-model {path} is a checkpoint of kind "
+                        f"{ckpt.get('kind')!r}, without the {kind} head to evaluate; give "
+                        f"a model with it ({wanted})")
     return "encoder", encoder_state(ckpt, "--bert-model", path)
 
 
@@ -163,6 +189,7 @@ def load_task_model(task_class, kind, path, flag, what):
     """(model, vocab, checkpoint) of a task model of `kind`, e.g. qa_model.pt; `what` says
     what it is and which script writes it, for the error message."""
     ckpt = load_checkpoint(path, flag)
+    refuse_state_file(ckpt, flag, path)
     if ckpt.get("kind") != kind:
         raise UserError(f"{flag} {path}: a {ckpt.get('kind', 'unknown')} checkpoint, not {what}")
     config, vocab = config_and_vocab(ckpt, flag, path)

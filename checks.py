@@ -135,7 +135,7 @@ class OutputLock:
             handle.close()
             self.release()
             raise UserError(f"{path} is an output of a run still going (PID {owner}); wait for "
-                            "it, or give this run other output names") from None
+                            "it, or give this run another --output-dir") from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

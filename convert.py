@@ -28,6 +28,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         ckpt = checkpoint.load_checkpoint(args.checkpoint, "CHECKPOINT")
+        checkpoint.refuse_state_file(ckpt, "CHECKPOINT", args.checkpoint)
         lines = export(ckpt, args.out_dir, args.force, source=args.checkpoint)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

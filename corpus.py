@@ -190,11 +190,20 @@ def safe_extract(zip_path, dest):
             zf.extract(member, dest)
 
 
+def dataset_name(name):
+    """--dataset as the scripts know it: a dataset's name in any case (wikitext2 is
+    WikiText2), unless a folder of that very name exists; anything else as given."""
+    if name in DATASETS or os.path.isdir(name):
+        return name
+    return {known.lower(): known for known in DATASETS}.get(name.lower(), name)
+
+
 def dataset_files(dataset, data_dir, download=True, log=print):
-    """Returns {split: [paths]} for a dataset name or a folder of text files.
+    """Returns {split: [paths]} for a dataset name (any case) or a folder of text files.
 
     When all three splits get the same list (EnWik9, a folder without split files), the
     splits are cut from its text: see dataset_ranges."""
+    dataset = dataset_name(dataset)
     if dataset in DATASETS:
         spec = DATASETS[dataset]
         folder = Path(data_dir) / spec.folder
@@ -273,7 +282,7 @@ def dataset_ranges(dataset, data_dir, download=True, log=print):
     lines (split_byte_ranges); a folder of text files (or BookCorpus) holds out a bounded
     valid and test set from the end of its text (held_out_ranges)."""
     files = dataset_files(dataset, data_dir, download, log)
-    spec = DATASETS.get(dataset, DatasetSpec("", None))
+    spec = DATASETS.get(dataset_name(dataset), DatasetSpec("", None))
     if files["train"] == files["valid"] == files["test"] and spec.split_by == "files":
         return held_out_ranges(files["train"], HELD_OUT_MAX_BYTES)
     return split_byte_ranges(files)
@@ -450,6 +459,7 @@ def load_splits(dataset, data_dir, vocab=None, spec=None, vocab_path=None, log=p
     must be. Token ids are cached beside the data in `.cache/`, keyed by the tokenizer and
     the files' sizes and mtimes, so a second run skips tokenization; the splits' ids are
     mapped from those files."""
+    dataset = dataset_name(dataset)
     ranges = dataset_ranges(dataset, data_dir, log=log)
     cache_dir = Path(ranges["train"][0][0]).parent / ".cache" if ranges["train"] else None
     splits = {}

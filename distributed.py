@@ -159,7 +159,7 @@ START_TIMEOUT = datetime.timedelta(minutes=10)
 
 class Stopped(Exception):
     """A run stopped by a signal, its state file written: the process exits with `code`
-    (Trainer.exit_code_after: 128 + the signal's number, or 0 once requeued)."""
+    (exit_code_after: 128 + the signal's number, or 0 once requeued)."""
 
     def __init__(self, code):
         super().__init__(f"stopped, exit code {code}")
@@ -288,6 +288,12 @@ def _fail(message, show=True):
 def all_reduce_sum(tensor, info):
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor, info):
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 
@@ -433,3 +439,14 @@ def requeue_slurm_job(log):
         return False
     log(f"requeued SLURM job {job}: it starts again and resumes with --checkpoint auto")
     return True
+
+
+def exit_code_after(signum, slurm_requeue, info, device, log):
+    """The exit code of a run stopped by `signum`, its state written (every rank calls
+    this): 0 once rank 0 requeued the SLURM job (--slurm-requeue; SIGTERM, SIGUSR1), else
+    128 + signum (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C), so that a scheduler
+    or an `afterok` chain does not take a stopped run for a finished one."""
+    requeued = False
+    if slurm_requeue and signum != signal.SIGINT:
+        requeued = any_rank(info.is_main and requeue_slurm_job(log), info, device)
+    return 0 if requeued else 128 + signum

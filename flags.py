@@ -8,10 +8,12 @@ Every problem is one line `error: ...`, exit code 2. (Paths and locks: checks.py
 
 import argparse
 import copy
+import os
 import re
 import sys
 
 import checkpoint
+import corpus
 import data
 import distributed
 import rules
@@ -45,7 +47,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_common_flags(parser, **defaults):
-    """Flags shared by the three scripts; each script passes its own defaults."""
+    """Flags shared by the task scripts; each script passes its own defaults."""
     d = defaults
     parser.add_argument("--lr", type=float, default=d["lr"], help=f"initial learning rate (default {d['lr']})")
     parser.add_argument("--clip", type=float, default=d["clip"],
@@ -59,16 +61,6 @@ def add_common_flags(parser, **defaults):
     parser.add_argument("--log-interval", type=int, default=d["log_interval"], metavar="N",
                         help="print the training loss every N optimizer steps (batches when "
                              f"--grad-accum is 1) (default {d['log_interval']})")
-    parser.add_argument("--checkpoint", type=str, default="None",
-                        help="resume from this state file (see --state-file); the flags saved in it "
-                             "apply unless given again. auto: resume from --state-file when there "
-                             "is one (the newest of --keep-states that loads), else start a new "
-                             "run; a run that finished exits at once (default None)")
-    parser.add_argument("--save", type=str, default=d["save"], help=f"where to write the model (default {d['save']})")
-    parser.add_argument("--save-vocab", type=str, default="bert_vocab.pt",
-                        help="vocab file. mlm_task: reused if built from the same dataset and "
-                             "--min-freq, else built there; ns/qa_task: a copy of the checkpoint's "
-                             "vocab is written there (default bert_vocab.pt)")
     parser.add_argument("--parallel", type=str, default="None", choices=["None", "DDP"],
                         help="None: one process; DDP: DistributedDataParallel under torchrun, srun, "
                              "or --world_size local processes (default None)")
@@ -101,6 +93,25 @@ def add_common_flags(parser, **defaults):
                              "the split, the final test included (qa_task.py: its validations; "
                              "the predictions file always answers every question) (default 0: "
                              "every batch)")
+    add_optimizer_flags(parser)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: shown when stderr is a terminal)")
+    add_run_file_flags(parser, d)
+
+
+def add_run_file_flags(parser, d):
+    """The files of a run: where it writes them (--output-dir and each output), its state
+    files and how it resumes from them; `d`: the script's defaults."""
+    parser.add_argument("--checkpoint", type=str, default="None",
+                        help="resume from this state file (see --state-file); the flags saved in it "
+                             "apply unless given again. auto: resume from --state-file when there "
+                             "is one (the newest of --keep-states that loads), else start a new "
+                             "run; a run that finished exits at once (default None)")
+    parser.add_argument("--save", type=str, default=d["save"], help=f"where to write the model (default {d['save']})")
+    parser.add_argument("--save-vocab", type=str, default="bert_vocab.pt",
+                        help="vocab file. mlm_task: reused if built from the same dataset and "
+                             "--min-freq, else built there; ns/qa_task: a copy of the checkpoint's "
+                             "vocab is written there (default bert_vocab.pt)")
     parser.add_argument("--state-file", type=str, default=d["state_file"],
                         help=f"full training state for --checkpoint, written atomically (default {d['state_file']})")
     parser.add_argument("--keep-states", type=int, default=2, metavar="K",
@@ -111,17 +122,78 @@ def add_common_flags(parser, **defaults):
                         help="when SLURM stops the job (SIGUSR1, SIGTERM), requeue it once the "
                              "state file is written (scontrol requeue); it resumes with "
                              "--checkpoint auto. An error outside SLURM (default off)")
-    add_optimizer_flags(parser)
     # <task>_state.pt -> <task>_metrics.jsonl: each script names its files once.
     metrics_file = d["state_file"].replace("_state.pt", "_metrics.jsonl")
     parser.add_argument("--metrics-file", type=str, default=metrics_file,
                         help="JSON lines, one per --log-interval (step, epoch, loss, lr, tokens_per_s) "
                              f"and one per evaluation (its metrics) (default {metrics_file})")
-    parser.add_argument("--tensorboard", type=str, default=None, metavar="DIR",
-                        help="also write the metrics as TensorBoard events in DIR (needs the "
-                             "tensorboard package) (default: none)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (default: shown when stderr is a terminal)")
+    parser.add_argument("--tensorboard", type=str, nargs="?", default=None,
+                        const=TENSORBOARD_IN_OUTPUT_DIR, metavar="DIR",
+                        help="also write the metrics as TensorBoard events in DIR, or without "
+                             "DIR in <output-dir>/tensorboard (needs the tensorboard package) "
+                             "(default: none)")
+    parser.add_argument("--output-dir", type=str, default=".", metavar="DIR",
+                        help="the folder of every file the run writes: models, state, logs, "
+                             "vocab copy, predictions; made when absent. An output flag given "
+                             "(--save PATH, ...) is kept as typed, relative to the current "
+                             "folder; a resumed run keeps the folder of its state file "
+                             "(default .: the current folder)")
+
+
+###############################################################################
+# --output-dir
+###############################################################################
+
+# The flags that name a file a run writes: left at its default, the name goes into
+# --output-dir (place_outputs). A new script's output flag of one of these names follows.
+OUTPUT_FLAGS = ("save", "save_vocab", "state_file", "metrics_file", "predictions")
+# --tensorboard given without DIR.
+TENSORBOARD_IN_OUTPUT_DIR = "<output-dir>/tensorboard"
+
+
+def in_output_dir(args, name):
+    """The path of a file `name` a run writes: in --output-dir (just `name` when that is
+    the current folder, as the old example wrote it)."""
+    folder = getattr(args, "output_dir", ".")
+    return name if os.path.normpath(folder) == "." else os.path.join(folder, name)
+
+
+def place_outputs(parser, args, given):
+    """Every output flag left at its default (OUTPUT_FLAGS) in --output-dir; those `given`
+    on the command line stay as typed (relative to the current folder, as the old
+    example's flags were); --tensorboard without DIR: <output-dir>/tensorboard. Runs
+    first in parse_args, so whatever reads a path (a resume from --state-file) reads the
+    final one. args.explicit_outputs: the output flags given."""
+    folder = getattr(args, "output_dir", None)
+    if folder is None:
+        return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--output-dir {folder}: is a file, not a folder")
+    dests = {action.dest for action in parser._actions}
+    for name in OUTPUT_FLAGS:
+        if name in dests and name not in given and getattr(args, name) is not None:
+            setattr(args, name, in_output_dir(args, getattr(args, name)))
+    if getattr(args, "tensorboard", None) == TENSORBOARD_IN_OUTPUT_DIR:
+        args.tensorboard = in_output_dir(args, "tensorboard")
+    args.explicit_outputs = sorted(set(OUTPUT_FLAGS) & given)
+
+
+def check_resumed_output_dir(args, given, saved, path):
+    """A resumed run writes where it started (its best model so far is there): an
+    --output-dir given again must be the saved one (before it existed: the current folder)."""
+    saved_folder = saved.get("output_dir") or "."
+    if "output_dir" in given and (os.path.realpath(args.output_dir)
+                                  != os.path.realpath(saved_folder)):
+        raise UserError(f"--output-dir {args.output_dir}: --checkpoint {path} is a run of "
+                        f"--output-dir {saved_folder}, where it resumes; leave --output-dir "
+                        "out, or give that folder")
+
+
+def add_evaluate_only_flag(parser):
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="no training: evaluate --bert-model (a model with this task's "
+                             "head) on the valid and test splits (--eval-batches applies) and "
+                             "write the metrics log, nothing else (default off)")
 
 
 def add_optimizer_flags(parser):
@@ -244,9 +316,9 @@ def recipe_summary(args, world_size, dropout):
 
 
 def add_dataset_flag(parser, default):
-    parser.add_argument("--dataset", type=str, default=default,
-                        help="WikiText2, WikiText103, EnWik9, BookCorpus, or a folder of text files "
-                             f"(default {default})")
+    parser.add_argument("--dataset", type=corpus.dataset_name, default=default,
+                        help="WikiText2, WikiText103, EnWik9, BookCorpus (in any case), or a "
+                             f"folder of text files (default {default})")
 
 
 MODEL_FLAGS = ("emsize", "nhid", "nlayers", "nhead", "dropout")
@@ -319,10 +391,10 @@ def settings(cls, args, parser=None, **given):
         raise flag_error(parser, e) from None
 
 
-def model_config(config, args, source):
+def model_config(config, args, source, log):
     """`config` (of checkpoint `source`) after the model flags: an architecture flag must
     agree with it; --dropout, when given, replaces its dropout. --bptt must fit its
-    positions."""
+    positions (check_bptt)."""
     for name in MODEL_FLAGS:
         given = getattr(args, name, None)
         if name != "dropout" and given is not None and given != getattr(config, name):
@@ -330,7 +402,7 @@ def model_config(config, args, source):
                             f"{name} {getattr(config, name)}; leave the flag out to use the checkpoint's")
     if getattr(args, "dropout", None) is not None:
         config.dropout = args.dropout
-    check_bptt(args.bptt, config, source)
+    check_bptt(args.bptt, config, source, log)
     return config
 
 
@@ -339,16 +411,26 @@ def fine_tuning_start(args, info, log, kind):
     BertConfig after the model flags, tokenizer) of --bert-model, for ns_task.py and
     qa_task.py; the effective settings printed when --recipe is given."""
     ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
+    weights = checkpoint.starting_weights(ckpt, kind, args.bert_model,
+                                          getattr(args, "evaluate_only", False))
     config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
-    config = model_config(config, args, source=args.bert_model)
+    config = model_config(config, args, args.bert_model, log)
     if args.recipe:
         log(recipe_summary(args, info.world_size, config.dropout))
-    return checkpoint.starting_weights(ckpt, kind, args.bert_model), config, vocab
+    return weights, config, vocab
 
 
-def check_bptt(bptt, config, source):
+def check_bptt(bptt, config, source, log):
+    """--bptt within the positions of `source`'s model, and a warning line when it is
+    longer than the sequences the model was trained on (BertConfig.trained_len): the
+    position embeddings past those were never learned."""
     if bptt > config.max_len:
         raise UserError(f"--bptt {bptt} is longer than the {config.max_len} positions of {source}")
+    if config.trained_len is not None and bptt > config.trained_len:
+        log(f"warning: --bptt {bptt} is longer than the sequences of at most "
+            f"{config.trained_len} tokens {source} was trained on: its position embeddings "
+            f"past {config.trained_len} were never learned (pretrain at --bptt {bptt}, or "
+            f"give --bptt {config.trained_len})")
 
 
 def parse_args(parser, argv=None):
@@ -358,6 +440,7 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     try:
         given = explicit_flags(parser, argv)
+        place_outputs(parser, args, given)  # first: --checkpoint auto reads --state-file
         auto = args.checkpoint == "auto"
         resumed = resolve_checkpoint(args)
         if resumed:
@@ -429,6 +512,7 @@ def _merge_saved_flags(parser, argv, args, auto=False):
     if "recipe" in given and ckpt["args"].get("recipe") != args.recipe:
         raise UserError(f"--recipe {args.recipe}: the run at {path} was started with --recipe "
                         f"{ckpt['args'].get('recipe')}; a resumed run keeps it")
+    check_resumed_output_dir(args, given, ckpt["args"], path)
     merged = dict(ckpt["args"])
     given |= LAUNCH_FLAGS | ({"state_file"} if auto else set())
     merged.update({k: v for k, v in vars(args).items() if k in given or k not in merged})
@@ -456,7 +540,7 @@ def _saved_type(action):
     """The Python types a flag's saved value may have."""
     if isinstance(action.default, bool):  # store_true flags
         return bool
-    if action.nargs not in (None, 0):
+    if action.nargs not in (None, 0, "?"):
         return list | tuple
     if action.type is float:
         return int | float

@@ -1,5 +1,6 @@
-"""What a run shows and records: log lines (rank 0), progress bars, the metrics log
-(JSON lines, and TensorBoard), and the old example's loss log.
+"""What a run shows and records: log lines (rank 0), the training loss between them
+(LogWindow), progress bars, the metrics log (JSON lines, and TensorBoard), and the old
+example's loss log.
 
 Metrics travel as dicts of numbers ({"loss": 6.5, "ppl": 665.1}); the log line is
 formatted from them (format_metrics) and the metrics log records them unrounded.
@@ -7,6 +8,7 @@ formatted from them (format_metrics) and the metrics log records them unrounded.
 
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -115,6 +117,7 @@ class MetricsLog:
 
     def write(self, row):
         if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self.file = open(self.path, self.mode, encoding="utf-8")
             if self.tensorboard_dir:
                 self.writer = tensorboard_writer(self.tensorboard_dir, self.purge_step)
@@ -176,42 +179,6 @@ def tensorboard_writer(folder, purge_step=None):
     return SummaryWriter(folder, purge_step=purge_step)
 
 
-# How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
-DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%",
-           "tokens": "d", "pairs": "d", "questions": "d"}
-
-
-def format_metrics(split, metrics):
-    """'valid loss  6.50000 | valid ppl   665.14 | valid tokens 1234' of {"loss": 6.5,
-    "ppl": 665.14, "tokens": 1234}: the counts ("tokens", "pairs", "questions") say how
-    much was scored."""
-    parts = []
-    for name, value in metrics.items():
-        spec = DISPLAY.get(name, "g")
-        shown = f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
-        parts.append(f"{split} {name} {shown}")
-    return " | ".join(parts)
-
-
-def perplexity(loss):
-    return math.exp(min(loss, 700))
-
-
-def write_loss_log(path, train_loss, val_loss, test_loss, settings):
-    """The old example's <task>_loss.txt: the settings, then losses per epoch."""
-    lines = [f"{k}:    {v}" for k, v in settings.items()]
-    lines += [f"epoch {i:3d} | train loss {v:8.5f}" for i, v in enumerate(train_loss, 1)]
-    lines += [f"epoch {i:3d} | val loss {v:8.5f}" for i, v in enumerate(val_loss, 1)]
-    lines.append(f"test loss {test_loss:8.5f}")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def resume_command(state_file):
-    """The command that resumes a run, from the folder it was started in: the script's path
-    as it was given (python ../bert/mlm_task.py), not only its name."""
-    return shlex.join(["python", sys.argv[0], "--checkpoint", str(state_file)])
-
-
 class LogWindow:
     """The training loss, steps and tokens since the last log line (the loss stays on the
     device until read)."""
@@ -237,3 +204,49 @@ class LogWindow:
         self.batches = self.steps = self.tokens = 0
         self.start = time.time()
         return loss, seconds
+
+
+# How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
+DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%"}
+# The counts of what an evaluation scored, and what each counts: shown as "scored N ...".
+COUNTS = {"tokens": "masked tokens", "pairs": "pairs", "questions": "questions"}
+
+
+def format_metrics(split, metrics):
+    """'valid loss  6.50000 | valid ppl   665.14 | scored 1234 masked tokens' of
+    {"loss": 6.5, "ppl": 665.14, "tokens": 1234}: the counts (COUNTS) say how much was
+    scored (MLM: the masked tokens, where the loss is measured)."""
+    parts = []
+    for name, value in metrics.items():
+        if name in COUNTS:
+            parts.append(f"scored {value} {COUNTS[name]}")
+            continue
+        spec = DISPLAY.get(name, "g")
+        shown = f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
+        parts.append(f"{split} {name} {shown}")
+    return " | ".join(parts)
+
+
+def evaluation_row(split, metrics, step, epoch):
+    """An evaluation's row of the metrics log: {"step", "epoch", "<split>_<name>": ...}."""
+    return {"step": step, "epoch": epoch,
+            **{f"{split}_{name}": value for name, value in metrics.items()}}
+
+
+def perplexity(loss):
+    return math.exp(min(loss, 700))
+
+
+def write_loss_log(path, train_loss, val_loss, test_loss, settings):
+    """The old example's <task>_loss.txt: the settings, then losses per epoch."""
+    lines = [f"{k}:    {v}" for k, v in settings.items()]
+    lines += [f"epoch {i:3d} | train loss {v:8.5f}" for i, v in enumerate(train_loss, 1)]
+    lines += [f"epoch {i:3d} | val loss {v:8.5f}" for i, v in enumerate(val_loss, 1)]
+    lines.append(f"test loss {test_loss:8.5f}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def resume_command(state_file):
+    """The command that resumes a run, from the folder it was started in: the script's path
+    as it was given (python ../bert/mlm_task.py), not only its name."""
+    return shlex.join(["python", sys.argv[0], "--checkpoint", str(state_file)])

@@ -347,6 +347,17 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _check_some_ids_match(dataset, predictions, args):
+    """Predictions of which no id is a question of the dataset (another dataset's, or
+    none at all) would score 0: a mistake, not a result."""
+    ids = {qa["id"] for qa in iter_questions(dataset)}
+    if not ids & predictions.keys():
+        shown = _shown(list(predictions)) or "none"
+        raise ValueError(f"{args.prediction_file}: none of its {len(predictions)} prediction "
+                         f"id(s) is a question of {args.dataset_file} (ids: {shown}); "
+                         "predictions of another dataset?")
+
+
 def main(argv=None):
     args = _parse_args(argv)
     thresh = DEFAULT_NA_PROB_THRESH if args.na_prob_thresh is None else args.na_prob_thresh
@@ -356,13 +367,15 @@ def main(argv=None):
         dataset = load_squad_json(args.dataset_file)
         predictions = load_predictions(args.prediction_file)
         na_probs = load_na_probs(args.na_prob_file) if args.na_prob_file else None
-        if has_unanswerable(dataset):
-            result = evaluate_v2(dataset, predictions, na_probs, thresh)
-        elif args.na_prob_file or args.na_prob_thresh is not None:
+        v2 = has_unanswerable(dataset)
+        if not v2 and (args.na_prob_file or args.na_prob_thresh is not None):
             raise ValueError(
                 f"--na-prob-file and --na-prob-thresh apply to SQuAD v2.0 data only; "
                 f"{args.dataset_file} has no unanswerable question"
             )
+        _check_some_ids_match(dataset, predictions, args)
+        if v2:
+            result = evaluate_v2(dataset, predictions, na_probs, thresh)
         else:
             result = evaluate(dataset, predictions)
     except ValueError as e:  # SquadFormatError included: bad input, said in one line

@@ -48,6 +48,7 @@ def get_parser():
                         help="mask: every masked token becomes <MASK> (the old example); bert: "
                              "80%% <MASK>, 10%% random word, 10%% unchanged (default mask)")
     flags.add_dataset_flag(parser, default="WikiText2")
+    flags.add_evaluate_only_flag(parser)
     parser.add_argument("--min-freq", type=int, default=1,
                         help="words seen fewer times in the train split become <unk> (default 1)")
     flags.add_common_flags(parser, lr=6.0, clip=0.1, epochs=8, batch_size=32, bptt=128,
@@ -66,11 +67,11 @@ class MLM:
     """What the shared Trainer needs to know about masked-LM pretraining."""
 
     best_metric = ("loss", "min")
-    best_model_path = "full_mlm_model.pt"
 
     def __init__(self, args, vocab, splits, config, info, device):
         self.args, self.vocab, self.config, self.info, self.device = args, vocab, config, info, device
         self.outputs = outputs(args)
+        self.best_model_path = self.outputs["the best model"][0]
         self.masking = flags.settings(data.Masking, args, mask_id=vocab.mask_id,
                                       word_ids=vocab.word_ids)
         self.windows = {s: data.mlm_windows(splits[s], args.bptt) for s in data.SPLITS}
@@ -134,11 +135,13 @@ class MLM:
 
 def outputs(args):
     """{flag: (path, what)} of the files a run writes (besides the Trainer's)."""
-    return {"--save": (args.save, "encoder"), "the best model": (MLM.best_model_path, "best model"),
-            "the loss log": ("mlm_loss.txt", "losses"), "--save-vocab": (args.save_vocab, "vocab")}
+    return {"--save": (args.save, "encoder"),
+            "the best model": (flags.in_output_dir(args, "full_mlm_model.pt"), "best model"),
+            "the loss log": (flags.in_output_dir(args, "mlm_loss.txt"), "losses"),
+            "--save-vocab": (args.save_vocab, "vocab")}
 
 
-def start_from(args):
+def start_from(args, log):
     """(config, tokenizer, checkpoint.starting_weights) of --bert-model, or (None, None,
     None) for a new model, whose tokenizer (--tokenizer) corpus.load_splits chooses."""
     if args.bert_model is None:
@@ -147,19 +150,20 @@ def start_from(args):
         raise UserError(f"--tokenizer {args.tokenizer}: --bert-model {args.bert_model} "
                         "brings its own tokenizer; leave --tokenizer out")
     ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
-    config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
-    config = flags.model_config(config, args, source=args.bert_model)
     # A full MLM model continues with its head; an encoder gets a fresh head.
-    return config, vocab, checkpoint.starting_weights(ckpt, "mlm", args.bert_model)
+    weights = checkpoint.starting_weights(ckpt, "mlm", args.bert_model, args.evaluate_only)
+    config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
+    return flags.model_config(config, args, args.bert_model, log), vocab, weights
 
 
-def fresh_config(args, vocab):
-    """The BertConfig of a new model: FRESH_MODEL's sizes, the flags given replacing them."""
+def fresh_config(args, vocab=None):
+    """The BertConfig of a new model: FRESH_MODEL's sizes, the flags given replacing them.
+    Without the vocab (not built yet), the sizes alone are checked."""
     sizes = {name: value if getattr(args, name) is None else getattr(args, name)
              for name, value in FRESH_MODEL.items()}
     try:
-        return BertConfig(vocab_size=len(vocab), max_len=max(512, args.bptt),
-                          pad_id=vocab.pad_id, **sizes)
+        return BertConfig(vocab_size=len(vocab) if vocab else 1, max_len=max(512, args.bptt),
+                          pad_id=vocab.pad_id if vocab else 0, **sizes)
     except ValueError as e:  # flags that do not make a model, e.g. --emsize 30 --nhead 4
         raise UserError(f"the model flags do not make a BERT: {e}") from None
 
@@ -169,13 +173,18 @@ def main(args, info):
     device = utils.setup_device(args, info)
     torch.manual_seed(args.seed)
     spec = flags.settings(TokenizerSpec, args)
+    if args.bert_model is None:
+        if args.evaluate_only:
+            raise UserError("--evaluate-only needs --bert-model: the model to evaluate "
+                            "(full_mlm_model.pt, or a transformers BERT folder with its MLM head)")
+        fresh_config(args)  # sizes that make no model are refused before any file is touched
     run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
     checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model,
                       "--tokenizer": None if spec.learned else spec.tokenizer},
         outputs={flag: path for flag, (path, _) in run_outputs.items()}, data_dir=args.data_dir,
         also_read=corpus.dataset_inputs(args.dataset, args.data_dir))
-    config, vocab, weights = start_from(args)
+    config, vocab, weights = start_from(args, log)
     # Rank 0 builds the vocab and the token caches; the other ranks then read them.
     with distributed.main_rank_first(info):
         vocab, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, spec=spec,

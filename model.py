@@ -32,12 +32,16 @@ class BertConfig:
     # BERT's QA head is one linear layer on the encoder output (BertForQuestionAnswering);
     # the old example put a GELU before it (qa_task.py --qa-gelu). Checkpoints store it.
     qa_gelu: bool = False
+    # Not architecture but a record kept with it: the longest sequence (real tokens, <cls>
+    # included) the weights were trained on, so a later --bptt past it can be warned of
+    # (position embeddings beyond it never learned). None: unknown (older checkpoints).
+    trained_len: int = None
 
     RULES: ClassVar = {
         **{name: (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
                   "must be a positive integer")
            for name in ("vocab_size", "emsize", "nhead", "nhid", "nlayers", "max_len",
-                        "type_vocab_size")},
+                        "type_vocab_size", "trained_len")},
         "dropout": (rules.fraction, "must be in [0, 1)"),
         "layer_norm_eps": (rules.positive, "must be > 0"),
     }

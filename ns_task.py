@@ -34,6 +34,7 @@ def get_parser():
     parser.add_argument("--min_sentence_len", type=int, default=60,
                         help="lines shorter than this many tokens are not used (default 60)")
     flags.add_recipe_flag(parser)
+    flags.add_evaluate_only_flag(parser)
     flags.add_model_flags(parser)
     flags.add_common_flags(parser, lr=0.25, clip=0.1, epochs=5, batch_size=24, bptt=128,
                            seed=312216194, log_interval=600, save="ns_bert.pt",
@@ -45,12 +46,12 @@ class NextSentence:
     """What the shared Trainer needs to know about the next-sentence task."""
 
     best_metric = ("loss", "min")
-    best_model_path = "ns_model.pt"
 
     def __init__(self, args, vocab, splits, config, info, device):
         self.args, self.vocab, self.splits, self.config = args, vocab, splits, config
         self.info, self.device = info, device
         self.outputs = outputs(args)
+        self.best_model_path = self.outputs["the best model"][0]
         self.pairs = flags.settings(data.Pairs, args)
         for split in data.SPLITS:
             n = len(splits[split].lines(self.pairs.min_sentence_len))
@@ -114,8 +115,9 @@ class NextSentence:
 def outputs(args):
     """{flag: (path, what)} of the files a run writes (besides the Trainer's)."""
     return {"--save": (args.save, "encoder"),
-            "the best model": (NextSentence.best_model_path, "best model"),
-            "the loss log": ("ns_loss.txt", "losses"), "--save-vocab": (args.save_vocab, "vocab")}
+            "the best model": (flags.in_output_dir(args, "ns_model.pt"), "best model"),
+            "the loss log": (flags.in_output_dir(args, "ns_loss.txt"), "losses"),
+            "--save-vocab": (args.save_vocab, "vocab")}
 
 
 def main(args, info):

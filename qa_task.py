@@ -35,7 +35,7 @@ import trainer
 import utils
 from files import UserError
 from model import QuestionAnswerTask
-from windows import Windowing, make_windows, window_batch
+from windows import Windowing, count_windows, make_windows, window_batch
 
 
 def get_parser():
@@ -62,7 +62,8 @@ def get_parser():
                         help=f"longest answer predicted, in tokens (default {w.max_answer_len})")
     parser.add_argument("--predictions", type=str, default="predictions.json",
                         help="where to write {question id: answer} for every dev question, the "
-                             "official format (default predictions.json)")
+                             "official format (default predictions.json; --predict "
+                             "--predict-file FILE: FILE's name with .predictions.json)")
     parser.add_argument("--predict", action="store_true",
                         help="no training: answer --question about --context (or the questions "
                              "of --predict-file) with --qa-model")
@@ -83,7 +84,8 @@ def get_parser():
                         help="SQuAD v2.0 dev data: where to write {question id: no-answer score "
                              "- best span score} for every question (logits, as Google BERT's "
                              "null_odds.json), the official script's --na-prob-file (default "
-                             "na_probs.json in the folder of --predictions)")
+                             "na_probs.json in the folder of --predictions; --predict "
+                             "--predict-file FILE: FILE's name with .na_probs.json)")
     parser.add_argument("--qa-gelu", action="store_true",
                         help="the old example's QA head: a GELU on the encoder output before the "
                              "span layer (default off: BERT's head, one linear layer)")
@@ -109,33 +111,37 @@ class QA:
         self.args, self.vocab, self.config, self.windowing = args, vocab, config, windowing
         self.info, self.device, self.log = info, device, log
         self.outputs, self.best_model_path = outputs(args), args.save
-        train_questions, train_dataset = squad.read_squad(paths["train"])
-        dev_questions, self.dev_dataset = squad.read_squad(paths["dev"])
+        train_questions, train_dataset = squad.read_squad(paths["train"], log)
+        self.dev_questions, self.dev_dataset = squad.read_squad(paths["dev"], log)
         # Trained on SQuAD v2.0 data, the model learns to answer "" (saved with it, for
         # --predict); the metric follows the dev data.
         self.squad_v2 = squad.has_unanswerable(train_dataset)
         self.null_threshold = args.null_threshold if self.squad_v2 else None
         self.train_windows = make_windows(train_questions, vocab, windowing, training=True)
-        self.dev_windows = make_windows(dev_questions, vocab, windowing)
+        # Evaluations cut the dev windows as they go (answers.evaluate_all): counted here.
+        n_dev, dev_unusable, dev_answers = count_windows(self.dev_questions, vocab, windowing)
         # Validations score --eval-batches' sample of the questions; the test scores all.
-        sample = [dev_questions[i] for i in data.evaluation_order(
-            len(dev_questions), args.batch_size, args.eval_batches)]
-        self.valid_windows = (self.dev_windows if len(sample) == len(dev_questions)
-                              else make_windows(sample, vocab, windowing))
-        self.valid_dataset = squad.subset(self.dev_dataset, {q.qid for q in sample})
-        for path, windows, use in ((paths["train"], self.train_windows, "skipped for training"),
-                                   (paths["dev"], self.dev_windows, "not used for the valid loss")):
-            if windows.unusable_answers:
-                log(f"{path}: {len(windows.unusable_answers)} of {windows.n_answers} answers "
-                    f"are not at their answer_start in the context (or have none); they are {use} "
-                    f"(first: question id {windows.unusable_answers[0]})")
-        if len(self.train_windows) < info.world_size:
+        self.valid_questions = [self.dev_questions[i] for i in data.evaluation_order(
+            len(self.dev_questions), args.batch_size, args.eval_batches)]
+        self.valid_dataset = squad.subset(self.dev_dataset, {q.qid for q in self.valid_questions})
+        # The dev set is scored once at the end: the best validation's answers, when it
+        # scored all of it, are the test's (new_best keeps them).
+        self.last_validation = self.best_validation = None
+        train = self.train_windows
+        for path, unusable, n_answers, use in (
+                (paths["train"], train.unusable_answers, train.n_answers, "skipped for training"),
+                (paths["dev"], dev_unusable, dev_answers, "not used for the valid loss")):
+            if unusable:
+                log(f"{path}: {len(unusable)} of {n_answers} answers are not at their "
+                    f"answer_start in the context (or have none); they are {use} (first: "
+                    f"question id {unusable[0]})")
+        if len(train) < info.world_size:
             raise UserError(f"{paths['train']}: no question with an answer found in its context "
                             "at answer_start: nothing to train on")
-        without = int((self.train_windows.start_positions == 0).sum())
-        log(f"train: {squad.count_questions(train_questions)}, {len(self.train_windows)} windows "
+        without = int((train.start_positions == 0).sum())
+        log(f"train: {squad.count_questions(train_questions)}, {len(train)} windows "
             f"({without} without the answer: targets at <cls>); dev: "
-            f"{squad.count_questions(dev_questions)}, {len(self.dev_windows)} windows")
+            f"{squad.count_questions(self.dev_questions)}, {n_dev} windows")
 
     def train_batches(self, epoch):
         # drop_last=False: a small train file still makes a batch; every rank gets the same
@@ -152,14 +158,19 @@ class QA:
         return answers.span_loss(*answers.span_logits(model, batch, self.args.span_loss), batch)
 
     def evaluate(self, model, split):
-        """Loss, exact match and F1 on the dev file (the "test" is the best model's final
-        pass over all of it, which rank 0 writes as the official predictions files and
-        scores), and how many questions were scored."""
+        """Loss, exact match and F1 on the dev file (the "test" is the best model's answers
+        to all of it, which rank 0 writes as the official predictions files and scores; the
+        best validation's when that scored all of it), and how many questions were scored."""
         a = self.args
-        windows = self.dev_windows if split == "test" else self.valid_windows
-        best, null_scores, loss = answers.evaluate_all(
-            model, windows, a.max_answer_len, a.batch_size, self.device, a.dtype, self.info,
-            a.span_loss)
+        if split == "test" and self.best_validation is not None:
+            best, null_scores, loss = self.best_validation
+        else:
+            questions = self.dev_questions if split == "test" else self.valid_questions
+            best, null_scores, loss = answers.evaluate_all(
+                model, questions, self.vocab, self.windowing, a.batch_size, self.device,
+                a.dtype, self.info, a.span_loss)
+        if split == "valid" and len(self.valid_questions) == len(self.dev_questions):
+            self.last_validation = (best, null_scores, loss)
         if split == "test" and self.info.is_main:
             paths = {flag: self.outputs[flag][0] for flag in ("--predictions", "--na-probs")}
             scores, _ = answers.write_predictions(paths, self.dev_dataset, best, null_scores,
@@ -177,6 +188,10 @@ class QA:
         checkpoint.save_model("qa", model, self.config, self.vocab, self.args.save,
                               windowing=asdict(self.windowing), squad_v2=self.squad_v2)
 
+    def new_best(self):
+        """Every rank keeps the best validation's answers, for the test (evaluate)."""
+        self.best_validation = self.last_validation
+
     def write_outputs(self, model):
         """Nothing more: --save holds the best model, the test wrote the predictions."""
 
@@ -186,11 +201,23 @@ def na_probs_path(args):
     return args.na_probs or os.path.join(os.path.dirname(args.predictions), "na_probs.json")
 
 
+def predict_file_paths(args):
+    """{"--predictions", "--na-probs"} of --predict --predict-file FILE: unless given,
+    FILE's name with .predictions.json and .na_probs.json in --output-dir, so that the
+    training run's predictions.json and na_probs.json stay as they are."""
+    if "predictions" in getattr(args, "explicit_outputs", ["predictions"]):
+        return {"--predictions": args.predictions, "--na-probs": na_probs_path(args)}
+    stem = os.path.splitext(os.path.basename(args.predict_file))[0]
+    return {"--predictions": flags.in_output_dir(args, f"{stem}.predictions.json"),
+            "--na-probs": args.na_probs or flags.in_output_dir(args, f"{stem}.na_probs.json")}
+
+
 def outputs(args):
     """{flag: (path, what)} of the files a training run writes (besides the Trainer's)."""
     return {"--save": (args.save, "best model"), "--predictions": (args.predictions, "predictions"),
             "--na-probs": (na_probs_path(args), "no-answer values"),
-            "the loss log": ("qa_loss.txt", "losses"), "--save-vocab": (args.save_vocab, "vocab")}
+            "the loss log": (flags.in_output_dir(args, "qa_loss.txt"), "losses"),
+            "--save-vocab": (args.save_vocab, "vocab")}
 
 
 def check_paths(args, info):
@@ -205,8 +232,7 @@ def check_paths(args, info):
         return checks.prepare_run(
             info, inputs={"--qa-model": args.qa_model or args.save,
                           "--predict-file": args.predict_file},
-            outputs={"--predictions": args.predictions if writes else None,
-                     "--na-probs": na_probs_path(args) if writes else None})
+            outputs=predict_file_paths(args) if writes else {})
     squad_files = {f"--{split}-file": given or os.path.join(args.data_dir, "squad",
                                                              squad.SQUAD[split].filename)
                    for split, given in (("train", args.train_file), ("dev", args.dev_file))}
@@ -228,18 +254,18 @@ def predict(args, device, log):
     saved = {k: v for k, v in saved_windowing.items()
              if k in defaults and getattr(args, k) == defaults[k]}
     windowing = flags.settings(Windowing, args, **saved)
-    flags.check_bptt(windowing.bptt, model.bert_model.config, path)
+    flags.check_bptt(windowing.bptt, model.bert_model.config, path, log)
     if args.predict_file is None:
         questions, dataset = [squad.Question("0", args.question, args.context, [])], None
     else:
-        questions, dataset = squad.read_predict_file(args.predict_file)
+        questions, dataset = squad.read_predict_file(args.predict_file, log)
     best, null_scores = answers.score_questions(model.to(device), questions, vocab, windowing,
                                                 args.batch_size, device, args.dtype)
     null_threshold = args.null_threshold if squad_v2 else None
     if dataset is None:
         answers.print_answers(questions, best, null_scores, null_threshold, args.predict_file)
         return
-    paths = {"--predictions": args.predictions, "--na-probs": na_probs_path(args)}
+    paths = predict_file_paths(args)
     scores, written = answers.write_predictions(paths, dataset, best, null_scores, null_threshold)
     log(f"wrote {' and '.join(written)}: {len(best)} answers | exact {scores['exact']:.2f}% | "
         f"f1 {scores['f1']:.2f}%")

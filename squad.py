@@ -87,16 +87,41 @@ def _check_answerability(qa, answers, where, path):
         )
 
 
+# A file's top-level "version" as SQuAD's own files spell it, and what it means.
+VERSIONS = {"1.1": "1.1", "v1.1": "1.1", "2.0": "2.0", "v2.0": "2.0"}
+
+
 def load_squad_json(path):
     """Load a SQuAD v1.1 or v2.0 file and return its ``data`` list.
 
     Raises ``SquadFormatError`` (a ``ValueError``) with one message naming the
     file and the problem when the file is unreadable, not JSON, lacks one of
-    the keys the evaluation needs, holds no question, or has an ``is_impossible``
+    the keys the evaluation needs, holds no question, has an ``is_impossible``
     that is not a bool or disagrees with the question's ``answers`` (an empty
-    list is an unanswerable question). A missing or other top-level ``version``
-    is accepted; ``plausible_answers`` is not read.
+    list is an unanswerable question), or says ``"version": "1.1"`` but has an
+    unanswerable question (named). A missing or other top-level ``version`` is
+    accepted (``file_version`` says how the file reads); ``plausible_answers`` is
+    not read.
     """
+    return _load_squad(path)[1]
+
+
+def file_version(root, data):
+    """(SQuAD version of a loaded file, how that was decided): its top-level "version",
+    else its content (v2.0 when a question has no answer)."""
+    declared = _declared_version(root)
+    if declared:
+        return declared, "declared"
+    return ("2.0" if has_unanswerable(data) else "1.1"), "content"
+
+
+def _declared_version(root):
+    version = root.get("version")
+    return VERSIONS.get(version) if isinstance(version, str) else None
+
+
+def _load_squad(path):
+    """(the file's top level, its checked ``data`` list): load_squad_json's checks."""
     root = _load_json(path)
     data = _require(root, "data", list, "top level", path)
     n_questions = 0
@@ -119,7 +144,14 @@ def load_squad_json(path):
                 n_questions += 1
     if n_questions == 0:
         raise SquadFormatError(f"{path}: dataset contains no questions")
-    return data
+    if _declared_version(root) == "1.1":
+        for qa in iter_questions(data):
+            if not qa["answers"]:
+                raise SquadFormatError(
+                    f"{path}: question id {qa['id']!r} has no answer, but the file says "
+                    f"\"version\": {root['version']!r} (SQuAD v1.1: every question has one); "
+                    "give it its answer, or make the file SQuAD v2.0 (\"version\": \"v2.0\")")
+    return root, data
 
 
 def _load_id_map(path, what, value_ok, value_kind):
@@ -182,14 +214,22 @@ def squad_file(given, split, data_dir, log):
     return path
 
 
-def read_squad(path):
+def read_squad(path, log=None):
     """(questions, the file's `data` list) of a SQuAD v1.1 or v2.0 file; UserError if
     unusable (load_squad_json checks, among the rest, that v2.0's is_impossible agrees
-    with the answers list). has_unanswerable(data) tells v2.0 data."""
+    with the answers list). has_unanswerable(data) tells v2.0 data; a file whose version
+    is not SQuAD's is read by its content, which `log` is told in one line."""
     try:
-        dataset = load_squad_json(path)
+        root, dataset = _load_squad(path)
     except SquadFormatError as e:
         raise UserError(str(e)) from None
+    version, decided = file_version(root, dataset)
+    if decided == "content" and log is not None:
+        said = (f"its \"version\" {root['version']!r} is not SQuAD's" if "version" in root
+                else "it has no \"version\"")
+        n = sum(not qa["answers"] for qa in iter_questions(dataset))
+        log(f"{path}: {said}; read as SQuAD v{version} by its content ("
+            + (f"{n} questions without an answer)" if n else "every question has an answer)"))
     questions, seen = [], set()
     for article in dataset:
         for paragraph in article["paragraphs"]:
@@ -226,7 +266,7 @@ def count_questions(questions):
                                             else "")
 
 
-def read_predict_file(path):
+def read_predict_file(path, log=None):
     """Questions of --predict-file, and its SQuAD `data` list (None for a plain list)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -236,7 +276,7 @@ def read_predict_file(path):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--predict-file {path}: not JSON ({e})") from None
     if isinstance(root, dict) and "data" in root:
-        return read_squad(path)
+        return read_squad(path, log)
     items = root if isinstance(root, list) else [root]
     questions = []
     for i, item in enumerate(items):

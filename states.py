@@ -6,6 +6,7 @@ atomically; which one --checkpoint auto resumes from; and whether their run fini
     mark_finished(path)                 # rank 0, once every end-of-run output is written
     resumable(path)                     # --checkpoint auto: the newest state that loads
     check_replaceable(path, resumes)    # no run replaces an unfinished run's states
+    restore(ckpt, path, model, ...)     # a resume: every part of the run from its state
 
 A state file of a finished run holds "finished": True. Such a run is done: --checkpoint auto
 exits at once, and a new run without --checkpoint may replace its states. An unfinished
@@ -15,6 +16,10 @@ run's states are never replaced by a run that did not resume from them.
 import os
 import re
 
+import torch
+
+import checkpoint
+import utils
 from files import UserError, atomic_save, load_torch
 
 
@@ -139,3 +144,43 @@ def check_replaceable(path, resumes):
     raise UserError(f"--state-file {where}: resume it with --checkpoint auto, or start a new "
                     f"run with another --state-file (or remove {path} and the states beside "
                     "it)")
+
+
+def restore(ckpt, path, model, optimizer, scheduler, scaler, config, rank, device):
+    """Load state file `ckpt` (read from `path`, the resolved --checkpoint) into the model,
+    optimizer, scheduler and scaler, and this rank's random streams; returns its training
+    state (checkpoint.check_fields checked its types). One-line errors for a file that is
+    no state, or whose optimizer does not fit the run's flags."""
+    if ckpt.get("kind") != "state":
+        raise UserError(f"--checkpoint {path}: not a state file")
+    missing = {"optimizer", "scheduler", "scaler", "train_state", "rng"} - ckpt.keys()
+    if missing:
+        raise UserError(f"--checkpoint {path}: a state file without {', '.join(sorted(missing))}")
+    checkpoint.load_into(model, ckpt["model"], "--checkpoint", path)
+    for flag, old_default in (("optimizer", "sgd"), ("schedule", "plateau")):
+        saved = ckpt.get("args", {}).get(flag, old_default)  # a dict: checkpoint.check_fields
+        if saved != getattr(config, flag):
+            raise UserError(f"--checkpoint {path} was saved with --{flag} {saved}: its state "
+                            f"cannot continue under --{flag} {getattr(config, flag)}")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        # A state saved without fp16 has no scaler state: a fresh scaler starts the run.
+        if ckpt["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError) as e:  # e.g. --weight-decay 0 <-> not 0: other groups
+        raise UserError(f"--checkpoint {path}: its optimizer state does not fit --weight-decay "
+                        f"{config.weight_decay} ({e})") from None
+    except (TypeError, AttributeError, IndexError, RuntimeError) as e:  # a damaged file
+        raise UserError(f"--checkpoint {path}: its optimizer, scheduler or scaler state is "
+                        f"unusable ({type(e).__name__})") from None
+    rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    if rank < len(rng):
+        try:
+            utils.set_rng_state(rng[rank], device)
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"--checkpoint {path}: its random number generator state is "
+                            f"unusable ({type(e).__name__})") from None
+    else:  # more ranks than the run that saved: the new ones start fresh streams
+        torch.manual_seed(config.seed + rank)
+    return ckpt["train_state"]

@@ -12,6 +12,7 @@ A task tells the Trainer what it needs and nothing more:
                                       # best model of the run
     task.save_best(model)             # rank 0: write the best model so far ...
     task.best_model_path              # ... there, where every rank reads it after fit
+    task.new_best()                   # optional, every rank: that validation was the best
     task.outputs                      # {flag or description: (path, what)}: every file the
                                       # run writes besides the Trainer's own; among them
                                       # "--save-vocab" and "the loss log"
@@ -80,6 +81,7 @@ class TrainConfig:
     keep_states: int = 2  # state files kept: the newest at state_file, the others beside it
     slurm_requeue: bool = False  # requeue the SLURM job when stopped by SIGTERM or SIGUSR1
     tensorboard: str = None
+    evaluate_only: bool = False  # evaluate the starting model, write only the metrics log
 
     RULES: ClassVar = {
         "optimizer": (rules.one_of(*OPTIMIZERS), f"use one of {', '.join(OPTIMIZERS)}"),
@@ -109,6 +111,9 @@ class TrainConfig:
         if self.warmup and self.schedule == "plateau":
             raise rules.SettingError("warmup", self.warmup, "needs --schedule linear or cosine "
                                      "(plateau's lr changes only at epoch ends)")
+        if self.evaluate_only and self.checkpoint not in (None, "None"):
+            raise UserError(f"--evaluate-only evaluates --bert-model; --checkpoint "
+                            f"{self.checkpoint} would resume a training: give one of them")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
@@ -164,9 +169,11 @@ class Trainer:
         self.preemption = distributed.Preemption()
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
         self.epoch_loss = torch.zeros((), device=device)
-        # What every state file holds besides the training state, built once.
-        self.extra = {"config": task.config.to_dict(), "vocab": task.vocab.itos,
-                      "tokenizer": task.vocab.state()}
+        # The longest sequence trained on (BertConfig.trained_len): the starting weights',
+        # then the longest of every batch, kept on the device until a checkpoint is written.
+        self.longest = torch.full((), task.config.trained_len or 0, device=device)
+        # What every state file holds besides the training state and the config, built once.
+        self.extra = {"vocab": task.vocab.itos, "tokenizer": task.vocab.state()}
         # The defaults are the old example's: plain SGD, lr x0.1 when validation does not improve.
         self.optimizer = make_optimizer(model, config, device)
         self.per_step_schedule = config.schedule != "plateau"
@@ -205,12 +212,16 @@ class Trainer:
         if self.info.enabled:  # each rank's own RNG, so that a resume restores every rank's
             rng = [None] * self.info.world_size
             dist.all_gather_object(rng, utils.rng_state(self.device))
+        self.record_trained_len()
         if self.info.is_main:
             states.save({
                 "kind": "state", "model": distributed.unwrap(self.model).state_dict(),
+                "config": self.task.config.to_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
                 "rng": rng, "args": self.flags, **self.extra,
+                # What to give a script that wants a model (checkpoint.refuse_state_file).
+                "best_model": getattr(self.task, "best_model_path", None),
                 # Which script may resume it (flags.parse_args refuses the others).
                 "script": self.flags.get("script"),
                 "metrics_rows": self.metrics.rows,  # the log's rows a resume keeps
@@ -219,44 +230,33 @@ class Trainer:
         self.continues = 0
 
     def load_state(self, ckpt, model):
-        path = self.config.checkpoint
-        if ckpt.get("kind") != "state":
-            raise UserError(f"--checkpoint {path}: not a state file")
-        missing = {"optimizer", "scheduler", "scaler", "train_state", "rng"} - ckpt.keys()
-        if missing:
-            raise UserError(f"--checkpoint {path}: a state file without {', '.join(sorted(missing))}")
-        checkpoint.load_into(model, ckpt["model"], "--checkpoint", path)
-        for flag, old_default in (("optimizer", "sgd"), ("schedule", "plateau")):
-            saved = ckpt.get("args", {}).get(flag, old_default)  # a dict: checkpoint.check_fields
-            if saved != getattr(self.config, flag):
-                raise UserError(f"--checkpoint {path} was saved with --{flag} {saved}: its state "
-                                f"cannot continue under --{flag} {getattr(self.config, flag)}")
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            # A state saved without fp16 has no scaler state: a fresh scaler starts the run.
-            if ckpt["scaler"] and self.scaler.is_enabled():
-                self.scaler.load_state_dict(ckpt["scaler"])
-        except (ValueError, KeyError) as e:  # e.g. --weight-decay 0 <-> not 0: other groups
-            raise UserError(f"--checkpoint {path}: its optimizer state does not fit --weight-decay "
-                            f"{self.config.weight_decay} ({e})") from None
-        except (TypeError, AttributeError, IndexError, RuntimeError) as e:  # a damaged file
-            raise UserError(f"--checkpoint {path}: its optimizer, scheduler or scaler state is "
-                            f"unusable ({type(e).__name__})") from None
-        self.state = TrainState(**ckpt["train_state"])  # checked: checkpoint.check_fields
-        rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-        if self.info.rank < len(rng):
-            try:
-                utils.set_rng_state(rng[self.info.rank], self.device)
-            except (TypeError, ValueError, KeyError, RuntimeError) as e:
-                raise UserError(f"--checkpoint {path}: its random number generator state is "
-                                f"unusable ({type(e).__name__})") from None
-        else:  # more ranks than the run that saved: the new ones start fresh streams
-            torch.manual_seed(self.config.seed + self.info.rank)
+        """The model, optimizer, schedule, scaler, training state and this rank's random
+        streams of a state file (states.restore checks it); the metrics log cut back to it."""
+        self.state = TrainState(**states.restore(
+            ckpt, self.config.checkpoint, model, self.optimizer, self.scheduler, self.scaler,
+            self.config, self.info.rank, self.device))
+        self.longest.clamp_(min=ckpt["config"].get("trained_len") or 0)
         if self.info.is_main:  # the rows the stopped run wrote after its state go
             same_log = ckpt.get("args", {}).get("metrics_file") == self.config.metrics_file
             self.metrics.resume(self.state.global_step,
                                 ckpt.get("metrics_rows") if same_log else None)
+
+    def note_lengths(self, batches):
+        """Training batches' longest sequence of real tokens (the padding mask's, else the
+        batch's width) into self.longest, without a host sync."""
+        for batch in batches:
+            mask = batch.get("padding_mask")
+            if mask is None:
+                self.longest.clamp_(min=batch["inputs"].size(1))
+            else:
+                torch.maximum(self.longest, mask.sum(1).max(), out=self.longest)
+
+    def record_trained_len(self):
+        """The longest sequence trained on so far, over all ranks, into the task's config:
+        every checkpoint written from here on records it (every rank calls this)."""
+        longest = int(distributed.all_reduce_max(self.longest.clone(), self.info))
+        if longest:
+            self.task.config.trained_len = longest
 
     def load_best(self, path):
         """After fit: every rank loads the best model rank 0 saved at `path`; returns the
@@ -314,8 +314,7 @@ class Trainer:
         st = self.state
         epoch = st.epoch - 1 if st.step_in_epoch == 0 and st.epoch > 1 else st.epoch
         if self.info.is_main:
-            self.metrics.write({"step": st.global_step, "epoch": epoch,
-                                **{f"{split}_{name}": value for name, value in metrics.items()}})
+            self.metrics.write(logs.evaluation_row(split, metrics, st.global_step, epoch))
 
     def score(self, metrics):
         """The task's best_metric as a score where lower is better (QA's: -F1)."""
@@ -356,6 +355,7 @@ class Trainer:
         """Evaluate the valid split; keep the model if it is the best so far; the old
         schedule's lr x0.1 if it is not. `where`: the log line's first part."""
         st = self.state
+        self.record_trained_len()  # before save_best writes the model
         metrics = self.task.evaluate(distributed.unwrap(self.model), "valid")
         st.val_loss_log.append(metrics["loss"])
         st.evaluated_step = st.global_step
@@ -368,6 +368,8 @@ class Trainer:
             st.best_score = score
             if self.info.is_main:
                 self.task.save_best(distributed.unwrap(self.model))
+            if hasattr(self.task, "new_best"):
+                self.task.new_best()
         elif not self.per_step_schedule:
             self.scheduler.step()  # the old schedule: lr x0.1 when validation does not improve
 
@@ -437,7 +439,9 @@ class Trainer:
         st = self.state
         # No .item() here: a host sync every step stalls the GPU. Losses and the first
         # non-finite step are accumulated on the device and read at log time.
-        loss_sum = self.step([utils.to_device(batch, self.device) for batch in group])
+        batches = [utils.to_device(batch, self.device) for batch in group]
+        self.note_lengths(batches)
+        loss_sum = self.step(batches)
         bad = ~torch.isfinite(loss_sum)
         first_bad_step.copy_(torch.where(bad & (first_bad_step < 0), st.global_step + 1,
                                          first_bad_step))
@@ -475,7 +479,8 @@ class Trainer:
                      f"{st.global_step}; the state is in {config.state_file}. Resume with: "
                      f"{logs.resume_command(config.state_file)} (or the command that "
                      "started it, with --checkpoint auto)")
-            self.exit_code = self.exit_code_after(stop_signal)
+            self.exit_code = distributed.exit_code_after(
+                stop_signal, self.config.slurm_requeue, self.info, self.device, self.log)
             return "signal"
         if config.eval_every and st.global_step % config.eval_every == 0:
             started = time.time()
@@ -484,18 +489,6 @@ class Trainer:
         if at_save:
             self.save_state()
         return "max_steps" if at_max else None
-
-    def exit_code_after(self, signum):
-        """The exit code of a run stopped by `signum`, its state written: 0 once rank 0
-        requeued the SLURM job (--slurm-requeue; SIGTERM, SIGUSR1), else 128 + signum (143
-        for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C), so that a scheduler or an `afterok`
-        chain does not take a stopped run for a finished one."""
-        requeued = False
-        if self.config.slurm_requeue and signum != signal.SIGINT:
-            requeued = distributed.any_rank(
-                self.info.is_main and distributed.requeue_slurm_job(self.log), self.info,
-                self.device)
-        return 0 if requeued else 128 + signum
 
     def time_to_log(self, window):
         """Rank 0 without bars, LOG_EVERY_SECONDS after its last line. Only the clock is read
@@ -552,25 +545,46 @@ def run(task, model, args, info, device, log, start):
     log(f"{type(model).__name__} {start}: {count_parameters(model) / 1e6:.1f}M "
         f"parameters, {config.nlayers} layers, hidden {config.emsize}, vocab {len(task.vocab)}, "
         f"device {device}, {info.world_size} process(es)")
-    loop = Trainer(task, model, TrainConfig.from_flags(args), info, device, log,
-                   flags=vars(args))
+    train_config = TrainConfig.from_flags(args)
+    if train_config.evaluate_only:
+        evaluate_only(task, model, train_config, info, log)
+        return
+    loop = Trainer(task, model, train_config, info, device, log, flags=vars(args))
     if loop.fit():  # stopped by a signal, the state file written
         raise distributed.Stopped(loop.exit_code)
     loop.finish()
 
 
+def evaluate_only(task, model, config, info, log):
+    """--evaluate-only: the model as loaded, on the valid and test splits (--eval-batches
+    applies, as the tasks read it), into the log and the metrics log (step 0, epoch 0);
+    no other file is written."""
+    metrics_log = logs.MetricsLog(config.metrics_file, config.tensorboard)
+    for split in ("valid", "test"):
+        metrics = task.evaluate(model, split)
+        log(f"| evaluation | {logs.format_metrics(split, metrics)}")
+        if info.is_main:
+            metrics_log.write(logs.evaluation_row(split, metrics, step=0, epoch=0))
+    metrics_log.close()
+    log(f"wrote {', '.join(metrics_log.files())}")
+
+
 def run_outputs(task_outputs, config):
     """{flag or description: (path, what)} of every file a run writes: the task's and the
-    Trainer's own (the older states --keep-states keeps too); for the path checks before
-    the run (checks.prepare_run) and the "wrote" line after it. The state a run resumes
-    (--checkpoint) may be one of its own states, never another output; a run replaces no
-    unfinished run's states (states.check_replaceable)."""
+    Trainer's own (the older states --keep-states keeps too; with --evaluate-only the
+    metrics log alone); for the path checks before the run (checks.prepare_run) and the
+    "wrote" line after it. The state a run resumes (--checkpoint) may be one of its own
+    states, never another output; a run replaces no unfinished run's states
+    (states.check_replaceable)."""
+    metrics = {"--metrics-file": (config.metrics_file, "metrics")}
+    if config.evaluate_only:
+        return metrics
     states.check_replaceable(config.state_file, config.checkpoint)
     older = {f"--keep-states {config.keep_states} (older state {n})":
              (states.older(config.state_file, n), "older training state")
              for n in range(1, config.keep_states)}
     outputs = {**task_outputs, "--state-file": (config.state_file, "training state"), **older,
-               "--metrics-file": (config.metrics_file, "metrics")}
+               **metrics}
     if config.checkpoint is not None:
         resumed = os.path.realpath(config.checkpoint)
         for flag, (path, _) in outputs.items():

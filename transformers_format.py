@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from files import UserError, load_torch
+from files import UMASK, UserError, load_torch
 from model import BertConfig, BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask
 from tokenizer import load_tokenizer, tokenizer_from_checkpoint
 
@@ -180,8 +180,11 @@ def our_config(their, tokenizer, where):
     if fields["pad_id"] is None:  # some configs leave it null; the tokenizer knows
         fields["pad_id"] = tokenizer.pad_id
     try:  # BertConfig checks itself (e.g. hidden size divisible by the heads)
-        # BertForQuestionAnswering has no GELU before qa_outputs.
-        return BertConfig(**fields, qa_gelu=False)
+        # BertForQuestionAnswering has no GELU before qa_outputs. A published model's
+        # positions were all trained (BERT's last pretraining phase is at 512 tokens); our
+        # exports say how many of theirs were.
+        return BertConfig(**fields, qa_gelu=False,
+                          trained_len=their.get("trained_len", fields["max_len"]))
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: config.json describes no model of ours ({e})") from None
 
@@ -321,13 +324,17 @@ def write_folder(kind, state, config, tokenizer, folder):
     from safetensors.torch import save_file
 
     their_config = {"architectures": [KINDS[kind][1]], "model_type": "bert",
-                    **transformers_config(config)}
+                    **transformers_config(config),
+                    # Ours, which transformers keeps and ignores: read back by our_config.
+                    "trained_len": config.trained_len}
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(their_config, f, indent=2)
     # safetensors wants tensors of their own: no views (the split in_proj), no sharing.
     weights = {name: tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
                for name, tensor in ours_to_transformers_state_dict(state).items()}
-    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    weights_file = os.path.join(folder, "model.safetensors")
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    os.chmod(weights_file, 0o666 & ~UMASK)  # safetensors writes 0600: the umask's mode instead
     names = ["config.json", "model.safetensors"]
     # basic_english as a word-level tokenizer.json (tokenizer.basic_english_pipeline).
     return names + list(tokenizer.save_transformers(folder))
@@ -362,7 +369,7 @@ def export(ckpt, out_dir, force=False, source="the checkpoint"):
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.")
     try:
         names = write_folder(kind, ckpt["model"], config, tokenizer, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it private: the umask's mode instead
         if os.path.isdir(out_dir) and os.listdir(out_dir):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old.")
             os.replace(out_dir, os.path.join(old, "replaced"))

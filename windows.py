@@ -83,8 +83,9 @@ class Windows:
         return len(self.lengths)
 
 
-def make_windows(questions, vocab, windowing, training=False):
-    """Cut every question's context into windows (see Windowing).
+def make_windows(questions, vocab, windowing, training=False, tokenized=None):
+    """Cut every question's context into windows (see Windowing). `tokenized`: {context:
+    (ids, spans)} of contexts already tokenized, filled as contexts are (window_chunks).
 
     Answers are placed by answer_start; one whose text is not at answer_start in the
     context is not used (listed in `unusable_answers`). With training=True a question
@@ -100,7 +101,7 @@ def make_windows(questions, vocab, windowing, training=False):
     low in windows without the answer, which is what makes the scores of different
     windows comparable when decoding picks the best one."""
     w = windowing
-    tokenized = {}  # context -> (ids, spans): the questions of a paragraph share one
+    tokenized = {} if tokenized is None else tokenized  # the questions of a paragraph share one
     tokens, padding = array("i"), array("i", [vocab.pad_id]) * w.bptt
     rows = []  # per window: the Windows fields from lengths to end_positions, in order
     context_spans, unusable, n_answers = [], [], 0
@@ -141,6 +142,44 @@ def make_windows(questions, vocab, windowing, training=False):
               else torch.empty(0, dtype=torch.int32))
     return Windows(questions, context_spans, tokens.view(-1, w.bptt), *columns,
                    unusable_answers=unusable, n_answers=n_answers)
+
+
+# An evaluation holds the windows of about this many at a time (4 MB of token ids at --bptt
+# 128), so that its memory does not grow with the dev file: a book-length context makes
+# thousands of windows for each of its questions.
+CHUNK_WINDOWS = 8192
+
+
+def window_chunks(questions, vocab, windowing, max_windows=None):
+    """make_windows of consecutive groups of `questions`, each of about max_windows
+    windows at most (a question is never split: one with more is a group alone), for an
+    evaluation that holds one group's windows at a time. A context shared by consecutive
+    questions is tokenized once. max_windows: CHUNK_WINDOWS unless given."""
+    max_windows = max_windows or CHUNK_WINDOWS
+    tokenized, group, n_windows = {}, [], 0
+    for question in questions:
+        if question.context not in tokenized:
+            tokenized[question.context] = vocab.encode_with_spans(question.context)
+        n = len(tokenized[question.context][0]) // windowing.doc_stride + 1  # about
+        if group and n_windows + n > max_windows:
+            yield make_windows(group, vocab, windowing, tokenized=tokenized)
+            tokenized = {question.context: tokenized[question.context]}
+            group, n_windows = [], 0
+        group.append(question)
+        n_windows += n
+    if group:
+        yield make_windows(group, vocab, windowing, tokenized=tokenized)
+
+
+def count_windows(questions, vocab, windowing):
+    """(windows, the question id of every unusable answer, answers) of an evaluation of
+    `questions`, counted chunk by chunk (window_chunks)."""
+    n_windows, unusable, n_answers = 0, [], 0
+    for windows in window_chunks(questions, vocab, windowing):
+        n_windows += len(windows)
+        unusable += windows.unusable_answers
+        n_answers += windows.n_answers
+    return n_windows, unusable, n_answers
 
 
 def collate(windows, indices, seq_len=None):

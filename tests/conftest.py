@@ -1,8 +1,10 @@
-"""Shared fixtures: real WikiText text when it is there, small WikiText-layout folders,
-and a local HTTP server standing in for the dataset hosts."""
+"""Shared fixtures: real data when it is there, small WikiText-layout folders, and a local
+HTTP server standing in for the dataset hosts."""
 
+import contextlib
 import functools
 import http.server
+import os
 import socket
 import threading
 from pathlib import Path
@@ -10,15 +12,54 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The real WikiText-2 validation split, beside the repo; tests that need it skip without it.
-REAL_VALID = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/wiki.valid.tokens"
+# Real data: the folder BERT_TEST_DATA names, else ../shared/data beside the repository,
+# laid out as wikitext-2/wiki.valid.tokens, squad/train-v1.1-notre-dame.json,
+# squad/dev-v2.0-normans.json, bert-base-uncased/vocab.txt, glue/RTE/{train,dev}.tsv.
+# A test whose file is absent skips (real_data_skip) or runs on synthetic data instead.
+REAL_DATA_VARIABLE = "BERT_TEST_DATA"
+REAL_DATA = Path(os.environ.get(REAL_DATA_VARIABLE) or REPO.parent / "shared" / "data")
+REAL_VALID = REAL_DATA / "wikitext-2" / "wiki.valid.tokens"
+NOTRE_DAME = REAL_DATA / "squad" / "train-v1.1-notre-dame.json"
+NORMANS = REAL_DATA / "squad" / "dev-v2.0-normans.json"
+BERT_VOCAB = REAL_DATA / "bert-base-uncased" / "vocab.txt"
+
+
+def absent_reason(*paths):
+    """Why a real-data test skips: its missing files, and how to point the tests at them."""
+    missing = ", ".join(str(p) for p in paths if not Path(p).exists())
+    return f"real data absent: {missing} (set {REAL_DATA_VARIABLE} to a folder that has it)"
+
+
+def needs_real(*paths):
+    """A skipif mark for a test that reads these real-data files."""
+    return pytest.mark.skipif(not all(Path(p).exists() for p in paths),
+                              reason=absent_reason(*paths))
+
+
+def real_data_skip(*paths):
+    """pytest.skip, inside a test or fixture, when one of these files is absent."""
+    if not all(Path(p).exists() for p in paths):
+        pytest.skip(absent_reason(*paths))
 
 
 @pytest.fixture(scope="session")
 def real_valid_lines():
-    if not REAL_VALID.is_file():
-        pytest.skip(f"{REAL_VALID} is absent")
+    real_data_skip(REAL_VALID)
     return REAL_VALID.read_text(encoding="utf-8").splitlines()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run in this process on one thread: they gain nothing from more, and on
+    a busy machine OpenMP's spinning threads make each step many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def toy_lines(n_lines, seed=0, words_per_line=30):

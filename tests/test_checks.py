@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, toy_lines, write_wikitext
+from conftest import REPO, one_thread, toy_lines, write_wikitext
 
 import checks
 import distributed
@@ -190,6 +190,41 @@ CASES = {
                       "squad_v2_text.pt: its 'squad_v2' is a str, not a bool"),
     "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "negative.pt"],
                                   "emsize -16: must be a positive integer"),
+    # sizes that make no model: refused before the vocabulary is built (a new vocab file
+    # would appear) or any other file is touched
+    "heads that do not divide the size": (
+        "mlm_task.py", [*DATA, *TINY, "--emsize", "128", "--nhead", "5", "--save-vocab",
+                        "new_vocab.pt"], "emsize 128 is not divisible by nhead 5"),
+    # a state file where a model is wanted: the best model of its run named
+    "state file as qa --bert-model": ("qa_task.py", ["--bert-model", "mlm_state.pt"],
+                                      "--bert-model mlm_state.pt: a training state file (what "
+                                      "--checkpoint resumes); give its run's best model, "
+                                      "full_mlm_model.pt"),
+    "state file as ns --bert-model": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model",
+                                                     "mlm_state.pt"], "full_mlm_model.pt"),
+    "ns state file as qa --bert-model": ("qa_task.py", ["--bert-model", "ns_state.pt"],
+                                         "give its run's best model, ns_model.pt"),
+    "state file as mlm --bert-model": ("mlm_task.py", [*DATA, *TINY[:2], "--bert-model",
+                                                       "ns_state.pt"], "a training state file"),
+    "state file as --qa-model": ("qa_task.py", ["--predict", "--qa-model", "ns_state.pt",
+                                                "--question", "q", "--context", "c"],
+                                 "--qa-model ns_state.pt: a training state file"),
+    # --output-dir
+    "output dir is a file": ("mlm_task.py", [*DATA, *TINY, "--output-dir", "a_file"],
+                             "--output-dir a_file: is a file, not a folder"),
+    "resumed in another output dir": ("mlm_task.py", ["--checkpoint", "mlm_state.pt",
+                                                      "--output-dir", "elsewhere"],
+                                      "--checkpoint mlm_state.pt is a run of --output-dir ., "
+                                      "where it resumes"),
+    # --evaluate-only
+    "evaluate-only without a model": ("mlm_task.py", [*DATA, *TINY, "--evaluate-only"],
+                                      "--evaluate-only needs --bert-model"),
+    "evaluate-only of an encoder": ("ns_task.py", [*DATA, *TINY[:2], "--evaluate-only",
+                                                   "--bert-model", "mlm_bert.pt"],
+                                    "of kind 'encoder', without the ns head to evaluate; give "
+                                    "a model with it (ns_model.pt"),
+    "evaluate-only and resume": ("ns_task.py", ["--evaluate-only", "--checkpoint", "ns_state.pt"],
+                                 "--evaluate-only evaluates --bert-model; --checkpoint"),
 }
 
 
@@ -223,17 +258,75 @@ def test_bad_input_from_the_command_line(work, case):
     assert hashes(work) == before
 
 
-def test_a_second_run_with_the_same_outputs_refuses(work, tmp_path):
+def test_a_second_run_with_the_same_outputs_refuses(work, tmp_path, monkeypatch, capsys):
+    """Refused with one line that names the way out, --output-dir; which works."""
     lock = checks.OutputLock([work / "mlm_state.pt"])  # as a run still going holds it
     try:
         before = hashes(work)
         out = run("mlm_task.py", *DATA, *TINY, cwd=work)
         assert out.returncode == 2
-        assert f"is an output of a run still going (PID {os.getpid()})" in out.stderr
+        assert (f"is an output of a run still going (PID {os.getpid()}); wait for it, or give "
+                "this run another --output-dir") in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
         assert hashes(work) == before
+        monkeypatch.chdir(work)
+        module = importlib.import_module("mlm_task")
+        with one_thread():
+            distributed.launch(module.main, cli.parse_args(module.get_parser(), [
+                *DATA, *TINY, "--max-steps", "1", "--output-dir", str(tmp_path / "second")]))
+        checks.release_outputs()
+        assert "End of training" in capsys.readouterr().out
+        assert hashes(work) == before
+        assert {"mlm_state.pt", "mlm_bert.pt", "full_mlm_model.pt"} <= set(
+            os.listdir(tmp_path / "second"))
     finally:
         lock.release()
+
+
+def test_dataset_names_in_any_case(tmp_path, monkeypatch):
+    parser = importlib.import_module("mlm_task").get_parser()
+    monkeypatch.chdir(tmp_path)
+    for given, read in (("wikitext2", "WikiText2"), ("WIKITEXT103", "WikiText103"),
+                        ("enwik9", "EnWik9"), ("WikiText2", "WikiText2"), ("mine", "mine")):
+        assert cli.parse_args(parser, ["--dataset", given]).dataset == read
+    (tmp_path / "wikitext2").mkdir()  # a folder of that very name is the folder
+    assert cli.parse_args(parser, ["--dataset", "wikitext2"]).dataset == "wikitext2"
+
+
+def test_files_get_the_umasks_mode(tmp_path, monkeypatch):
+    """Atomic writes and convert.py's folder (model.safetensors included, which the
+    safetensors library writes 0600) get the mode the umask gives: 0640 and 0750 here."""
+    import transformers_format
+    from model import BertConfig, MLMTask
+    from tokenizer import SPECIALS, Vocab
+
+    umask = 0o027
+    monkeypatch.setattr(files, "UMASK", umask)
+    monkeypatch.setattr(transformers_format, "UMASK", umask)
+    old = os.umask(umask)
+    try:
+        files.atomic_save({"x": torch.ones(2)}, tmp_path / "state.pt")
+        files.atomic_write_text(tmp_path / "log.txt", "x")
+        vocab = Vocab([*SPECIALS, "a", "b"])
+        config = BertConfig(vocab_size=len(vocab), emsize=8, nhead=2, nhid=16, nlayers=1)
+        ckpt = {"kind": "mlm", "model": MLMTask(config).state_dict(),
+                "config": config.to_dict(), "vocab": vocab.itos, "tokenizer": vocab.state()}
+        transformers_format.export(ckpt, str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [*tmp_path.iterdir(),
+                                                        *(tmp_path / "out").iterdir()]}
+    assert modes.pop("out") == 0o750
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+
+
+def test_log_lines_say_what_was_scored():
+    from logs import format_metrics
+
+    assert format_metrics("valid", {"loss": 6.5, "ppl": 665.14, "tokens": 1234}) == (
+        "valid loss  6.50000 | valid ppl   665.14 | scored 1234 masked tokens")
+    assert format_metrics("test", {"accuracy": 75.0, "pairs": 8}) == (
+        "test accuracy 75.00% | scored 8 pairs")
 
 
 def test_leftover_temp_files_are_removed_at_the_next_start(tmp_path):
@@ -298,7 +391,9 @@ def test_every_output_of_the_readme_commands_is_git_ignored():
         pytest.skip("needs git and a git checkout")
     outputs = {"predictions.json", "na_probs.json", "mlm_metrics.png", "curves.png",
                "qa-bert/config.json", "qa-bert/model.safetensors", "qa-bert/tokenizer.json",
-               "runs/events.out.tfevents.1", ".data/wikitext-2/wiki.train.tokens",
+               "runs/events.out.tfevents.1", "tensorboard/events.out.tfevents.1",
+               "dev-v1.1.predictions.json", "dev-v2.0.na_probs.json", "runs/eval/mlm_metrics.jsonl",
+               ".data/wikitext-2/wiki.train.tokens",
                ".data/.cache/train.0123456789abcdef.pt", "data/.cache/train.0123.pt",
                "normans-train.json", "normans-dev.json", ".mlm_state.pt.lock",
                ".mlm_state.pt.abc123.tmp", "mlm_state.pt.1", "bert-mlm-1234.out"}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BERT_VOCAB, NOTRE_DAME, real_data_skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -361,7 +362,7 @@ def test_basic_english_export_loads_in_transformers_with_our_ids(tmp_path, capsy
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("state", "a training state file; give a model checkpoint instead"),
+    ("state", "a training state file (what --checkpoint resumes); give a model ("),
     ("qa_gelu", "--qa-gelu"),
     ("not_empty", "exists and is not empty (--force replaces it)"),
 ])
@@ -417,9 +418,8 @@ def test_exported_qa_model_answers_through_transformers_auto_classes(tmp_path):
 
 def test_qa_task_fine_tunes_a_transformers_folder(tmp_path):
     save_their(their_model(transformers.BertModel), tmp_path / "bert")
-    squad = ROOT.parent / "shared" / "data" / "squad" / "train-v1.1-notre-dame.json"
-    if not squad.exists():
-        pytest.skip(f"{squad} is absent")
+    squad = NOTRE_DAME
+    real_data_skip(squad)
     result = subprocess.run(
         [sys.executable, str(ROOT / "qa_task.py"), "--bert-model", str(tmp_path / "bert"),
          "--train-file", str(squad), "--dev-file", str(squad), "--device", "cpu",
@@ -437,10 +437,8 @@ def test_qa_task_fine_tunes_a_transformers_folder(tmp_path):
 def test_qa_task_predict_answers_as_the_transformers_pipeline(tmp_path):
     """A transformers QA folder answers through qa_task.py --predict as through
     transformers' own pipeline, for questions whose window fits in --bptt."""
-    vocab = ROOT.parent / "shared" / "data" / "bert-base-uncased" / "vocab.txt"
-    squad = ROOT.parent / "shared" / "data" / "squad" / "train-v1.1-notre-dame.json"
-    if not (vocab.exists() and squad.exists()):
-        pytest.skip("needs ../shared/data's bert-base-uncased vocab.txt and SQuAD article")
+    vocab, squad = BERT_VOCAB, NOTRE_DAME
+    real_data_skip(vocab, squad)
     tokenizer = transformers.BertTokenizerFast.from_pretrained(str(vocab.parent))
     assert len(tokenizer) == 30522  # not transformers 5's 5 tokens of vocab_file=
     theirs = their_model(transformers.BertForQuestionAnswering, vocab_size=len(tokenizer),

@@ -290,7 +290,7 @@ def test_vocab_file_reused_or_rebuilt(wikitext_dir, tmp_path, monkeypatch):
 
 def varied_lines(n_lines, seed=0):
     """Text with words of many frequencies (some seen once, for min_freq), capitals,
-    numbers and punctuation: a stand-in for real text when ../shared is absent."""
+    numbers and punctuation: a stand-in for real text when the real data is absent."""
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(400)] + ["The", "U.S.", "don't", "3.5", "@-@", "é"]
     marks = ["", "", "", ",", ".", ";", "?", "!", ":", '"']

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import NORMANS, NOTRE_DAME, needs_real
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,9 +30,6 @@ from squad import (  # noqa: E402
     load_predictions,
     load_squad_json,
 )
-
-NOTRE_DAME = REPO.parent / "shared/data/squad/train-v1.1-notre-dame.json"
-NORMANS = REPO.parent / "shared/data/squad/dev-v2.0-normans.json"
 
 
 def make_dataset(qas_answers, v2=False):
@@ -309,6 +307,24 @@ def _assert_clean_error(proc, *fragments):
         assert fragment in lines[0]
 
 
+def test_cli_fails_when_no_prediction_is_of_the_dataset(tmp_path, capsys):
+    """Predictions of another dataset would score 0 as if that were a result: exit 2 and
+    one line naming the file; one matching id is enough to score (the rest count 0)."""
+    import metrics
+
+    data = write_json(tmp_path / "d.json", {"version": "1.1", "data": make_dataset(
+        {"q1": ["Paris"], "q2": ["Rome"]})})
+    other = write_json(tmp_path / "other.json", {"x1": "Paris", "x2": "Rome"})
+    assert metrics.main([str(data), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {other}: none of its 2 prediction id(s) is a question of "
+                          f"{data} (ids: x1, x2)") and err.count("\n") == 1
+    assert metrics.main([str(data), str(write_json(tmp_path / "empty.json", {}))]) == 2
+    assert "none of its 0 prediction id(s)" in capsys.readouterr().err
+    assert metrics.main([str(data), str(write_json(tmp_path / "one.json", {"q1": "Paris"}))]) == 0
+    assert json.loads(capsys.readouterr().out) == {"exact_match": 50.0, "f1": 50.0}
+
+
 def test_cli_malformed_json(tmp_path):
     data = tmp_path / "d.json"
     data.write_text("{not json", encoding="utf-8")
@@ -359,7 +375,7 @@ def test_cli_missing_file(tmp_path):
 # ---------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not NOTRE_DAME.exists(), reason=f"{NOTRE_DAME} not present")
+@needs_real(NOTRE_DAME)
 def test_notre_dame_gold_and_empty_predictions(capsys):
     data = load_squad_json(NOTRE_DAME)
     questions = list(squad.iter_questions(data))
@@ -818,7 +834,7 @@ def test_evaluate_v2_matches_official_script(seed, capsys):
 
 # ------------------------------------------------ SQuAD v2.0 on the real Normans slice
 
-needs_normans = pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
+needs_normans = needs_real(NORMANS)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NORMANS, NOTRE_DAME, needs_real, one_thread
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,11 +34,10 @@ from squad import Question  # noqa: E402
 from tokenizer import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
 from windows import Windowing  # noqa: E402
 
-NOTRE_DAME = Path(__file__).resolve().parents[2] / "shared/data/squad/train-v1.1-notre-dame.json"
-needs_notre_dame = pytest.mark.skipif(not NOTRE_DAME.exists(), reason=f"{NOTRE_DAME} not present")
-# One real SQuAD v2.0 dev article: 39 paragraphs, 208 questions, 112 without an answer.
-NORMANS = NOTRE_DAME.parent / "dev-v2.0-normans.json"
-needs_normans = pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
+# One real SQuAD v1.1 train article; one real SQuAD v2.0 dev article: 39 paragraphs, 208
+# questions, 112 without an answer (conftest: where real data is looked for).
+needs_notre_dame = needs_real(NOTRE_DAME)
+needs_normans = needs_real(NORMANS)
 
 TRICKY_CONTEXTS = [
     'He said "Hello, World!" and left.',
@@ -306,14 +306,14 @@ def test_predict_answers_returns_original_text_from_the_best_window():
     assert answers["c"] == ("", float("-inf"))  # a context without tokens: no span at all
 
 
-def _ddp_eval_rank(rank, port, windows, state, out_dir):
+def _ddp_eval_rank(rank, port, questions, vocab, windowing, state, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=2)
     model = QuestionAnswerTask(BertConfig(**state["config"]))
     model.load_state_dict(state["model"])
     info = distributed.DistInfo(rank, 2)
-    answers, null_scores, loss = qa_answers.evaluate_all(model, windows, 5, 3, torch.device("cpu"),
-                                                      "fp32", info)
+    answers, null_scores, loss = qa_answers.evaluate_all(model, questions, vocab, windowing, 3,
+                                                         torch.device("cpu"), "fp32", info)
     torch.save({"answers": answers, "null_scores": null_scores, "loss": loss},
                Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -327,15 +327,14 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
         word = q.context.split()[1]
         questions.append(Question(f"q{i}", q.text, q.context, [(word, q.context.index(word))]))
     vocab = vocab_of([q.context + " " + q.text for q in questions])
-    windows = qa_windows.make_windows(questions, vocab, Windowing(bptt=32, doc_stride=8,
-                                                               max_query_len=6, max_answer_len=5))
+    windowing = Windowing(bptt=32, doc_stride=8, max_query_len=6, max_answer_len=5)
     model = tiny_model(len(vocab), max_len=32)
-    single, single_null, single_loss = qa_answers.evaluate_all(model, windows, 5, 3,
-                                                            torch.device("cpu"), "fp32",
+    single, single_null, single_loss = qa_answers.evaluate_all(model, questions, vocab, windowing,
+                                                            3, torch.device("cpu"), "fp32",
                                                             distributed.DistInfo())
     state = {"config": model.bert_model.config.to_dict(), "model": model.state_dict()}
-    torch.multiprocessing.spawn(_ddp_eval_rank, args=(distributed._free_port(), windows, state, tmp_path),
-                                nprocs=2)
+    torch.multiprocessing.spawn(_ddp_eval_rank, args=(distributed._free_port(), questions, vocab,
+                                                      windowing, state, tmp_path), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert list(result["answers"]) == list(single)
@@ -680,7 +679,92 @@ def test_read_squad_marks_unanswerable_questions(tmp_path):
         ("a", False, [("Rollo", 0)]), ("b", True, []), ("c", True, [])]  # plausible: unread
 
 
-def test_unanswerable_questions_target_cls_in_every_window():
+def test_the_version_a_file_says_is_kept(tmp_path):
+    """A v1.1 file with an unanswerable question is refused, naming it (it would have made
+    the run SQuAD v2.0 silently); a file without a version is read by its content, said in
+    one line; a v2.0 file is read as it says, silently."""
+    content = rollo_v2()
+    content["version"] = "1.1"
+    (tmp_path / "v1.json").write_text(json.dumps(content))
+    with pytest.raises(files.UserError, match=r"v1.json: question id 'b' has no answer, but the "
+                                              r"file says \"version\": '1.1' \(SQuAD v1.1"):
+        squad.read_squad(tmp_path / "v1.json")
+    with pytest.raises(squad.SquadFormatError, match="question id 'b' has no answer"):
+        metrics.load_squad_json(tmp_path / "v1.json")  # metrics.py refuses it too
+    del content["version"]
+    (tmp_path / "none.json").write_text(json.dumps(content))
+    logged = []
+    questions, _ = squad.read_squad(tmp_path / "none.json", logged.append)
+    assert logged == [f"{tmp_path / 'none.json'}: it has no \"version\"; read as SQuAD v2.0 by "
+                      "its content (2 questions without an answer)"]
+    assert [q.unanswerable for q in questions] == [False, True, True]
+    content["version"] = "v2.0"
+    (tmp_path / "v2.json").write_text(json.dumps(content))
+    logged.clear()
+    squad.read_squad(tmp_path / "v2.json", logged.append)
+    assert logged == []
+
+
+def test_evaluation_in_chunks_of_windows_is_the_same(monkeypatch):
+    """Windows cut a chunk of questions at a time (a few windows each here) give the
+    answers, no-answer scores and loss of all windows at once."""
+    rng = random.Random(3)
+    questions = []
+    for i in range(12):
+        q = random_question(rng, rng.randrange(3, 90), rng.randrange(1, 6))
+        word = q.context.split()[1]
+        questions.append(Question(f"q{i}", q.text, q.context, [(word, q.context.index(word))]))
+    vocab = vocab_of([q.context + " " + q.text for q in questions])
+    windowing = Windowing(bptt=32, doc_stride=8, max_query_len=6, max_answer_len=5)
+    model = tiny_model(len(vocab), max_len=32)
+    whole = qa_answers.evaluate_questions(model, questions, vocab, windowing, 4, torch.device("cpu"))
+    monkeypatch.setattr(qa_windows, "CHUNK_WINDOWS", 5)
+    chunks = list(qa_windows.window_chunks(questions, vocab, windowing))
+    assert len(chunks) > 3  # each question in one chunk, in order
+    assert [q.qid for c in chunks for q in c.questions] == [q.qid for q in questions]
+    chunked = qa_answers.evaluate_questions(model, questions, vocab, windowing, 4,
+                                            torch.device("cpu"))
+    # Other batches, so float sums in another order: equal texts, scores to rounding.
+    assert {qid: text for qid, (text, _) in chunked[0].items()} == {
+        qid: text for qid, (text, _) in whole[0].items()}
+    assert {qid: score for qid, (_, score) in chunked[0].items()} == pytest.approx(
+        {qid: score for qid, (_, score) in whole[0].items()}, abs=1e-5)
+    assert chunked[1] == pytest.approx(whole[1], abs=1e-5)
+    assert chunked[2] == pytest.approx(whole[2], rel=1e-5) and chunked[3] == whole[3]
+
+
+def test_the_dev_set_is_scored_once_at_the_end(pretrained, tmp_path, monkeypatch, capsys):
+    """Two epochs: two passes over the dev questions, the validations; the test reuses the
+    best one's answers, which are what a fresh --predict of the best model gives. With
+    --eval-batches the validations score a sample, and the test all once. --predict
+    --predict-file writes its own predictions file, not the training run's."""
+    train = write_rivers_squad(tmp_path / "train.json", 1, 24)
+    dev = write_rivers_squad(tmp_path / "dev.json", 2, 6)
+    passes, evaluate_all = [], qa_answers.evaluate_all
+    monkeypatch.setattr(qa_answers, "evaluate_all",
+                        lambda model, questions, *rest: passes.append(len(questions))
+                        or evaluate_all(model, questions, *rest))
+    monkeypatch.chdir(tmp_path)
+    common = ["--bert-model", pretrained / "mlm_bert.pt", "--device", "cpu", "--batch_size", 8,
+              "--train-file", train, "--dev-file", dev, "--no-progress"]
+
+    def qa(*argv):
+        with one_thread():
+            distributed.launch(qa_task.main, cli.parse_args(qa_task.get_parser(),
+                                                            [str(a) for a in (*common, *argv)]))
+        return capsys.readouterr().out
+
+    qa("--epochs", 2)
+    assert passes == [12, 12]
+    trained = Path("predictions.json").read_bytes()
+    out = qa("--predict", "--predict-file", dev)
+    assert "wrote dev.predictions.json: 12 answers" in out
+    assert Path("predictions.json").read_bytes() == trained
+    assert json.loads(Path("dev.predictions.json").read_text()) == json.loads(trained)
+    passes.clear()
+    qa("--epochs", 2, "--eval-batches", 1, "--output-dir", "sampled")
+    assert passes == [8, 8, 12]
+
     words = [f"w{i}" for i in range(200)]
     context = " ".join(words)
     answer_text = "w150 w151"
@@ -880,7 +964,7 @@ def test_metrics_logs_end_with_a_test_row_in_the_epoch_of_the_last_step(pretrain
     assert not any("test_f1" in row for row in rows[:-1])
 
 
-@pytest.mark.skipif(not NORMANS.exists(), reason=f"{NORMANS} not present")
+@needs_normans
 def test_the_readme_commands_make_the_normans_files(tmp_path):
     """docs/squad.rst, SQuAD v2.0: its two python -c commands make normans-train.json and
     normans-dev.json from the official dev-v2.0.json (here its Normans article alone), and

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BERT_VOCAB, NOTRE_DAME
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,9 +38,7 @@ from model import BertConfig, MLMTask, QuestionAnswerTask  # noqa: E402
 from windows import Windowing, collate, make_windows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-REAL_VOCAB = SHARED / "bert-base-uncased" / "vocab.txt"
-NOTRE_DAME = SHARED / "squad" / "train-v1.1-notre-dame.json"
+REAL_VOCAB = BERT_VOCAB  # real data when there (conftest), else WORDS and synthetic_squad
 RTOL = 1e-5
 STEPS = 12
 # The measured run of the issue: AdamW lr 1e-3, weight decay 0.01, linear with warmup 0.1,
@@ -47,7 +46,7 @@ STEPS = 12
 LR, WEIGHT_DECAY, WARMUP, CLIP, BPTT, DOC_STRIDE = 1e-3, 0.01, 0.1, 1.0, 128, 64
 N_QUESTIONS = 16
 
-# Without ../shared: a small vocab.txt and SQuAD-layout data of its words.
+# Without the real data: a small vocab.txt and SQuAD-layout data of its words.
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz",
          *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), "the", "cat", "sat", "on", "mat",
          "who", "where", "did", "what", "dog", "ran", "to", "park", "in", "river", ".", ",", "?"]

@@ -130,3 +130,22 @@ def test_readme_links_every_doc_and_every_link_has_its_file():
     for name in DOCS[1:]:
         for target in re.findall(r"<([\w.-]+\.rst)>`_", (REPO / name).read_text(encoding="utf-8")):
             assert (REPO / "docs" / target).is_file(), f"{name} links {target}"
+
+
+def test_real_data_is_looked_for_where_BERT_TEST_DATA_says(tmp_path):
+    """The real-data tests read the folder the variable names (../shared/data without it),
+    and skip with a reason that names what is missing and the variable."""
+    (tmp_path / "squad").mkdir()
+    (tmp_path / "squad" / "train-v1.1-notre-dame.json").write_text("{}")
+    code = ("import conftest as c; print(c.REAL_DATA); print(c.NOTRE_DAME.exists()); "
+            "print(c.absent_reason(c.NORMANS))")
+    shown = {}
+    for value in (str(tmp_path), ""):
+        env = {**os.environ, "BERT_TEST_DATA": value}
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", env=env,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        shown[value] = out
+    assert shown[str(tmp_path)] == [
+        str(tmp_path), "True", f"real data absent: {tmp_path}/squad/dev-v2.0-normans.json (set "
+                               "BERT_TEST_DATA to a folder that has it)"]
+    assert shown[""][0] == str(REPO.parent / "shared" / "data")

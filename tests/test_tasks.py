@@ -1,7 +1,10 @@
 """mlm_task.py and ns_task.py end to end, as a user runs them: a tiny mlm -> ns run on a
 small WikiText-layout folder, the checkpoints it writes, and one clear line for bad input."""
 
+import contextlib
 import hashlib
+import io
+import json
 import math
 import os
 import random
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_wikitext
+from conftest import REPO, one_thread, write_wikitext
 
 from model import BertConfig, BertModel, MLMTask, NextSentenceTask
 
@@ -173,3 +176,131 @@ def test_bad_input_gives_one_clear_line(trained, tmp_path, case):
     assert snapshot(work).items() >= before.items()  # every existing file as it was
     new_files = set(snapshot(work)) - set(before)
     assert not {f for f in new_files if Path(f).parent == Path(".")}, new_files
+
+
+###############################################################################
+# One folder per run, the length trained on, evaluation alone: in this process, the
+# way `python SCRIPT FLAGS` runs (a subprocess would spend seconds importing torch)
+###############################################################################
+
+
+def run_here(script, argv, cwd):
+    """The script's main on `argv` (flags.parse_args, as its __main__), in `cwd`: its stdout."""
+    import checks
+    import distributed
+    import flags
+
+    module = __import__(script.removesuffix(".py"))
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), one_thread():
+        patch.chdir(cwd)
+        args = flags.parse_args(module.get_parser(), [str(a) for a in argv])
+        distributed.launch(module.main, args)
+        checks.release_outputs()  # as the process's exit would
+    return out.getvalue()
+
+
+def files_in(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
+
+
+SMALL = ["--device", "cpu", "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
+         "--batch_size", "8", "--epochs", "1", "--no-progress", *DATA]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """mlm_task.py at --bptt 16 into runs/mlm, then ns_task.py at --bptt 24 into runs/ns,
+    as the quick steps' NS (AdamW, a loss line every few steps), in one folder:
+    (folder, mlm stdout, ns stdout)."""
+    work = tmp_path_factory.mktemp("runs")
+    write_wikitext(work / "D", zipf_lines(300, 0), zipf_lines(40, 1), zipf_lines(40, 2))
+    mlm = run_here("mlm_task.py", [*SMALL, "--bptt", 16, "--max-steps", 20,
+                                   "--output-dir", "runs/mlm"], work)
+    ns = run_here("ns_task.py", [*SMALL, "--bptt", 24, "--bert-model", "runs/mlm/mlm_bert.pt",
+                                 "--min_sentence_len", 20, "--log-interval", 5,
+                                 "--optimizer", "adamw", "--lr", "1e-3",
+                                 "--output-dir", "runs/ns"], work)
+    return work, mlm, ns
+
+
+def test_every_output_of_a_run_goes_to_its_output_dir(runs):
+    work, mlm, ns = runs
+    assert sorted(files_in(work / "runs" / "mlm")) == [
+        "bert_vocab.pt", "full_mlm_model.pt", "mlm_bert.pt", "mlm_loss.txt", "mlm_metrics.jsonl",
+        "mlm_state.pt"]
+    assert sorted(files_in(work / "runs" / "ns")) == [
+        "bert_vocab.pt", "ns_bert.pt", "ns_loss.txt", "ns_metrics.jsonl", "ns_model.pt",
+        "ns_state.pt"]
+    assert sorted(p.name for p in work.iterdir()) == ["D", "runs"]  # nothing beside them
+    assert "wrote runs/mlm/mlm_bert.pt (encoder), runs/mlm/full_mlm_model.pt (best model)" in mlm
+    state = torch.load(work / "runs/ns/ns_state.pt", weights_only=True)
+    assert state["args"]["output_dir"] == "runs/ns" and state["best_model"] == "runs/ns/ns_model.pt"
+
+
+def test_checkpoints_record_the_longest_sequence_trained_on(runs):
+    work, mlm, ns = runs
+    for name, length in (("mlm/mlm_bert.pt", 16), ("mlm/full_mlm_model.pt", 16),
+                         ("mlm/mlm_state.pt", 16), ("ns/ns_bert.pt", 24), ("ns/ns_model.pt", 24),
+                         ("ns/ns_state.pt", 24)):
+        config = torch.load(work / "runs" / name, weights_only=True)["config"]
+        assert config["trained_len"] == length, name
+    assert "warning" not in mlm
+    warnings = [line for line in ns.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: --bptt 24 is longer than the sequences of at most 16 tokens "
+                        "runs/mlm/mlm_bert.pt was trained on: its position embeddings past 16 "
+                        "were never learned (pretrain at --bptt 24, or give --bptt 16)"]
+
+
+def test_a_checkpoint_without_the_record_still_loads_silently(runs, tmp_path):
+    work = runs[0]
+    ckpt = torch.load(work / "runs/mlm/mlm_bert.pt", weights_only=True)
+    del ckpt["config"]["trained_len"]  # as written before the record existed
+    torch.save(ckpt, tmp_path / "old.pt")
+    shutil.copytree(work / "D", tmp_path / "D")
+    out = run_here("ns_task.py", [*SMALL, "--bptt", 24, "--bert-model", "old.pt", "--max-steps",
+                                  1, "--min_sentence_len", 20], tmp_path)
+    assert "End of training" in out and "warning" not in out
+    assert torch.load(tmp_path / "ns_bert.pt", weights_only=True)["config"]["trained_len"] == 24
+
+
+def test_a_short_ns_run_logs_its_training_loss(runs):
+    """The quick steps' NS (--log-interval below the steps of an epoch): loss lines in the
+    log, rows in the metrics log for plot.py; 37 steps, one every 5."""
+    work, _, ns = runs
+    lines = re.findall(r"^\| epoch +1 \| +(\d+)/ +37 batches \| lr 0\.00100 \| .* \| loss +([\d.]+)",
+                       ns, re.M)
+    assert [int(step) for step, _ in lines] == [5, 10, 15, 20, 25, 30, 35]
+    rows = [json.loads(line) for line in (work / "runs/ns/ns_metrics.jsonl").open()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses) == 7 and all(0 < loss < 2 for loss in losses)
+
+
+def test_evaluate_only_writes_the_metrics_log_and_nothing_else(runs):
+    """The best model on the valid and test splits: the numbers of its training run's
+    best validation and final test, and no file but the new metrics log."""
+    work = runs[0]
+    before = files_in(work)  # the token id caches beside the data included
+    out = run_here("mlm_task.py", [*SMALL, "--bptt", 16, "--evaluate-only",
+                                   "--bert-model", "runs/mlm/full_mlm_model.pt",
+                                   "--output-dir", "runs/eval"], work)
+    after = files_in(work)
+    assert {name: after[name] for name in before} == before
+    assert sorted(set(after) - set(before)) == ["runs/eval/mlm_metrics.jsonl"]
+    assert "wrote runs/eval/mlm_metrics.jsonl (metrics)" in out
+    rows = [json.loads(line) for line in (work / "runs/eval/mlm_metrics.jsonl").open()]
+    assert [(row["step"], row["epoch"]) for row in rows] == [(0, 0), (0, 0)]
+    trained = [json.loads(line) for line in (work / "runs/mlm/mlm_metrics.jsonl").open()]
+    best_valid = min(row["valid_loss"] for row in trained if "valid_loss" in row)
+    assert rows[0]["valid_loss"] == pytest.approx(best_valid, rel=1e-6)
+    assert rows[1]["test_loss"] == pytest.approx(trained[-1]["test_loss"], rel=1e-6)
+    assert rows[1]["test_tokens"] == trained[-1]["test_tokens"]
+
+    out = run_here("ns_task.py", [*SMALL, "--bptt", 24, "--evaluate-only", "--min_sentence_len",
+                                  20, "--bert-model", "runs/ns/ns_model.pt", "--eval-batches", 1,
+                                  "--output-dir", "runs/eval"], work)
+    rows = [json.loads(line) for line in (work / "runs/eval/ns_metrics.jsonl").open()]
+    assert [row.get("valid_pairs", row.get("test_pairs")) for row in rows] == [8, 8]
+    assert "| evaluation | valid loss" in out and "| evaluation | test loss" in out
+    assert sorted(set(files_in(work)) - set(after)) == ["runs/eval/ns_metrics.jsonl"]

@@ -5,12 +5,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, toy_lines, write_wikitext
+from conftest import (
+    BERT_VOCAB,
+    REAL_DATA,
+    REPO,
+    absent_reason,
+    real_data_skip,
+    toy_lines,
+    write_wikitext,
+)
 
 import checkpoint
 import corpus
@@ -19,21 +26,18 @@ import files
 import tokenizer as tok
 from model import QuestionAnswerTask
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-BERT_VOCAB = SHARED / "bert-base-uncased" / "vocab.txt"
-SQUAD_FILES = sorted((SHARED / "squad").glob("*.json"))
+SQUAD_FILES = sorted((REAL_DATA / "squad").glob("*.json"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def bert_vocab():
-    if not BERT_VOCAB.is_file():
-        pytest.skip(f"{BERT_VOCAB} is absent")
+    real_data_skip(BERT_VOCAB)
     return BERT_VOCAB
 
 
 def squad_texts():
     if not SQUAD_FILES:
-        pytest.skip(f"no SQuAD files in {SHARED / 'squad'}")
+        pytest.skip(absent_reason(REAL_DATA / "squad" / "*.json"))
     texts = []
     for path in SQUAD_FILES:
         for article in json.loads(path.read_text(encoding="utf-8"))["data"]:
