@@ -1,4 +1,5 @@
-"""BERT encoder and its three task heads (masked LM, next sentence, question answering).
+"""BERT encoder and its task heads (masked LM, sequence classification and next sentence,
+question answering).
 
 Only nn.Modules and their config live here: no I/O, no argument parsing.
 Every tensor is (batch, seq[, feature]).
@@ -238,21 +239,51 @@ class MLMTask(nn.Module):
         return self.mlm_head(self.norm_layer(F.gelu(self.mlm_span(output))))
 
 
-class NextSentenceTask(nn.Module):
-    """Pooler (dense + tanh on the <cls> position) and a 2-way classifier."""
+class SequenceClassificationTask(nn.Module):
+    """One score per label for a sequence or a pair (transformers'
+    BertForSequenceClassification): BERT's pooler (dense + tanh on the <cls> position),
+    dropout, then a linear layer to `n_labels` logits. With one label it is a regression
+    head, its one output the predicted value.
 
-    def __init__(self, config):
+    `dropout` on the pooled output: the encoder's (config.dropout) unless given."""
+
+    # The checkpoint names of the two layers; NextSentenceTask keeps the old example's.
+    POOLER, CLASSIFIER = "pooler", "classifier"
+
+    def __init__(self, config, n_labels, dropout=None):
         super().__init__()
         self.bert_model = BertModel(config)
-        # Checkpoint names of the old example: linear_layer is BERT's pooler dense layer,
-        # ns_span the next-sentence classifier.
-        self.linear_layer = nn.Linear(config.emsize, config.emsize)
-        self.ns_span = nn.Linear(config.emsize, 2)
-        init_head(self.linear_layer, self.ns_span)
+        setattr(self, self.POOLER, nn.Linear(config.emsize, config.emsize))
+        self.dropout = Dropout(config.dropout if dropout is None else dropout)
+        setattr(self, self.CLASSIFIER, nn.Linear(config.emsize, n_labels))
+        init_head(self.pooler, self.classifier)
+
+    @property
+    def pooler(self):
+        """BERT's pooler: the dense layer before the tanh."""
+        return self._modules[self.POOLER]
+
+    @property
+    def classifier(self):
+        return self._modules[self.CLASSIFIER]
 
     def forward(self, src, token_type_input=None, padding_mask=None):
         output = self.bert_model(src, token_type_input, padding_mask)
-        return self.ns_span(torch.tanh(self.linear_layer(output[:, 0])))
+        pooled = torch.tanh(self.pooler(output[:, 0]))
+        return self.classifier(self.dropout(pooled))
+
+
+class NextSentenceTask(SequenceClassificationTask):
+    """The sequence-classification head with 2 labels (1: B follows A), without dropout on
+    the pooled output, as BERT's next-sentence head (and transformers'
+    BertForNextSentencePrediction) has none."""
+
+    # Checkpoint names of the old example: linear_layer is BERT's pooler dense layer,
+    # ns_span the next-sentence classifier.
+    POOLER, CLASSIFIER = "linear_layer", "ns_span"
+
+    def __init__(self, config):
+        super().__init__(config, n_labels=2, dropout=0.0)
 
 
 class QuestionAnswerTask(nn.Module):

@@ -53,6 +53,8 @@ HEAD_NAMES = {
     "mlm_head": "cls.predictions.decoder",
     "linear_layer": "bert.pooler.dense",  # the pooler: dense + tanh on position 0
     "ns_span": "cls.seq_relationship",
+    "pooler": "bert.pooler.dense",  # SequenceClassificationTask's pooler and classifier
+    "classifier": "classifier",
     "qa_span": "qa_outputs",
 }
 # transformers keeps a second copy of the decoder bias, cls.predictions.bias, which it ties to
