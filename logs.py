@@ -135,7 +135,8 @@ def tensorboard_writer(folder):
 
 # How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
 DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%",
-           "tokens": "d", "pairs": "d", "questions": "d"}
+           "tokens": "d", "pairs": "d", "questions": "d", "examples": "d",
+           "matthews_correlation": ".2f", "pearson": ".2f", "spearmanr": ".2f"}
 
 
 def format_metrics(split, metrics):
@@ -144,7 +145,7 @@ def format_metrics(split, metrics):
     much was scored."""
     parts = []
     for name, value in metrics.items():
-        spec = DISPLAY.get(name, "g")
+        spec = DISPLAY.get(name.removesuffix("_mm"), "g")  # MNLI's mismatched set: as matched
         shown = f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
         parts.append(f"{split} {name} {shown}")
     return " | ".join(parts)
