@@ -101,7 +101,7 @@ def run(*args, cwd, torchrun=False):
 # The RTE run: learned in 3 epochs of 20 steps at a tiny model's learning rate, validated
 # every 8 steps on a sample of 2 batches, the best model then scored on all of dev.
 RTE_RUN = ["--bert-model", "../ns_bert.pt", "--task", "rte", "--data-dir", "../D",
-           "--device", "cpu", "--lr", "1e-2", "--batch_size", 8, "--epochs", 3, "--bptt", 32,
+           "--device", "cpu", "--lr", "5e-3", "--batch_size", 8, "--epochs", 3, "--bptt", 32,
            "--eval-every", 8, "--eval-batches", 2, "--log-interval", 1, "--no-progress",
            "--test-file", "../D/glue/RTE/test.tsv"]
 
@@ -397,3 +397,66 @@ def test_recipe_bert_is_berts_glue_fine_tuning_and_the_command_line_wins():
     assert (plain.optimizer, plain.lr, plain.weight_decay, plain.schedule, plain.warmup,
             plain.clip, plain.epochs, plain.batch_size, plain.bptt, plain.dropout) == (
         "adamw", 2e-5, 0.01, "linear", 0.1, 1.0, 3, 32, 128, None)
+
+
+###############################################################################
+# transformers folders in and out
+###############################################################################
+
+
+def test_an_exported_classifier_answers_in_transformers_as_the_predictions_file(
+        rte, work, tmp_path, monkeypatch, capsys):
+    """convert.py glue_model.pt OUT: transformers' text-classification pipeline gives each
+    dev pair the label of the predictions file; and --model OUT (a
+    BertForSequenceClassification folder) scores and predicts as glue_model.pt does."""
+    transformers = pytest.importorskip("transformers")
+    import convert
+
+    folder, _ = rte
+    convert.main([str(folder / "glue_model.pt"), str(tmp_path / "out")])
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "out"),
+                                 device="cpu")
+    dev = [line.split("\t") for line in
+           (work / "D" / "glue" / "RTE" / "dev.tsv").read_text().splitlines()[1:]]
+    answers = pipe([{"text": a, "text_pair": b} for _, a, b, _ in dev])
+    predicted = [line.split("\t")[1] for line in
+                 (folder / "glue_predictions.tsv").read_text().splitlines()[1:]]
+    assert [answer["label"] for answer in answers] == predicted
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    distributed.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), [
+        "--predict", "--model", "out", "--task", "RTE", "--device", "cpu", "--bptt", "32",
+        "--dev-file", str(work / "D" / "glue" / "RTE" / "dev.tsv"), "--test-file",
+        str(work / "D" / "glue" / "RTE" / "test.tsv")]))
+    assert "wrote glue_predictions.tsv | dev loss" in capsys.readouterr().out
+    assert Path("glue_predictions.tsv").read_text() == (folder / "glue_predictions.tsv").read_text()
+    assert Path("RTE.tsv").read_text() == (folder / "RTE.tsv").read_text()
+    checks.release_outputs()
+
+
+def test_a_transformers_bert_folder_fine_tunes_from_its_pooler(work, tmp_path, monkeypatch,
+                                                               capsys):
+    """--bert-model FOLDER (a BertModel that save_pretrained wrote, pooler included): the
+    classifier starts from its encoder and pooler; one step at warmup's lr 0 keeps them."""
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *sorted(set(MARKS.values()))]
+    torch.manual_seed(0)
+    theirs = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=0))
+    theirs.save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "vocab.txt").write_text("".join(w + "\n" for w in words))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    capsys.readouterr()
+    distributed.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), list(map(str, [
+        "--bert-model", "bert", "--task", "RTE", "--data-dir", work / "D", "--device", "cpu",
+        "--bptt", 32, "--batch_size", 8, "--max-steps", 1, "--no-progress"]))))
+    out = capsys.readouterr().out
+    assert "head: BERT's pooler from bert, a new classifier of 2 labels" in out
+    assert "End of training" in out
+    saved = torch.load("glue_model.pt", weights_only=True)["model"]
+    assert torch.equal(saved["pooler.weight"], theirs.pooler.dense.weight)
+    assert torch.equal(saved["bert_model.bert_embed.embed.weight"],
+                       theirs.embeddings.word_embeddings.weight)
+    checks.release_outputs()

@@ -272,6 +272,44 @@ def test_classification_head_is_berts_pooler_dropout_linear():
     with torch.no_grad():
         hidden = model.bert_model(ids, types)
         expected = model.classifier(torch.tanh(model.pooler(hidden[:, 0])))
-        torch.testing.assert_close(model(ids, types), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, types), expected, rtol=0, atol=1e-6)
     assert [name for name, _ in model.named_children()] == [
         "bert_model", "pooler", "dropout", "classifier"]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cls_only_is_the_full_encoders_cls_output_with_the_same_gradients(padded):
+    """BertModel(..., cls_only=True) (the classifier's path: the last layer at <cls> alone,
+    and on the CPU the padding packed away) gives position 0 of the full output, and the
+    same gradients to every weight."""
+    ids, types = batch(batch_size=4, seq=12)
+    if padded:
+        ids[1, 7:], ids[3, 3:] = PAD, PAD
+        types[1, 7:], types[3, 3:] = 0, 0
+    mask = padding_mask(ids, PAD)
+    grads, outputs = [], []
+    for cls_only in (True, False):
+        encoder = make_model(BertModel).train()  # dropout 0: the same function
+        out = encoder(ids, types, mask, cls_only=cls_only)
+        out = out if cls_only else out[:, 0]
+        (out * torch.arange(32.0)).sum().backward()
+        outputs.append(out)
+        grads.append({n: p.grad for n, p in encoder.named_parameters()})
+    assert outputs[0].shape == (4, 32)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_classifier_in_training_never_reads_padding():
+    """With dropout, the packed path: other tokens at the padding change no logit."""
+    torch.manual_seed(0)
+    model = SequenceClassificationTask(tiny_config(dropout=0.3), 3).train()
+    ids, types = batch(batch_size=3, seq=12)
+    ids[0, 5:], ids[2, 9:] = PAD, PAD
+    mask = padding_mask(ids, PAD)
+    torch.manual_seed(5)
+    got = model(ids, types, mask)
+    torch.manual_seed(5)
+    other = model(torch.where(mask, ids, 7), types, mask)
+    torch.testing.assert_close(got, other, atol=0, rtol=0)
