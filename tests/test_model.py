@@ -313,3 +313,20 @@ def test_a_classifier_in_training_never_reads_padding():
     torch.manual_seed(5)
     other = model(torch.where(mask, ids, 7), types, mask)
     torch.testing.assert_close(got, other, atol=0, rtol=0)
+
+
+def test_cls_only_without_packing_is_the_same(monkeypatch):
+    """The padded layout cls_only takes on a GPU (no packing) gives the packed one's."""
+    import model as model_module
+
+    ids, types = batch(batch_size=3, seq=10)
+    ids[0, 6:] = PAD
+    mask = padding_mask(ids, PAD)
+    encoder = make_model(BertModel)
+    with torch.no_grad():
+        packed = encoder(ids, types, mask, cls_only=True)
+        monkeypatch.setattr(model_module, "packing", lambda *args: None)
+        padded = encoder(ids, types, mask, cls_only=True)
+        full = encoder(ids, types, mask)[:, 0]
+    torch.testing.assert_close(padded, packed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, full, atol=1e-5, rtol=0)
