@@ -376,6 +376,8 @@ def read_own_file(path, text_columns, label_column, labeled=True, regression=Fal
     text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
     if not 1 <= len(text_columns) <= 2:
         raise UserError(f"--text-columns {' '.join(text_columns)}: give one column or two")
+    if labeled and not label_column:
+        raise UserError(f"{path}: name its label's column (--label-column)")
     header, records = _own_records(path)
     wanted = text_columns + ([label_column] if labeled else [])
     if header is not None:
@@ -479,15 +481,14 @@ def _fetch_task_archive(task, path, log):
         for name in sorted(os.listdir(extracted)):
             if not (folder / name).exists():
                 os.replace(extracted / name, folder / name)
-    except BaseException:
-        for made_folder in filter(Path.exists, made):  # deepest first, while empty
-            try:
-                made_folder.rmdir()
-            except OSError:
-                break
-        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not path.is_file():  # failed: the folders made for it go too, deepest first
+            for made_folder in filter(Path.exists, made):
+                try:
+                    made_folder.rmdir()
+                except OSError:
+                    break
 
 
 def _fetch_mrpc(path, log):
