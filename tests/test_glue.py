@@ -460,3 +460,14 @@ def test_a_transformers_bert_folder_fine_tunes_from_its_pooler(work, tmp_path, m
     assert torch.equal(saved["bert_model.bert_embed.embed.weight"],
                        theirs.embeddings.word_embeddings.weight)
     checks.release_outputs()
+
+
+def test_a_nan_main_metric_is_worse_than_any_number():
+    """A diverged regression model's correlation is NaN (glue_metrics): never the best."""
+    import types
+
+    import trainer
+
+    loop = types.SimpleNamespace(task=types.SimpleNamespace(best_metric=("pearson", "max")))
+    assert trainer.Trainer.score(loop, {"pearson": float("nan")}) == float("inf")
+    assert trainer.Trainer.score(loop, {"pearson": -99.0}) < float("inf")
