@@ -5,6 +5,7 @@ A short copy of the training step that only measures (as nanoGPT's bench.py):
     python bench.py --config small --quick
     python bench.py --config base --quick
     python bench.py --loop --config small --quick   # the real loop against its bare step
+    python bench.py --glue --config small --quick   # GLUE fine-tuning and evaluation
 
 Ours and theirs run in one process on one device with the same architecture, weights,
 batch and optimizer, interleaved (ours, theirs, ours, theirs, ...) so that a busy
@@ -15,7 +16,8 @@ last line is machine-readable:
 
 R and Q are throughputs, ours / transformers (> 1: ours is faster); M is the model
 FLOP/s of our training step over the matmul FLOP/s this device reaches (matmul_calls).
-With --loop the last line is `loop_ratio L batch_ms B`: the tokens/s of trainer.py's loop
+With --glue, bench_glue.py's `glue_train_padded ... glue_eval_dynamic` ratios. With --loop
+the last line is `loop_ratio L batch_ms B`: the tokens/s of trainer.py's loop
 over those of its bare step (1: the loop costs nothing beyond the step), and the
 milliseconds one 64x128 MLM batch takes to build.
 """
@@ -42,6 +44,7 @@ import tokenizer
 import trainer
 import utils
 import windows
+from bench_timing import REAL_DATA, interleaved_medians, seconds_per_call
 from model import BertConfig, MLMTask, QuestionAnswerTask, flops_per_token_train
 from transformers_format import ours_to_transformers_state_dict, their_bert_config
 
@@ -52,18 +55,19 @@ N_MASKED = round(0.15 * SEQ_LEN)
 # Architectures compared; timing as (rounds, training steps per round) for --quick and
 # without it (--quick: about 75 s on an idle 2-core CPU, several times that on a busy one);
 # SQuAD questions in the QA benchmark (0: all of the file); --loop's (rounds, steps) with
-# and without --quick.
+# and without --quick; --glue's batch and (rounds, batches a round) with and without --quick.
 CONFIGS = {
     "small": dict(emsize=256, nlayers=4, nhead=4, nhid=1024, batch_size=16,
-                  quick=(9, 2), full=(15, 5), qa_questions=0, loop=((5, 8), (9, 16))),
+                  quick=(9, 2), full=(15, 5), qa_questions=0, loop=((5, 8), (9, 16)),
+                  glue=(32, (5, 2), (9, 4))),
     "base": dict(emsize=768, nlayers=12, nhead=12, nhid=3072, batch_size=8,
-                 quick=(3, 1), full=(10, 2), qa_questions=12, loop=((3, 3), (6, 6))),
+                 quick=(3, 1), full=(10, 2), qa_questions=12, loop=((3, 3), (6, 6)),
+                 glue=(8, (3, 1), (5, 2))),
 }
 ARCH = ("emsize", "nlayers", "nhead", "nhid")
-# Inputs beside the repo (../shared/data), when there.
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
-SQUAD_FILE = SHARED_DATA / "squad" / "train-v1.1-notre-dame.json"
-TEXT_FILE = SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"
+# Real inputs (bench_timing.REAL_DATA), when there.
+SQUAD_FILE = REAL_DATA / "squad" / "train-v1.1-notre-dame.json"
+TEXT_FILE = REAL_DATA / "wikitext-2" / "wiki.valid.tokens"
 
 
 ###############################################################################
@@ -80,28 +84,6 @@ def training_dtype(device):
             if torch.cuda.is_bf16_supported(including_emulation=False):
                 return "bf16"
     return "fp32"
-
-
-def seconds_per_call(fn, calls, device):
-    # CUDA runs asynchronously: wait for the queued work before and after the clock.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / calls
-
-
-def interleaved_medians(calls, rounds, device):
-    """Median seconds per call of each {name: (fn, calls per round)}, all timed in turn
-    within every round, so that a busy neighbour or a clock change hits each alike."""
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, (fn, n) in calls.items():
-            times[name].append(seconds_per_call(fn, n, device))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 ###############################################################################
@@ -216,7 +198,7 @@ def matmul_peak(calls, seconds):
 
 
 def synthetic_squad(n_paragraphs=60, questions_per_paragraph=5, seed=0):
-    """SQuAD-layout data of random words, for machines without ../shared/data: the answer
+    """SQuAD-layout data of random words, for machines without the real data: the answer
     to every question is the first words of its context."""
     g = random.Random(seed)
     words = [f"w{i}" for i in range(3000)]
@@ -481,7 +463,7 @@ def parse_args(argv=None):
     parser.add_argument("--squad-file", type=Path,
                         default=SQUAD_FILE if SQUAD_FILE.is_file() else None,
                         help="SQuAD-layout JSON file the QA benchmark reads (default "
-                             "../shared/data/squad/train-v1.1-notre-dame.json beside the repo, "
+                             "squad/train-v1.1-notre-dame.json in $BERT_TEST_DATA (else ../shared/data), "
                              "one article of 269 questions; synthetic text when that is absent)")
     parser.add_argument("--qa-questions", type=int, default=None,
                         help="questions in the QA benchmark, whole paragraphs, 0 for all "
@@ -500,13 +482,18 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=0,
                         help="--loop: DataLoader worker processes, as the scripts' flag "
                              "(default 0)")
+    parser.add_argument("--glue", action="store_true",
+                        help="only GLUE fine-tuning and evaluation (bench_glue): ours against "
+                             "BertForSequenceClassification fed pairs padded to 128 and with "
+                             "dynamic padding, on RTE (glue/RTE in $BERT_TEST_DATA) or synthetic "
+                             "SST-2-like text; prints the glue_* ratios (default off)")
     parser.add_argument("--data", action="store_true",
                         help="only the data-pipeline benchmark: tokenize, numericalize and cache a "
                              "WikiText-103-sized corpus (~540 MB), then load the cache "
                              "(default off)")
     parser.add_argument("--text-file", type=Path, default=TEXT_FILE,
                         help="text that --data repeats into its corpus, WikiText layout (default "
-                             "../shared/data/wikitext-2/wiki.valid.tokens beside the repo; "
+                             "wikitext-2/wiki.valid.tokens in $BERT_TEST_DATA (else ../shared/data); "
                              "--data stops with an error when it is absent)")
     parser.add_argument("--tokenizer", choices=["basic_english", "wordpiece"],
                         default="basic_english",
@@ -548,6 +535,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     if args.loop:
         return main_loop(args, spec, config, batch_size, device, dtype, t_start)
+    if args.glue:
+        return main_glue(args, spec, arch, device, dtype, t_start)
 
     # The matmul rate is timed in the same rounds as the training steps, so that both see
     # the same machine.
@@ -578,6 +567,17 @@ def main_loop(args, spec, config, batch_size, device, dtype, t_start):
     print(f"batch: building one 64x{SEQ_LEN} MLM batch on the CPU takes {build_ms:.2f} ms")
     print(f"timed in {time.perf_counter() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f}")
     print(f"loop_ratio {loop_tps / bare_tps:.3f} batch_ms {build_ms:.2f}")
+
+
+def main_glue(args, spec, arch, device, dtype, t_start):
+    import bench_glue  # GLUE's pieces, in their own module
+
+    batch_size, quick, full = spec["glue"]
+    rounds, steps = quick if args.quick else full
+    train, evaluation = bench_glue.bench_glue(arch, args.batch_size or batch_size, rounds, steps,
+                                              device, dtype, args.seed, dropout=args.dropout)
+    print(f"timed in {time.perf_counter() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f}")
+    print(bench_glue.summary(train, evaluation))
 
 
 if __name__ == "__main__":

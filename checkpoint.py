@@ -3,19 +3,23 @@
 A checkpoint is a dict of tensors and plain data, loadable with
 torch.load(weights_only=True); never a pickled module:
 
-    {"kind": "encoder" | "mlm" | "ns" | "qa" | "state",
+    {"kind": "encoder" | "mlm" | "ns" | "qa" | "glue" | "state",
      "model": state dict, "config": BertConfig as a dict, "vocab": list of words,
      "tokenizer": {"kind": "basic_english"} or {"kind": "wordpiece", "json": ...}, ...}
 
-"encoder" holds a BertModel (mlm_bert.pt, ns_bert.pt); "mlm", "ns" and "qa" hold a task
-model whose encoder weights sit under `bert_model.`; "state" is a training state file
-(trainer.Trainer writes it) that also holds the optimizer, the RNG, the flags and the path
-of its run's best model. Every config records the longest sequence the weights were
-trained on (BertConfig.trained_len). A transformers BERT folder reads as the checkpoint of
-its heads (transformers_format.py).
+"encoder" holds a BertModel (mlm_bert.pt, ns_bert.pt), and "pooler", the state dict of
+BERT's pooler (the dense layer on <cls>), when the model it came from trained one
+(ns_bert.pt); "mlm", "ns", "qa" and "glue" hold a task model whose encoder weights sit
+under `bert_model.` ("glue": a SequenceClassificationTask, with "labels", its label names
+in id order, None for regression, "task", the GLUE task or None, and "bptt"); "state" is a
+training state file (trainer.Trainer writes it) that also holds the optimizer, the RNG,
+the flags and the path of its run's best model. Every config records the longest sequence
+the weights were trained on (BertConfig.trained_len). A transformers BERT folder reads as
+the checkpoint of its heads (transformers_format.py).
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +39,14 @@ def model_checkpoint(kind, model, config, vocab, **extra):
 
 def save_model(kind, model, config, vocab, path, **extra):
     atomic_save(model_checkpoint(kind, model, config, vocab, **extra), path)
+
+
+def save_encoder(model, config, vocab, path):
+    """The encoder of task model `model` as an "encoder" checkpoint (mlm_bert.pt,
+    ns_bert.pt), with its pooler when it has one (NextSentenceTask's), so that a classifier
+    fine-tuned from the file starts from the trained pooler, as transformers' does."""
+    extra = {"pooler": model.pooler.state_dict()} if hasattr(model, "pooler") else {}
+    save_model("encoder", model.bert_model, config, vocab, path, **extra)
 
 
 def load_checkpoint(path, flag):
@@ -60,7 +72,8 @@ def load_checkpoint(path, flag):
 # before any of it is used, so that a damaged or foreign file is one line, not a traceback.
 FIELD_TYPES = {
     "kind": str, "model": dict, "config": dict, "vocab": list, "tokenizer": dict | None,
-    "windowing": dict, "squad_v2": bool, "best_model": str | None,
+    "windowing": dict, "squad_v2": bool, "pooler": dict,
+    "labels": list | None, "task": str | None, "bptt": int, "best_model": str | None,
     # state files (trainer.Trainer.save_state, states.mark_finished)
     "args": dict, "script": str | None, "train_state": dict, "rng": list | dict,
     "optimizer": dict, "scheduler": dict, "scaler": dict, "metrics_rows": int, "finished": bool,
@@ -73,8 +86,11 @@ def check_fields(ckpt, flag, path):
         if name in ckpt and not isinstance(ckpt[name], expected):
             raise UserError(f"{flag} {path}: its {name!r} is a {type(ckpt[name]).__name__}, "
                             f"not a {_type_name(expected)} (not a checkpoint of this project)")
-    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["model"].items()):
-        raise UserError(f"{flag} {path}: its 'model' is not a state dict of named tensors")
+    for name in ("model", "pooler"):
+        if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt.get(name, {}).items()):
+            raise UserError(f"{flag} {path}: its {name!r} is not a state dict of named tensors")
+    if not all(isinstance(label, str) for label in ckpt.get("labels") or []):
+        raise UserError(f"{flag} {path}: its 'labels' is not a list of label names")
     if not all(isinstance(word, str) for word in ckpt["vocab"]):
         raise UserError(f"{flag} {path}: its 'vocab' is not a list of words")
     for name, value in ckpt.get("train_state", {}).items():
@@ -144,7 +160,8 @@ def load_into(module, state, flag, path):
 # The file of each kind of task model the scripts write, for the messages that ask for one.
 TASK_MODELS = {"mlm": "full_mlm_model.pt, mlm_task.py's best model",
                "ns": "ns_model.pt, ns_task.py's best model",
-               "qa": "qa_model.pt, qa_task.py's --save"}
+               "qa": "qa_model.pt, qa_task.py's --save",
+               "glue": "glue_model.pt, glue_task.py's --save"}
 
 
 def refuse_state_file(ckpt, flag, path):
@@ -154,34 +171,77 @@ def refuse_state_file(ckpt, flag, path):
         return
     best = ckpt.get("best_model")
     better = (f"its run's best model, {best}" if isinstance(best, str) else
-              "a model (full_mlm_model.pt, ns_model.pt, qa_model.pt, mlm_bert.pt, ns_bert.pt)")
+              "a model (full_mlm_model.pt, ns_model.pt, qa_model.pt, glue_model.pt, mlm_bert.pt, "
+              "ns_bert.pt)")
     raise UserError(f"{flag} {path}: a training state file (what --checkpoint resumes); "
                     f"give {better}")
 
 
+class Start(NamedTuple):
+    """What a task model starts from (starting_weights): `part` "task" (the whole model,
+    `state`) or "encoder" (`state` the encoder's; `pooler` the pretrained pooler's or None);
+    `labels`, the label names of a whole classifier ("glue")."""
+
+    part: str
+    state: dict
+    pooler: dict | None = None
+    labels: list | None = None
+
+
 def starting_weights(ckpt, kind, path, evaluate_only=False):
-    """(part, state): what a task model of `kind` starts from in a loaded --bert-model
-    checkpoint: the whole model ("task") when the checkpoint is one of that kind (a
-    fine-tuned model, or a transformers folder with that head, continues with its head),
-    else its encoder ("encoder") under a new head, which --evaluate-only refuses. Called
-    before any long work, so that a checkpoint without an encoder is refused at once."""
+    """What a task model of `kind` starts from in a loaded --bert-model checkpoint (a
+    Start): the whole model ("task") when the checkpoint is one of that kind (a fine-tuned
+    model, or a transformers folder with that head, continues with its head), else its
+    encoder ("encoder") under a new head, with the checkpoint's pooler where it has one
+    (pooler_state); --evaluate-only refuses a new head. Called before any long work, so
+    that a checkpoint without an encoder is refused at once."""
     refuse_state_file(ckpt, "--bert-model", path)
     if ckpt.get("kind") == kind:
-        return "task", ckpt["model"]
+        return Start("task", ckpt["model"], labels=ckpt.get("labels"))
     if evaluate_only:
         wanted = TASK_MODELS.get(kind, f"a {kind} model")
         raise UserError(f"--evaluate-only: --bert-model {path} is a checkpoint of kind "
                         f"{ckpt.get('kind')!r}, without the {kind} head to evaluate; give "
                         f"a model with it ({wanted})")
-    return "encoder", encoder_state(ckpt, "--bert-model", path)
+    return Start("encoder", encoder_state(ckpt, "--bert-model", path), pooler_state(ckpt))
 
 
-def task_model(task_class, config, weights, path, device):
-    """A task model (MLMTask, NextSentenceTask, QuestionAnswerTask) with the starting_weights
-    of --bert-model `path`."""
-    model = task_class(config)
-    part, state = weights
-    load_into(model if part == "task" else model.bert_model, state, "--bert-model", path)
+# Where a task model keeps BERT's pooler (the dense layer before the tanh on <cls>).
+POOLER_PREFIXES = {"ns": "linear_layer.", "glue": "pooler."}
+
+
+def pooler_state(ckpt):
+    """The state dict of the pretrained pooler in a checkpoint, or None: an encoder's
+    "pooler" (ns_bert.pt; a transformers folder's, which the import keeps), a next-sentence
+    model's linear_layer (ns_model.pt), a classifier's pooler (glue_model.pt). MLM
+    pretraining trains none."""
+    if "pooler" in ckpt:
+        return ckpt["pooler"]
+    prefix = POOLER_PREFIXES.get(ckpt.get("kind"))
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)} if prefix else {}
+    return state or None
+
+
+def encoder_start(start):
+    """The encoder and pooler of a whole task model's Start: for a new head on them."""
+    if start.part == "encoder":
+        return start
+    encoder = {k[len("bert_model."):]: v for k, v in start.state.items() if k.startswith("bert_model.")}
+    return Start("encoder", encoder, pooler_state({"kind": "glue", "model": start.state}))
+
+
+def task_model(task_class, config, weights, path, device, **head):
+    """A task model (MLMTask, NextSentenceTask, QuestionAnswerTask,
+    SequenceClassificationTask with its `head` arguments) with the starting_weights of
+    --bert-model `path`; a head with a pooler starts from the pretrained one when there is
+    one."""
+    model = task_class(config, **head)
+    if weights.part == "task":
+        load_into(model, weights.state, "--bert-model", path)
+    else:
+        load_into(model.bert_model, weights.state, "--bert-model", path)
+        if weights.pooler is not None and hasattr(model, "pooler"):
+            load_into(model.pooler, weights.pooler, "--bert-model", path)
     return model.to(device)
 
 

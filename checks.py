@@ -26,6 +26,7 @@ MADE_BY = {
     "ns_bert.pt": "python ns_task.py --bert-model mlm_bert.pt",
     "ns_model.pt": "python ns_task.py --bert-model mlm_bert.pt",
     "qa_model.pt": "python qa_task.py --bert-model ns_bert.pt",
+    "glue_model.pt": "python glue_task.py --bert-model ns_bert.pt --task RTE",
 }
 
 

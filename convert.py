@@ -2,8 +2,10 @@
 
     python convert.py full_mlm_model.pt OUT_DIR   # -> BertForMaskedLM
     python convert.py ns_model.pt OUT_DIR         # -> BertForNextSentencePrediction
-    python convert.py ns_bert.pt OUT_DIR          # -> BertModel (no pooler)
+    python convert.py ns_bert.pt OUT_DIR          # -> BertModel (with ns_task.py's pooler)
+    python convert.py mlm_bert.pt OUT_DIR         # -> BertModel (no pooler)
     python convert.py qa_model.pt OUT_DIR         # -> BertForQuestionAnswering
+    python convert.py glue_model.pt OUT_DIR       # -> BertForSequenceClassification
 
 The weight names and the folder's files: transformers_format.py.
 """
@@ -21,7 +23,8 @@ def main(argv=None):
         description="Write a checkpoint of this project (or a transformers BERT folder) as a "
                     "folder transformers loads: config.json, model.safetensors, tokenizer files")
     parser.add_argument("checkpoint", help="full_mlm_model.pt, ns_model.pt, qa_model.pt, "
-                                           "mlm_bert.pt, ns_bert.pt, or a transformers folder")
+                                           "glue_model.pt, mlm_bert.pt, ns_bert.pt, or a "
+                                           "transformers folder")
     parser.add_argument("out_dir", help="the folder to write (must not exist, or be empty)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT_DIR when it exists and is not empty (default: refuse)")

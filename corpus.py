@@ -44,9 +44,15 @@ from tokenizer import TokenizerSpec, choose_vocab
 @dataclass
 class Archive:
     filename: str
-    md5: str
+    md5: str  # "" when only a SHA-256 is published
     urls: tuple  # tried in order
     extract_to: str = ""  # folder under --data-dir the archive members are relative to
+    sha256: str = ""  # checked instead of the MD5 when given
+
+    @property
+    def checksum(self):
+        """(name, hashlib algorithm, expected hex digest) of the check a download passes."""
+        return ("SHA-256", "sha256", self.sha256) if self.sha256 else ("MD5", "md5", self.md5)
 
 
 @dataclass
@@ -100,21 +106,23 @@ DATASETS = {
 
 
 def download_archive(archive, data_dir, log=print, expected=()):
-    """Fetch `archive` into data_dir, verify its MD5, extract it and remove it if a zip.
+    """Fetch `archive` into data_dir, verify its checksum (MD5, or SHA-256 where that is
+    what is published), extract it and remove it if a zip.
 
     Hosts are tried in order. The download goes to a temporary name and is only renamed
     once the checksum matches; a failure leaves nothing behind, not even the folders it
     made. An archive already in data_dir (placed there by hand to work offline) is used
-    as is if its MD5 matches. `expected`: the files the archive provides, named in the
+    as is if its checksum matches. `expected`: the files the archive provides, named in the
     error as the other way to work offline."""
     data_dir = Path(data_dir)
     made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / archive.filename
+    name, algorithm, expected_digest = archive.checksum
     if target.exists():
-        if _md5(target) != archive.md5:
-            raise DataError(f"{target} does not have the MD5 {archive.md5} of {archive.filename}: "
-                            f"remove it, or replace it with a good copy")
+        if _digest(target, algorithm) != expected_digest:
+            raise DataError(f"{target} does not have the {name} {expected_digest} of "
+                            f"{archive.filename}: remove it, or replace it with a good copy")
         log(f"using {target}")
     else:
         try:
@@ -134,30 +142,32 @@ def download_archive(archive, data_dir, log=print, expected=()):
         target.unlink()
 
 
-def _md5(path):
-    md5 = hashlib.md5()
+def _digest(path, algorithm="md5"):
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            md5.update(chunk)
-    return md5.hexdigest()
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _download(archive, target, log, expected=()):
+    name, algorithm, expected_digest = archive.checksum
     errors = []
     for url in archive.urls:
         log(f"downloading {url}")
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{archive.filename}.", suffix=".part")
         try:
-            md5 = hashlib.md5()
+            digest = hashlib.new(algorithm)
             with (os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response,
                   logs.progress(total=response.length, unit="B", unit_scale=True,
                                  desc=archive.filename) as bar):
                 while chunk := response.read(1 << 20):
-                    md5.update(chunk)
+                    digest.update(chunk)
                     out.write(chunk)
                     bar.update(len(chunk))
-            if md5.hexdigest() != archive.md5:
-                raise DataError(f"MD5 mismatch (got {md5.hexdigest()}, expected {archive.md5})")
+            if digest.hexdigest() != expected_digest:
+                raise DataError(f"{name} mismatch (got {digest.hexdigest()}, "
+                                f"expected {expected_digest})")
             os.replace(tmp, target)
             return
         # OSError covers URLError, HTTPError and timeouts; HTTPException a cut connection
@@ -171,7 +181,7 @@ def _download(archive, target, log, expected=()):
     extracted = f", or its files ({', '.join(map(str, expected))})" if expected else ""
     raise DataError(
         f"could not download {archive.filename} ({'; '.join(errors)}); to work offline, "
-        f"place {archive.filename} (MD5 {archive.md5}) in {target.parent}/{extracted}, "
+        f"place {archive.filename} ({name} {expected_digest}) in {target.parent}/{extracted}, "
         "and run again"
     )
 

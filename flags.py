@@ -93,7 +93,7 @@ def add_common_flags(parser, **defaults):
                              "the split, the final test included (qa_task.py: its validations; "
                              "the predictions file always answers every question) (default 0: "
                              "every batch)")
-    add_optimizer_flags(parser)
+    add_optimizer_flags(parser, **{k: d[k] for k in OPTIMIZER_DEFAULTS if k in d})
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: shown when stderr is a terminal)")
     add_run_file_flags(parser, d)
@@ -196,27 +196,35 @@ def add_evaluate_only_flag(parser):
                              "write the metrics log, nothing else (default off)")
 
 
-def add_optimizer_flags(parser):
-    """The optimizer and the schedule. The defaults are the old example's (plain SGD, lr x0.1
-    when validation does not improve), so its commands mean what they meant."""
-    parser.add_argument("--optimizer", type=str, default="sgd", choices=trainer.OPTIMIZERS,
+# The optimizer flags' defaults: the old example's (plain SGD, lr x0.1 when validation does
+# not improve), so its commands mean what they meant; a script without an old example
+# (glue_task.py) passes its own to add_common_flags.
+OPTIMIZER_DEFAULTS = {"optimizer": "sgd", "weight_decay": 0.0, "schedule": "plateau",
+                      "warmup": 0.0}
+
+
+def add_optimizer_flags(parser, **defaults):
+    """The optimizer and the schedule (defaults: OPTIMIZER_DEFAULTS, or the script's)."""
+    d = {**OPTIMIZER_DEFAULTS, **defaults}
+    parser.add_argument("--optimizer", type=str, default=d["optimizer"], choices=trainer.OPTIMIZERS,
                         help="sgd: plain SGD (the old example's); adamw: AdamW, fused kernels where "
-                             "PyTorch has them for the device (default sgd)")
-    parser.add_argument("--weight-decay", type=float, default=0.0,
+                             f"PyTorch has them for the device (default {d['optimizer']})")
+    parser.add_argument("--weight-decay", type=float, default=d["weight_decay"],
                         help="weight decay per unit of lr, never on biases and LayerNorm weights "
-                             "(adamw: decoupled; sgd: L2, added to the gradient) (default 0)")
+                             f"(adamw: decoupled; sgd: L2, added to the gradient) (default "
+                             f"{d['weight_decay']:g})")
     parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
                         help="adamw: decay rates of the gradient's moving averages (default "
                              "0.9 0.999, PyTorch's; RoBERTa uses 0.9 0.98)")
     parser.add_argument("--eps", type=float, default=1e-8,
                         help="adamw: added to the denominator (default 1e-8; RoBERTa 1e-6)")
-    parser.add_argument("--schedule", type=str, default="plateau", choices=trainer.SCHEDULES,
+    parser.add_argument("--schedule", type=str, default=d["schedule"], choices=trainer.SCHEDULES,
                         help="plateau: lr x0.1 after an epoch whose validation does not improve (the "
                              "old example's); linear, cosine: per optimizer step, from --lr down to 0 "
-                             "at the last step of the run (default plateau)")
-    parser.add_argument("--warmup", type=float, default=0.0, metavar="F",
+                             f"at the last step of the run (default {d['schedule']})")
+    parser.add_argument("--warmup", type=float, default=d["warmup"], metavar="F",
                         help="linear and cosine: the fraction of all optimizer steps over which the "
-                             "lr rises linearly from 0 to --lr (default 0)")
+                             f"lr rises linearly from 0 to --lr (default {d['warmup']:g})")
     parser.add_argument("--grad-accum", type=int, default=1, metavar="N",
                         help="batches per optimizer step, their gradients summed: the effective "
                              "batch is batch_size x N x processes; --max-steps, --log-interval and "
@@ -234,12 +242,16 @@ def add_optimizer_flags(parser):
 # a global batch of 32 sequences, the checkpoint's dropout (--dropout is left alone).
 # SQuAD: 2 epochs at 3e-5 on windows of 384 tokens, a new window every 128 context tokens,
 # padding in the span loss as BERT has it; sentence pairs (GLUE): 3 epochs of 128 tokens.
+# GLUE (glue_task.py): lr 2e-5, dropout 0.1 (the paper's appendix A.3 and transformers'
+# run_glue.py README: 3 epochs, batch 32, max_seq_length 128, lr 2e-5 from the paper's
+# {5e-5, 3e-5, 2e-5}; BertConfig's hidden and attention dropout 0.1).
 RECIPES = {
     "bert": {
         "all": dict(optimizer="adamw", lr=3e-5, weight_decay=0.01, schedule="linear",
                     warmup=0.1, clip=1.0, global_batch=32),
         "qa_task.py": dict(epochs=2, bptt=384, doc_stride=128, span_loss="bert"),
         "ns_task.py": dict(epochs=3, bptt=128),
+        "glue_task.py": dict(lr=2e-5, epochs=3, bptt=128, dropout=0.1),
     },
 }
 BATCH_FLAGS = ("batch_size", "grad_accum")
@@ -307,7 +319,12 @@ def recipe_summary(args, world_size, dropout):
              if name != "global_batch" and hasattr(args, name)]
     given = sorted(set(getattr(args, "given_flags", ())) & {*settings, *BATCH_FLAGS, "dropout"})
     batch = args.batch_size * args.grad_accum * world_size
-    source = "--dropout" if getattr(args, "dropout", None) is not None else "--bert-model's"
+    if "dropout" in getattr(args, "given_flags", ()):
+        source = "--dropout"
+    elif "dropout" in settings:
+        source = "--recipe"
+    else:
+        source = "--bert-model's"
     given = ", ".join("--" + g.replace("_", "-") for g in given) or "none"
     return (f"--recipe {args.recipe}: {' '.join(shown)} --batch_size {args.batch_size} "
             f"--grad-accum {args.grad_accum} (a global batch of {batch} sequences over "

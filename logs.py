@@ -207,9 +207,11 @@ class LogWindow:
 
 
 # How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
-DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%"}
+DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%",
+           "matthews_correlation": ".2f", "pearson": ".2f", "spearmanr": ".2f"}
 # The counts of what an evaluation scored, and what each counts: shown as "scored N ...".
-COUNTS = {"tokens": "masked tokens", "pairs": "pairs", "questions": "questions"}
+COUNTS = {"tokens": "masked tokens", "pairs": "pairs", "questions": "questions",
+          "examples": "examples"}
 
 
 def format_metrics(split, metrics):
@@ -218,10 +220,12 @@ def format_metrics(split, metrics):
     scored (MLM: the masked tokens, where the loss is measured)."""
     parts = []
     for name, value in metrics.items():
-        if name in COUNTS:
-            parts.append(f"scored {value} {COUNTS[name]}")
+        base = name.removesuffix("_mm")  # MNLI's mismatched set: shown as the matched
+        if base in COUNTS:
+            mismatched = "mismatched " if base != name else ""
+            parts.append(f"scored {value} {mismatched}{COUNTS[base]}")
             continue
-        spec = DISPLAY.get(name, "g")
+        spec = DISPLAY.get(base, "g")
         shown = f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
         parts.append(f"{split} {name} {shown}")
     return " | ".join(parts)

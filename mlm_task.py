@@ -130,7 +130,7 @@ class MLM:
         checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path)
 
     def write_outputs(self, model):
-        checkpoint.save_model("encoder", model.bert_model, self.config, self.vocab, self.args.save)
+        checkpoint.save_encoder(model, self.config, self.vocab, self.args.save)
 
 
 def outputs(args):

@@ -1,4 +1,5 @@
-"""BERT encoder and its three task heads (masked LM, next sentence, question answering).
+"""BERT encoder and its task heads (masked LM, sequence classification and next sentence,
+question answering).
 
 Only nn.Modules and their config live here: no I/O, no argument parsing.
 Every tensor is (batch, seq[, feature]).
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rules
-from kernels import Dropout, attention
+from kernels import Dropout, Packing, attention, packing
 
 
 @dataclass
@@ -105,8 +106,11 @@ class BertEmbedding(nn.Module):
         self.norm = nn.LayerNorm(config.emsize, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, src, token_type_input=None):
+    def forward(self, src, token_type_input=None, packed=None):
+        """`packed`: a kernels.Packing, to return the real tokens alone (n_tokens, emsize)."""
         x = self.embed(src) + self.pos_embed(src) + self.tok_type_embed(src, token_type_input)
+        if packed is not None:
+            x = packed.pack(x)
         return self.dropout(self.norm(x))
 
 
@@ -116,7 +120,8 @@ class MultiheadAttention(nn.Module):
     `in_proj` holds the query, key and value projections stacked along the output
     dimension (rows [0:d] = query, [d:2d] = key, [2d:3d] = value): one matmul instead
     of three. `attn_mask` is a boolean (batch, 1, 1, seq) tensor, True where a key may
-    be attended, or None when nothing is padded (which lets SDPA pick its fastest kernel).
+    be attended, or None when nothing is padded (which lets SDPA pick its fastest kernel);
+    or a kernels.Packing, when `x` holds the real tokens alone, (n_tokens, d_model).
     """
 
     def __init__(self, d_model, nhead, dropout=0.0):
@@ -128,12 +133,29 @@ class MultiheadAttention(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x, attn_mask=None):
-        batch, seq, d_model = x.shape
-        qkv = self.in_proj(x).view(batch, seq, 3, self.nhead, d_model // self.nhead)
+    def forward(self, x, attn_mask=None, cls_only=False):
+        """`cls_only`: the output of each row's first query (<cls>) alone, (batch, d_model)."""
+        packed = attn_mask if isinstance(attn_mask, Packing) else None
+        qkv = self.in_proj(x)
+        if packed is not None:  # each row's tokens side by side for attention
+            qkv, attn_mask = packed.unpack(qkv), packed.attn_mask
+        out = self.attend(qkv, attn_mask, cls_only)
+        if cls_only:
+            out = out[:, 0]
+        elif packed is not None:
+            out = packed.pack(out)
+        return self.out_proj(out)
+
+    def attend(self, qkv, attn_mask, cls_only=False):
+        """(batch, seq, 3 * d_model) -> (batch, seq, d_model), or (batch, 1, d_model) of the
+        first query of each row alone (cls_only)."""
+        batch, seq, _ = qkv.shape
+        qkv = qkv.view(batch, seq, 3, self.nhead, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, nhead, seq, head_dim)
+        if cls_only:
+            q = q[:, :, :1]
         out = attention(q, k, v, attn_mask, self.attn_dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, d_model))
+        return out.transpose(1, 2).flatten(2)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -148,8 +170,13 @@ class TransformerEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x, attn_mask=None):
-        x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask)))
+    def forward(self, x, attn_mask=None, cls_only=False):
+        """`cls_only`: the output at each row's <cls> alone, (batch, d_model): attention reads
+        every token, the rest of the layer computes <cls> only."""
+        attended = self.self_attn(x, attn_mask, cls_only)
+        if cls_only:
+            x = attn_mask.first_tokens(x) if isinstance(attn_mask, Packing) else x[:, 0]
+        x = self.norm1(x + self.dropout(attended))
         x = self.norm2(x + self.dropout(self.feed_forward(x)))
         return x
 
@@ -179,14 +206,22 @@ class BertModel(nn.Module):
         )
         self.apply(init_bert_weights)
 
-    def forward(self, src, token_type_input=None, padding_mask=None):
+    def forward(self, src, token_type_input=None, padding_mask=None, cls_only=False):
         """`padding_mask` (batch, seq) is True at the tokens that may be attended and False
         at padding (see padding_mask()); None attends every position: pass None only for
-        a batch without padding, as MLM's is."""
+        a batch without padding, as MLM's is.
+
+        `cls_only`: return only each row's <cls> output, (batch, emsize), all a sequence
+        classifier reads. Its last layer then computes nothing else beyond attention (as
+        MosaicBERT's classifier), and on the CPU no layer computes the padding: the tokens
+        go packed through the layers (kernels.packing)."""
         attn_mask = None if padding_mask is None else padding_mask[:, None, None, :]
-        x = self.bert_embed(src, token_type_input)
-        for layer in self.layers:
-            x = layer(x, attn_mask)
+        packed = packing(padding_mask, src.device) if cls_only else None
+        x = self.bert_embed(src, token_type_input, packed)
+        if packed is not None:
+            attn_mask = packed
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attn_mask, cls_only and i == len(self.layers) - 1)
         return x
 
 
@@ -242,21 +277,51 @@ class MLMTask(nn.Module):
         return self.mlm_head(self.norm_layer(F.gelu(self.mlm_span(output))))
 
 
-class NextSentenceTask(nn.Module):
-    """Pooler (dense + tanh on the <cls> position) and a 2-way classifier."""
+class SequenceClassificationTask(nn.Module):
+    """One score per label for a sequence or a pair (transformers'
+    BertForSequenceClassification): BERT's pooler (dense + tanh on the <cls> position),
+    dropout, then a linear layer to `n_labels` logits. With one label it is a regression
+    head, its one output the predicted value.
 
-    def __init__(self, config):
+    `dropout` on the pooled output: the encoder's (config.dropout) unless given."""
+
+    # The checkpoint names of the two layers; NextSentenceTask keeps the old example's.
+    POOLER, CLASSIFIER = "pooler", "classifier"
+
+    def __init__(self, config, n_labels, dropout=None):
         super().__init__()
         self.bert_model = BertModel(config)
-        # Checkpoint names of the old example: linear_layer is BERT's pooler dense layer,
-        # ns_span the next-sentence classifier.
-        self.linear_layer = nn.Linear(config.emsize, config.emsize)
-        self.ns_span = nn.Linear(config.emsize, 2)
-        init_head(self.linear_layer, self.ns_span)
+        setattr(self, self.POOLER, nn.Linear(config.emsize, config.emsize))
+        self.dropout = Dropout(config.dropout if dropout is None else dropout)
+        setattr(self, self.CLASSIFIER, nn.Linear(config.emsize, n_labels))
+        init_head(self.pooler, self.classifier)
+
+    @property
+    def pooler(self):
+        """BERT's pooler: the dense layer before the tanh."""
+        return self._modules[self.POOLER]
+
+    @property
+    def classifier(self):
+        return self._modules[self.CLASSIFIER]
 
     def forward(self, src, token_type_input=None, padding_mask=None):
-        output = self.bert_model(src, token_type_input, padding_mask)
-        return self.ns_span(torch.tanh(self.linear_layer(output[:, 0])))
+        cls_output = self.bert_model(src, token_type_input, padding_mask, cls_only=True)
+        pooled = torch.tanh(self.pooler(cls_output))
+        return self.classifier(self.dropout(pooled))
+
+
+class NextSentenceTask(SequenceClassificationTask):
+    """The sequence-classification head with 2 labels (1: B follows A), without dropout on
+    the pooled output, as BERT's next-sentence head (and transformers'
+    BertForNextSentencePrediction) has none."""
+
+    # Checkpoint names of the old example: linear_layer is BERT's pooler dense layer,
+    # ns_span the next-sentence classifier.
+    POOLER, CLASSIFIER = "linear_layer", "ns_span"
+
+    def __init__(self, config):
+        super().__init__(config, n_labels=2, dropout=0.0)
 
 
 class QuestionAnswerTask(nn.Module):

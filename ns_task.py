@@ -109,7 +109,7 @@ class NextSentence:
         checkpoint.save_model("ns", model, self.config, self.vocab, self.best_model_path)
 
     def write_outputs(self, model):
-        checkpoint.save_model("encoder", model.bert_model, self.config, self.vocab, self.args.save)
+        checkpoint.save_encoder(model, self.config, self.vocab, self.args.save)
 
 
 def outputs(args):

@@ -317,9 +317,11 @@ class Trainer:
             self.metrics.write(logs.evaluation_row(split, metrics, st.global_step, epoch))
 
     def score(self, metrics):
-        """The task's best_metric as a score where lower is better (QA's: -F1)."""
+        """The task's best_metric as a score where lower is better (QA's: -F1); NaN (a
+        diverged model's correlation, say) is worse than any number."""
         name, direction = self.task.best_metric
-        return -metrics[name] if direction == "max" else metrics[name]
+        score = -metrics[name] if direction == "max" else metrics[name]
+        return math.inf if math.isnan(score) else score
 
     # -- loop ---------------------------------------------------------------
     def fit(self):

@@ -22,7 +22,14 @@ import tempfile
 import torch
 
 from files import UMASK, UserError, load_torch
-from model import BertConfig, BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask
+from model import (
+    BertConfig,
+    BertModel,
+    MLMTask,
+    NextSentenceTask,
+    QuestionAnswerTask,
+    SequenceClassificationTask,
+)
 from tokenizer import load_tokenizer, tokenizer_from_checkpoint
 
 ###############################################################################
@@ -53,6 +60,8 @@ HEAD_NAMES = {
     "mlm_head": "cls.predictions.decoder",
     "linear_layer": "bert.pooler.dense",  # the pooler: dense + tanh on position 0
     "ns_span": "cls.seq_relationship",
+    "pooler": "bert.pooler.dense",  # SequenceClassificationTask's pooler and classifier
+    "classifier": "classifier",
     "qa_span": "qa_outputs",
 }
 # transformers keeps a second copy of the decoder bias, cls.predictions.bias, which it ties to
@@ -69,7 +78,18 @@ KINDS = {  # our checkpoint kind -> (our module, transformers' class)
     "mlm": (MLMTask, "BertForMaskedLM"),
     "ns": (NextSentenceTask, "BertForNextSentencePrediction"),
     "qa": (QuestionAnswerTask, "BertForQuestionAnswering"),
+    "glue": (SequenceClassificationTask, "BertForSequenceClassification"),
 }
+# BERT's pooler (dense + tanh on position 0), which a BertModel folder, a BertForPreTraining
+# and our ns_bert.pt hold beside the encoder: kept as the checkpoint's "pooler" where our
+# model of that kind has no place for it.
+POOLER = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")
+
+
+def new_model(kind, config, n_labels=None):
+    """Our module for a checkpoint of `kind` (a classifier needs its number of labels)."""
+    module, _ = KINDS[kind]
+    return module(config, n_labels) if kind == "glue" else module(config)
 
 
 def transformers_names(key):
@@ -92,9 +112,10 @@ def transformers_names(key):
 
 
 def ours_to_transformers_state_dict(state_dict):
-    """Our state dict (BertModel, MLMTask, NextSentenceTask or QuestionAnswerTask) in
-    transformers' names (BertModel without pooler, BertForMaskedLM,
-    BertForNextSentencePrediction, BertForQuestionAnswering). The MLM decoder bias is also
+    """Our state dict (BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask or
+    SequenceClassificationTask) in transformers' names (BertModel without pooler,
+    BertForMaskedLM, BertForNextSentencePrediction, BertForQuestionAnswering,
+    BertForSequenceClassification). The MLM decoder bias is also
     written as cls.predictions.bias, the copy transformers keeps; our decoder is not tied to
     the word embeddings, so their config needs tie_word_embeddings=False
     (transformers_config says so)."""
@@ -243,6 +264,8 @@ def kind_of(names):
     """Our checkpoint kind for the heads whose weights are present."""
     if "qa_outputs.weight" in names:
         return "qa"
+    if "classifier.weight" in names:
+        return "glue"
     if any(name.startswith("cls.predictions.") for name in names):
         return "mlm"  # BertForPreTraining too: its pooler and NSP head are dropped
     if "cls.seq_relationship.weight" in names:
@@ -264,9 +287,9 @@ def decoder_source(name, theirs, tied):
 def weights_to_ours(theirs, kind, config, tied, where):
     """(our state dict of `kind`, names of their tensors left unused). `theirs` has
     canonical_names; `tied` is config.json's tie_word_embeddings."""
-    module, _ = KINDS[kind]
+    n_labels = len(theirs["classifier.weight"]) if kind == "glue" else None
     with torch.device("meta"):  # names and shapes only, no memory
-        expected = module(config).state_dict()
+        expected = new_model(kind, config, n_labels).state_dict()
     prefix = "bert_model." if kind == "encoder" else ""
     state, used = {}, {"cls.predictions.bias"}  # a copy of the decoder bias, or its source
     for key, like in expected.items():
@@ -288,8 +311,10 @@ def weights_to_ours(theirs, kind, config, tied, where):
 
 def load_folder(folder, flag):
     """What checkpoint.load_checkpoint returns for a .pt file, from a transformers BERT
-    folder: {"kind", "model" (our names), "config", "vocab", "tokenizer"}, plus "dropped",
-    the names of their tensors our model of that kind has no place for (the pooler and
+    folder: {"kind", "model" (our names), "config", "vocab", "tokenizer"}; "pooler" where
+    the folder has BERT's pooler and our model of that kind no place for it (a BertModel, a
+    BertForPreTraining); "labels" and "task" for a BertForSequenceClassification
+    (classifier_labels); and "dropped", the names of their tensors left unused (the
     next-sentence head of a BertForPreTraining, say)."""
     where = f"{flag} {folder}"
     their = read_config(folder, where)
@@ -299,8 +324,36 @@ def load_folder(folder, flag):
     kind = kind_of(weights)
     state, dropped = weights_to_ours(weights, kind, config,
                                      their.get("tie_word_embeddings", True), where)
-    return {"kind": kind, "model": state, "config": config.to_dict(),
-            "vocab": list(tokenizer.itos), "tokenizer": tokenizer.state(), "dropped": dropped}
+    ckpt = {"kind": kind, "model": state, "config": config.to_dict(),
+            "vocab": list(tokenizer.itos), "tokenizer": tokenizer.state()}
+    if set(POOLER) <= set(dropped):
+        ckpt["pooler"] = {name.rpartition(".")[2]: weights[name] for name in POOLER}
+        dropped = [name for name in dropped if name not in POOLER]
+    if kind == "glue":
+        ckpt["labels"] = classifier_labels(their, len(state["classifier.weight"]), where)
+        ckpt["task"] = their.get("finetuning_task") or None
+    return {**ckpt, "dropped": dropped}
+
+
+def classifier_labels(their, n_labels, where):
+    """The label names, in id order, of a BertForSequenceClassification's config.json
+    (its id2label; LABEL_<i> where it has none), or None for a regression model (one
+    output, or problem_type regression)."""
+    problem = their.get("problem_type")
+    if problem == "multi_label_classification":
+        raise UserError(f"{where}: config.json has problem_type {problem!r}; this project's "
+                        "classifier picks one label per example")
+    if problem == "regression" or n_labels == 1:
+        if n_labels != 1:
+            raise UserError(f"{where}: a regression model of {n_labels} outputs; this "
+                            "project's regression head has one")
+        return None
+    id2label = their.get("id2label") or {}
+    labels = [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n_labels)]
+    if not all(isinstance(label, str) for label in labels) or len(set(labels)) < n_labels:
+        raise UserError(f"{where}: config.json's id2label does not name its {n_labels} labels "
+                        "once each")
+    return labels
 
 
 ###############################################################################
@@ -308,30 +361,49 @@ def load_folder(folder, flag):
 ###############################################################################
 
 
-def load_hint(kind, out_dir):
+def load_hint(kind, out_dir, pooler=False):
     """How transformers loads what export wrote."""
-    if kind == "encoder":
-        # Our encoders have no pooler; without the flag transformers adds a random one.
+    if kind == "encoder" and not pooler:
+        # An encoder without pooler (mlm_bert.pt): without the flag transformers adds a
+        # random one.
         return f"AutoModel.from_pretrained({out_dir!r}, add_pooling_layer=False)"
-    auto = {"mlm": "AutoModelForMaskedLM", "ns": "AutoModelForNextSentencePrediction",
-            "qa": "AutoModelForQuestionAnswering"}[kind]
+    auto = {"encoder": "AutoModel", "mlm": "AutoModelForMaskedLM",
+            "ns": "AutoModelForNextSentencePrediction", "qa": "AutoModelForQuestionAnswering",
+            "glue": "AutoModelForSequenceClassification"}[kind]
     return f"{auto}.from_pretrained({out_dir!r})"
 
 
-def write_folder(kind, state, config, tokenizer, folder):
+def head_config(kind, ckpt):
+    """config.json's keys for a classifier ("glue"): its label names both ways (the strings
+    of the predictions files), problem_type and the GLUE task; none for the other kinds."""
+    if kind != "glue":
+        return {}
+    labels = ckpt.get("labels")
+    names = ["LABEL_0"] if labels is None else labels  # regression: transformers' default
+    return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
+            "problem_type": "regression" if labels is None else "single_label_classification",
+            "finetuning_task": ckpt.get("task")}
+
+
+def write_folder(kind, state, config, tokenizer, folder, ckpt=None):
     """Write config.json, model.safetensors and the tokenizer's files into `folder`;
-    returns the names written."""
+    returns the names written. `ckpt`: the checkpoint's other fields (an encoder's pooler,
+    a classifier's labels and task)."""
     from safetensors.torch import save_file
 
+    ckpt = ckpt or {}
     their_config = {"architectures": [KINDS[kind][1]], "model_type": "bert",
-                    **transformers_config(config),
+                    **transformers_config(config), **head_config(kind, ckpt),
                     # Ours, which transformers keeps and ignores: read back by our_config.
                     "trained_len": config.trained_len}
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(their_config, f, indent=2)
     # safetensors wants tensors of their own: no views (the split in_proj), no sharing.
+    their_state = ours_to_transformers_state_dict(state)
+    if kind == "encoder" and ckpt.get("pooler") is not None:  # a BertModel's own names
+        their_state.update({f"pooler.dense.{k}": v for k, v in ckpt["pooler"].items()})
     weights = {name: tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-               for name, tensor in ours_to_transformers_state_dict(state).items()}
+               for name, tensor in their_state.items()}
     weights_file = os.path.join(folder, "model.safetensors")
     save_file(weights, weights_file, metadata={"format": "pt"})
     os.chmod(weights_file, 0o666 & ~UMASK)  # safetensors writes 0600: the umask's mode instead
@@ -347,7 +419,8 @@ def export(ckpt, out_dir, force=False, source="the checkpoint"):
     kind = ckpt.get("kind")
     if kind == "state":
         raise UserError(f"{source}: a training state file; give a model checkpoint instead "
-                        "(full_mlm_model.pt, ns_model.pt, qa_model.pt, mlm_bert.pt, ns_bert.pt)")
+                        "(full_mlm_model.pt, ns_model.pt, qa_model.pt, glue_model.pt, "
+                        "mlm_bert.pt, ns_bert.pt)")
     if kind not in KINDS:
         raise UserError(f"{source}: a checkpoint of kind {kind!r}, which convert.py does not know")
     try:
@@ -355,6 +428,11 @@ def export(ckpt, out_dir, force=False, source="the checkpoint"):
         tokenizer = tokenizer_from_checkpoint(ckpt)
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: its config or tokenizer is unusable ({e})") from None
+    if kind == "glue":
+        labels, rows = ckpt.get("labels"), len(ckpt["model"].get("classifier.weight", ()))
+        if rows != (1 if labels is None else len(labels)):
+            raise UserError(f"{source}: a classifier of {rows} outputs whose checkpoint names "
+                            f"{'no labels' if labels is None else len(labels)} labels")
     if kind == "qa" and config.qa_gelu:
         raise UserError(f"{source}: a QA model with a GELU before its span layer (--qa-gelu); "
                         "transformers' BertForQuestionAnswering has none and would answer "
@@ -368,7 +446,7 @@ def export(ckpt, out_dir, force=False, source="the checkpoint"):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.")
     try:
-        names = write_folder(kind, ckpt["model"], config, tokenizer, tmp)
+        names = write_folder(kind, ckpt["model"], config, tokenizer, tmp, ckpt)
         os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it private: the umask's mode instead
         if os.path.isdir(out_dir) and os.listdir(out_dir):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old.")
@@ -380,5 +458,5 @@ def export(ckpt, out_dir, force=False, source="the checkpoint"):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [f"wrote {out_dir}: a {KINDS[kind][1]} ({', '.join(names)})",
-             f"load it with transformers' {load_hint(kind, out_dir)}"]
+             f"load it with transformers' {load_hint(kind, out_dir, 'pooler' in ckpt)}"]
     return lines

@@ -22,6 +22,7 @@ REAL_VALID = REAL_DATA / "wikitext-2" / "wiki.valid.tokens"
 NOTRE_DAME = REAL_DATA / "squad" / "train-v1.1-notre-dame.json"
 NORMANS = REAL_DATA / "squad" / "dev-v2.0-normans.json"
 BERT_VOCAB = REAL_DATA / "bert-base-uncased" / "vocab.txt"
+REAL_RTE = REAL_DATA / "glue" / "RTE"  # GLUE's RTE: train.tsv, dev.tsv
 
 
 def absent_reason(*paths):

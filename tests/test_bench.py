@@ -127,3 +127,55 @@ def test_loop_task_batches_are_mlm_task_batches():
     assert batch["masked_positions"].shape == (4, round(0.15 * (bench.SEQ_LEN - 1)))
     assert (batch["masked_positions"] > 0).all()
     assert bench.batch_build_ms(tiny_mlm_config(), seed=0, batch_size=4, n=3) > 0
+
+
+###############################################################################
+# --glue
+###############################################################################
+
+
+def test_glue_bench_compares_the_same_loss_and_labels_and_prints_four_ratios(capsys):
+    """bench_glue on a tiny model and synthetic SST-2-like text: ours and theirs compute the
+    same loss on a batch padded to its longest pair and to 128 (dropout 0), the same dev
+    labels in all three evaluations; the last line has the four ratios."""
+    import re
+
+    import bench_glue
+    import glue
+    from classifier import Rows
+
+    train, dev, what = bench_glue.bench_text(None, seed=0)
+    assert what == "synthetic SST-2-like text" and train.texts_b is None
+    words = [len(text.split()) for text in dev.texts_a]
+    assert 15 < sum(words) / len(words) < 24 and max(words) <= 52  # SST-2's dev: 19, 2-52
+    vocab = bench_glue.bench_vocab((train, dev), None)
+    labels = glue.sorted_labels(train.labels)
+    rows = Rows.of(dev, vocab, bench_glue.SEQ_LEN, labels)
+    ours, theirs = bench_glue.glue_models(TINY, vocab, 2, 0.0, CPU, seed=0)
+    batches, tokens = bench_glue.training_batches(rows, vocab.pad_id, 4, 2, 0, CPU)
+    assert tokens == sum(int(b["padding_mask"].sum()) for b in batches["ours"])
+    assert batches["padded"][0]["input_ids"].shape == (4, 128)
+    with torch.no_grad():
+        ours.eval(), theirs.eval()
+        for i in range(2):
+            expected = bench_glue.our_loss(ours, batches["ours"][i])
+            for mode in ("padded", "dynamic"):
+                torch.testing.assert_close(bench_glue.their_loss(theirs, batches[mode][i]),
+                                           expected, atol=1e-5, rtol=0)
+    found = {name: fn() for name, fn in bench_glue.eval_calls(
+        ours, theirs, Rows.of(glue.Examples("d", dev.texts_a[:30], None, dev.labels[:30],
+                                            dev.indices[:30]), vocab, 128, labels),
+        vocab.pad_id, 8, CPU).items()}
+    assert torch.equal(found["ours"], found["padded"]) and torch.equal(found["ours"],
+                                                                       found["dynamic"])
+    train_ratios, eval_ratios = bench_glue.bench_glue(TINY, 4, rounds=1, steps=1, device=CPU,
+                                                      rte_dir=None, vocab_file=None, n_eval=16)
+    line = bench_glue.summary(train_ratios, eval_ratios)
+    assert re.fullmatch(r"glue_train_padded [\d.]+ glue_train_dynamic [\d.]+ glue_eval_padded "
+                        r"[\d.]+ glue_eval_dynamic [\d.]+", line), line
+    assert all(r > 0 for r in (*train_ratios.values(), *eval_ratios.values()))
+    assert "glue eval: ours" in capsys.readouterr().out
+
+
+def test_glue_flag():
+    assert bench.parse_args(["--glue"]).glue

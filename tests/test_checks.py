@@ -85,6 +85,9 @@ DAMAGED = {  # file: (the file it is a copy of, the field replaced, its new valu
     "kind_list.pt": ("mlm_bert.pt", "kind", ["encoder"]),
     "windowing_list.pt": ("mlm_bert.pt", "windowing", [128]),
     "squad_v2_text.pt": ("mlm_bert.pt", "squad_v2", "yes"),
+    "pooler_list.pt": ("ns_bert.pt", "pooler", [1]),
+    "pooler_numbers.pt": ("ns_bert.pt", "pooler", {"weight": 3}),
+    "labels_numbers.pt": ("mlm_bert.pt", "labels", [0, 1]),
 }
 
 
@@ -188,6 +191,12 @@ CASES = {
     "squad_v2 text": ("qa_task.py", ["--predict", "--qa-model", "squad_v2_text.pt",
                                      "--question", "q", "--context", "c"],
                       "squad_v2_text.pt: its 'squad_v2' is a str, not a bool"),
+    "pooler a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "pooler_list.pt"],
+                      "pooler_list.pt: its 'pooler' is a list, not a dict"),
+    "pooler of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "pooler_numbers.pt"],
+                          "pooler_numbers.pt: its 'pooler' is not a state dict of named tensors"),
+    "labels of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "labels_numbers.pt"],
+                          "labels_numbers.pt: its 'labels' is not a list of label names"),
     "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "negative.pt"],
                                   "emsize -16: must be a positive integer"),
     # sizes that make no model: refused before the vocabulary is built (a new vocab file

@@ -22,7 +22,13 @@ import convert  # noqa: E402
 import flags as cli  # noqa: E402
 import tokenizer as tok  # noqa: E402
 import transformers_format  # noqa: E402
-from model import BertConfig, MLMTask, NextSentenceTask, QuestionAnswerTask  # noqa: E402
+from model import (  # noqa: E402
+    BertConfig,
+    MLMTask,
+    NextSentenceTask,
+    QuestionAnswerTask,
+    SequenceClassificationTask,
+)
 
 ATOL = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +94,7 @@ def assert_same_outputs(ours, theirs):
         elif isinstance(ours, MLMTask):
             logits = out.prediction_logits if "prediction_logits" in out else out.logits
             pairs = [(ours(ids, None, types, real), logits)]
-        elif isinstance(ours, NextSentenceTask):
+        elif isinstance(ours, SequenceClassificationTask):  # NextSentenceTask too
             torch.testing.assert_close(ours(ids, types, real), out.logits, atol=ATOL, rtol=0)
             return
         else:
@@ -100,8 +106,9 @@ def assert_same_outputs(ours, theirs):
 
 def ours_from(folder):
     ckpt = checkpoint.load_checkpoint(str(folder), "--bert-model")
-    module, _ = transformers_format.KINDS[ckpt["kind"]]
-    model = module(BertConfig.from_dict(ckpt["config"]))
+    n_labels = len(ckpt["model"]["classifier.weight"]) if ckpt["kind"] == "glue" else None
+    model = transformers_format.new_model(ckpt["kind"], BertConfig.from_dict(ckpt["config"]),
+                                          n_labels)
     model.load_state_dict(ckpt["model"], strict=True)
     return ckpt, model.eval()
 
@@ -136,10 +143,13 @@ def test_transformers_mlm_models_give_the_same_logits_through_ours(tmp_path, cls
     ckpt, ours = ours_from(folder)
     assert ckpt["kind"] == "mlm"
     pretraining = cls is transformers.BertForPreTraining
-    # Our MLMTask has no pooler or next-sentence head: those are reported as dropped.
-    assert ckpt["dropped"] == (["bert.pooler.dense.bias", "bert.pooler.dense.weight",
-                                "cls.seq_relationship.bias", "cls.seq_relationship.weight"]
+    # Our MLMTask has no pooler or next-sentence head: the pooler is kept beside it (a
+    # classifier fine-tuned from the folder starts from it), the head reported as dropped.
+    assert ckpt["dropped"] == (["cls.seq_relationship.bias", "cls.seq_relationship.weight"]
                                if pretraining else [])
+    assert ("pooler" in ckpt) == pretraining
+    if pretraining:
+        assert_pooler_is_theirs(ckpt, theirs)
     assert_same_outputs(ours, theirs)
 
 
@@ -158,6 +168,68 @@ def test_transformers_next_sentence_model_gives_the_same_logits_through_ours(tmp
     ckpt, ours = ours_from(save_their(theirs, tmp_path))
     assert ckpt["kind"] == "ns"
     assert_same_outputs(ours, theirs)
+
+
+def assert_pooler_is_theirs(ckpt, theirs):
+    """A classifier started from `ckpt` (as glue_task.py starts one) pools <cls> as the
+    transformers model it came from: its pretrained pooler, not a new one."""
+    start = checkpoint.starting_weights(ckpt, "glue", "folder")
+    assert start.part == "encoder" and start.pooler is not None
+    ours = checkpoint.task_model(SequenceClassificationTask, BertConfig.from_dict(ckpt["config"]),
+                                 start, "folder", torch.device("cpu"), n_labels=2).eval()
+    ids, types, real = batch(len(WORDS))
+    base = theirs.bert if hasattr(theirs, "bert") else theirs
+    with torch.no_grad():
+        expected = base(input_ids=ids, token_type_ids=types,
+                        attention_mask=real.long()).pooler_output
+        got = torch.tanh(ours.pooler(ours.bert_model(ids, types, real)[:, 0]))
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_transformers_encoder_with_pooler_keeps_it(tmp_path):
+    torch.manual_seed(0)
+    theirs = perturb(transformers.BertModel(their_model(transformers.BertModel).config))
+    ckpt, ours = ours_from(save_their(theirs, tmp_path))
+    assert ckpt["kind"] == "encoder" and ckpt["dropped"] == []
+    assert sorted(ckpt["pooler"]) == ["bias", "weight"]
+    assert_same_outputs(ours, theirs)
+    assert_pooler_is_theirs(ckpt, theirs)
+    # Written back out, the folder is a BertModel with its pooler: nothing missing.
+    convert.main([str(tmp_path), str(tmp_path / "out")])
+    again = load_theirs(transformers.AutoModel, tmp_path / "out")
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_transformers_next_sentence_model_gives_its_pooler(tmp_path):
+    theirs = their_model(transformers.BertForNextSentencePrediction)
+    ckpt = checkpoint.load_checkpoint(str(save_their(theirs, tmp_path)), "--bert-model")
+    assert ckpt["kind"] == "ns" and "pooler" not in ckpt  # the pooler is the model's own
+    assert_pooler_is_theirs(ckpt, theirs)
+
+
+@pytest.mark.parametrize("labels", [["contradiction", "entailment", "neutral"], None])
+def test_transformers_sequence_classifier_is_read_with_its_labels(tmp_path, labels):
+    """A BertForSequenceClassification folder (as run_glue writes it: id2label, problem_type,
+    finetuning_task) reads as our "glue" checkpoint, label names in id order, the same
+    logits; one output with problem_type regression has labels None."""
+    n = 1 if labels is None else len(labels)
+    names = labels or ["LABEL_0"]
+    theirs = their_model(transformers.BertForSequenceClassification, num_labels=n,
+                         id2label=dict(enumerate(names)), finetuning_task="mnli",
+                         problem_type="single_label_classification" if labels else "regression")
+    ckpt, ours = ours_from(save_their(theirs, tmp_path))
+    assert ckpt["kind"] == "glue" and ckpt["labels"] == labels and ckpt["task"] == "mnli"
+    assert ckpt["dropped"] == [] and "pooler" not in ckpt
+    assert_same_outputs(ours, theirs)
+    assert checkpoint.starting_weights(ckpt, "glue", "f").labels == labels
+
+
+def test_a_multi_label_classifier_is_refused(tmp_path):
+    theirs = their_model(transformers.BertForSequenceClassification, num_labels=3,
+                         problem_type="multi_label_classification")
+    with pytest.raises(checkpoint.UserError, match="picks one label per example"):
+        checkpoint.load_checkpoint(str(save_their(theirs, tmp_path)), "--model")
 
 
 def test_a_cache_snapshot_folder_of_links_is_read(tmp_path):
@@ -250,12 +322,18 @@ def tiny_config(**overrides):
     return BertConfig(**{**fields, **overrides})
 
 
-def our_checkpoint(tmp_path, kind, module, tokenizer="wordpiece", **overrides):
-    """A checkpoint dict as our scripts save it, of a perturbed random `module`."""
+def our_checkpoint(tmp_path, kind, module, tokenizer="wordpiece", head=None, **overrides):
+    """A checkpoint dict as our scripts save it, of a perturbed random `module` (`head`:
+    a classifier's label names, a list or None)."""
     torch.manual_seed(0)
     config = tiny_config(**overrides)
-    model = perturb(module(config))
+    if kind == "glue":
+        model = perturb(module(config, 1 if head is None else len(head)))
+    else:
+        model = perturb(module(config))
     ckpt = {"kind": kind, "model": model.state_dict(), "config": config.to_dict()}
+    if kind == "glue":
+        ckpt.update(labels=head, task="RTE" if head else "STS-B", bptt=64)
     if tokenizer == "wordpiece":
         write_vocab(tmp_path)
         ckpt.update(vocab=WORDS, tokenizer=tok.load_tokenizer(tmp_path / "vocab.txt").state())
@@ -304,6 +382,70 @@ def test_exported_ns_model_loads_in_transformers_with_our_logits(tmp_path):
     # AutoModel finds its encoder and pooler there, nothing missing.
     encoder = load_theirs(transformers.AutoModel, folder, heads_left_out=True)
     assert_same_outputs(ours.bert_model, encoder)
+
+
+@pytest.mark.parametrize("labels", [["entailment", "not_entailment"], None])
+def test_exported_classifier_loads_in_transformers_with_our_logits_and_labels(
+        tmp_path, capsys, labels):
+    """glue_model.pt -> a BertForSequenceClassification folder: nothing missing, our label
+    names both ways, problem_type set, the same logits; transformers' text-classification
+    pipeline answers with our label and probability (the value itself for regression)."""
+    ckpt, ours = our_checkpoint(tmp_path, "glue", SequenceClassificationTask, head=labels)
+    folder = export_to(tmp_path, ckpt)
+    assert "AutoModelForSequenceClassification.from_pretrained" in capsys.readouterr().out
+    theirs = load_theirs(transformers.AutoModelForSequenceClassification, folder)
+    names = labels or ["LABEL_0"]
+    assert theirs.config.id2label == dict(enumerate(names))
+    assert theirs.config.label2id == {n: i for i, n in enumerate(names)}
+    assert theirs.config.problem_type == ("single_label_classification" if labels
+                                          else "regression")
+    assert theirs.config.finetuning_task == ckpt["task"]
+    assert_same_outputs(ours, theirs)
+    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    for a, b in [("the cat sat", "on the mat"), ("who sat ?", "the cat")]:
+        got = pipe({"text": a, "text_pair": b})
+        got = got[0] if isinstance(got, list) else got
+        enc = tokenizer(a, b, return_tensors="pt")
+        with torch.no_grad():
+            logits = ours(enc["input_ids"], enc["token_type_ids"])[0]
+        if labels is None:
+            assert got["label"] == "LABEL_0"
+            assert got["score"] == pytest.approx(float(logits[0]), abs=1e-5)
+        else:
+            assert got["label"] == labels[int(logits.argmax())]
+            assert got["score"] == pytest.approx(float(logits.softmax(-1).max()), abs=1e-5)
+
+
+def test_export_then_import_keeps_a_classifiers_labels_bitwise(tmp_path):
+    ckpt, _ = our_checkpoint(tmp_path, "glue", SequenceClassificationTask,
+                             head=["contradiction", "entailment", "neutral"])
+    again = checkpoint.load_checkpoint(str(export_to(tmp_path, ckpt)), "--model")
+    assert again["kind"] == "glue" and again["labels"] == ckpt["labels"]
+    assert again["task"] == "RTE"
+    for key, value in ckpt["model"].items():
+        assert torch.equal(again["model"][key], value), key
+
+
+def test_exported_encoder_with_pooler_loads_in_transformers_with_it(tmp_path, capsys):
+    """ns_bert.pt holds ns_task.py's pooler beside the encoder: the export is a BertModel
+    with that pooler, which transformers loads with nothing missing."""
+    ckpt, model = our_checkpoint(tmp_path, "ns", NextSentenceTask)
+    encoder = {"kind": "encoder", "model": model.bert_model.state_dict(),
+               "pooler": model.linear_layer.state_dict(),
+               **{k: ckpt[k] for k in ("config", "vocab", "tokenizer")}}
+    folder = export_to(tmp_path, encoder)
+    out = capsys.readouterr().out
+    assert "AutoModel.from_pretrained" in out and "add_pooling_layer" not in out
+    theirs = load_theirs(transformers.AutoModel, folder)
+    assert_same_outputs(model.bert_model, theirs)
+    ids, types, real = batch(len(WORDS))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, token_type_ids=types, attention_mask=real.long())
+        pooled = torch.tanh(model.linear_layer(model.bert_model(ids, types, real)[:, 0]))
+    torch.testing.assert_close(pooled, expected.pooler_output, atol=ATOL, rtol=0)
+    again = checkpoint.load_checkpoint(str(folder), "--bert-model")
+    assert all(torch.equal(again["pooler"][k], v) for k, v in encoder["pooler"].items())
 
 
 def test_exported_encoder_loads_in_transformers_without_pooler(tmp_path, capsys):

@@ -5,6 +5,8 @@ Tiny fp32 configs, dropout 0 unless a test is about dropout; weights and config 
 transformers_format.ours_to_transformers_state_dict and transformers_format.their_bert_config.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from model import (  # noqa: E402
     MLMTask,
     NextSentenceTask,
     QuestionAnswerTask,
+    SequenceClassificationTask,
     padding_mask,
 )
 from transformers_format import ours_to_transformers_state_dict, their_bert_config  # noqa: E402
@@ -30,18 +33,22 @@ def tiny_config(**overrides):
     return BertConfig(**{**fields, **overrides})
 
 
-def make_pair(ours_cls, theirs_cls, attn_implementation="sdpa", **overrides):
-    """Our module and transformers' counterpart with identical weights, both in eval mode."""
+def make_pair(ours_cls, theirs_cls, attn_implementation="sdpa", num_labels=None, **overrides):
+    """Our module and transformers' counterpart with identical weights, both in eval mode
+    (`num_labels`: of a sequence classifier)."""
     torch.manual_seed(0)
     config = tiny_config(**overrides)
-    ours = ours_cls(config)
+    ours = ours_cls(config) if num_labels is None else ours_cls(config, num_labels)
     # Non-default values everywhere (LayerNorm weights are 1, biases 0 at init) so that a
     # swapped or missing parameter cannot hide behind its initial value.
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(0.1 * torch.randn_like(p))
     kwargs = {"add_pooling_layer": False} if theirs_cls is transformers.BertModel else {}
-    theirs = theirs_cls(their_bert_config(config, attn_implementation), **kwargs)
+    their_config = their_bert_config(config, attn_implementation)
+    if num_labels is not None:
+        their_config.num_labels = num_labels
+    theirs = theirs_cls(their_config, **kwargs)
     theirs.load_state_dict(ours_to_transformers_state_dict(ours.state_dict()), strict=True)
     return config, ours.eval(), theirs.eval()
 
@@ -65,10 +72,12 @@ def test_mapping_covers_every_parameter():
         (MLMTask, transformers.BertForMaskedLM),
         (QuestionAnswerTask, transformers.BertForQuestionAnswering),
         (NextSentenceTask, transformers.BertForNextSentencePrediction),
+        (functools.partial(SequenceClassificationTask, n_labels=2),
+         transformers.BertForSequenceClassification),
     ]:
         mapped = ours_to_transformers_state_dict(ours_cls(config).state_dict())
         expected = theirs_cls(their_bert_config(config)).state_dict()
-        assert set(mapped) == set(expected), ours_cls.__name__
+        assert set(mapped) == set(expected), ours_cls
         for key, value in mapped.items():
             assert value.shape == expected[key].shape, key
 
@@ -153,6 +162,21 @@ def test_next_sentence_logits_match_transformers():
             input_ids=ids, token_type_ids=token_types, attention_mask=ids.ne(config.pad_id).long()
         ).logits
         got = ours(ids, token_types, padding_mask(ids, config.pad_id))
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("num_labels", [3, 1])  # 1: regression
+def test_sequence_classification_logits_match_transformers(num_labels):
+    config, ours, theirs = make_pair(SequenceClassificationTask,
+                                     transformers.BertForSequenceClassification,
+                                     num_labels=num_labels)
+    ids, token_types = make_batch(config, padded=True)
+    with torch.no_grad():
+        expected = theirs(
+            input_ids=ids, token_type_ids=token_types, attention_mask=ids.ne(config.pad_id).long()
+        ).logits
+        got = ours(ids, token_types, padding_mask(ids, config.pad_id))
+    assert got.shape == (len(ids), num_labels)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 

@@ -44,3 +44,16 @@ def test_fast_dropout_keeps_1_minus_p_and_rescales():
     torch.testing.assert_close(x.grad, kept.float() / 0.8)
     assert kernels.dropout(x, 0.2, training=False) is x
     assert (kernels.Dropout(0.5).eval()(x) == x).all()
+
+
+def test_packing_keeps_the_real_tokens_in_order_and_puts_them_back():
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False],
+                         [True, True, True, True]])
+    x = torch.arange(12.0).view(3, 4, 1).expand(3, 4, 2)
+    packing = kernels.packing(mask, torch.device("cpu"))
+    packed = packing.pack(x)
+    assert packed[:, 0].tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    assert packing.first_tokens(packed)[:, 0].tolist() == [0, 4, 8]  # each row's <cls>
+    assert torch.equal(packing.unpack(packed), x * mask[..., None])
+    assert kernels.packing(torch.ones(2, 3, dtype=torch.bool), torch.device("cpu")) is None
+    assert kernels.packing(None, torch.device("cpu")) is None

@@ -1,5 +1,6 @@
 """model.py: shapes, padding never attended, masked-only MLM head, BERT init, config."""
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from model import (
     MLMTask,
     NextSentenceTask,
     QuestionAnswerTask,
+    SequenceClassificationTask,
     init_bert_weights,
     padding_mask,
 )
@@ -26,9 +28,10 @@ def tiny_config(**overrides):
     return BertConfig(**{**fields, **overrides})
 
 
-def make_model(cls, seed=0, **overrides):
+def make_model(cls, seed=0, n_labels=None, **overrides):
     torch.manual_seed(seed)
-    model = cls(tiny_config(**overrides))
+    head = {} if n_labels is None else {"n_labels": n_labels}
+    model = cls(tiny_config(**overrides), **head)
     # Off the initial values, so that a LayerNorm or bias that is skipped shows up.
     with torch.no_grad():
         for p in model.parameters():
@@ -58,6 +61,8 @@ def test_shapes():
     masked_positions = torch.tensor([[1, 4], [2, 3], [5, 7]])
     assert mlm(ids, masked_positions).shape == (6, 50)
     assert make_model(NextSentenceTask)(ids, types).shape == (3, 2)
+    assert make_model(SequenceClassificationTask, n_labels=3)(ids, types).shape == (3, 3)
+    assert make_model(SequenceClassificationTask, n_labels=1)(ids, types).shape == (3, 1)
     start, end = make_model(QuestionAnswerTask)(ids, types)
     assert start.shape == end.shape == (3, 12)
 
@@ -83,6 +88,9 @@ def test_padding_is_never_attended(extra):
         ns = make_model(NextSentenceTask)
         torch.testing.assert_close(ns(padded_ids, padded_types, padded_mask),
                                    ns(ids, types, mask), atol=1e-5, rtol=0)
+        classifier = make_model(SequenceClassificationTask, n_labels=3)
+        torch.testing.assert_close(classifier(padded_ids, padded_types, padded_mask),
+                                   classifier(ids, types, mask), atol=1e-5, rtol=0)
         qa = make_model(QuestionAnswerTask)
         for got, expected in zip(qa(padded_ids, padded_types, padded_mask), qa(ids, types, mask)):
             torch.testing.assert_close(got[:, :12][real], expected[real], atol=1e-5, rtol=0)
@@ -128,7 +136,8 @@ def test_masked_only_head_gradients_equal_full_head_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("cls", [BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask])
+@pytest.mark.parametrize("cls", [BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask,
+                                 partial(SequenceClassificationTask, n_labels=3)])
 def test_bert_init(cls):
     torch.manual_seed(0)
     model = cls(BertConfig(vocab_size=2000, emsize=128, nhead=4, nhid=256, nlayers=2))
@@ -200,11 +209,12 @@ def test_task_heads_keep_the_encoders_initial_weights():
     as building the BertModel alone."""
     torch.manual_seed(0)
     encoder = BertModel(tiny_config())
-    for cls in (MLMTask, NextSentenceTask, QuestionAnswerTask):
+    for cls in (MLMTask, NextSentenceTask, QuestionAnswerTask,
+                partial(SequenceClassificationTask, n_labels=2)):
         torch.manual_seed(0)
         task = cls(tiny_config())
         for (name, a), b in zip(encoder.state_dict().items(), task.bert_model.state_dict().values()):
-            assert torch.equal(a, b), (cls.__name__, name)
+            assert torch.equal(a, b), (cls, name)
 
 
 def test_checkpoints_of_the_old_layout_load_and_answer_the_same():
@@ -233,3 +243,90 @@ def test_checkpoints_of_the_old_layout_load_and_answer_the_same():
             else:
                 got = model(ids, types, mask)
         torch.testing.assert_close(got, fixture[kind]["expected"], atol=1e-5, rtol=1e-5)
+
+
+def test_next_sentence_is_the_classification_head_with_two_labels_and_no_dropout():
+    """NextSentenceTask computes what SequenceClassificationTask with 2 labels computes
+    (the same weights under the old example's names), with no dropout on the pooled
+    output; the classification head drops out with the encoder's probability."""
+    ns = make_model(NextSentenceTask, dropout=0.3)
+    classifier = SequenceClassificationTask(tiny_config(dropout=0.3), n_labels=2)
+    renamed = {k.replace("linear_layer.", "pooler.").replace("ns_span.", "classifier."): v
+               for k, v in ns.state_dict().items()}
+    classifier.load_state_dict(renamed, strict=True)
+    assert ns.pooler is ns.linear_layer and ns.classifier is ns.ns_span
+    assert ns.dropout.p == 0.0 and classifier.dropout.p == 0.3
+    ids, types = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ns(ids, types), classifier.eval()(ids, types), rtol=0, atol=0)
+        # In training, the classifier's dropout on the pooled output moves its logits.
+        classifier.train()
+        classifier.bert_model.eval()  # the encoder's own dropout off: only the head's
+        torch.manual_seed(0)
+        assert not torch.allclose(classifier(ids, types), ns(ids, types))
+
+
+def test_classification_head_is_berts_pooler_dropout_linear():
+    model = make_model(SequenceClassificationTask, n_labels=3)
+    ids, types = batch()
+    with torch.no_grad():
+        hidden = model.bert_model(ids, types)
+        expected = model.classifier(torch.tanh(model.pooler(hidden[:, 0])))
+        torch.testing.assert_close(model(ids, types), expected, rtol=0, atol=1e-6)
+    assert [name for name, _ in model.named_children()] == [
+        "bert_model", "pooler", "dropout", "classifier"]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cls_only_is_the_full_encoders_cls_output_with_the_same_gradients(padded):
+    """BertModel(..., cls_only=True) (the classifier's path: the last layer at <cls> alone,
+    and on the CPU the padding packed away) gives position 0 of the full output, and the
+    same gradients to every weight."""
+    ids, types = batch(batch_size=4, seq=12)
+    if padded:
+        ids[1, 7:], ids[3, 3:] = PAD, PAD
+        types[1, 7:], types[3, 3:] = 0, 0
+    mask = padding_mask(ids, PAD)
+    grads, outputs = [], []
+    for cls_only in (True, False):
+        encoder = make_model(BertModel).train()  # dropout 0: the same function
+        out = encoder(ids, types, mask, cls_only=cls_only)
+        out = out if cls_only else out[:, 0]
+        (out * torch.arange(32.0)).sum().backward()
+        outputs.append(out)
+        grads.append({n: p.grad for n, p in encoder.named_parameters()})
+    assert outputs[0].shape == (4, 32)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_classifier_in_training_never_reads_padding():
+    """With dropout, the packed path: other tokens at the padding change no logit."""
+    torch.manual_seed(0)
+    model = SequenceClassificationTask(tiny_config(dropout=0.3), 3).train()
+    ids, types = batch(batch_size=3, seq=12)
+    ids[0, 5:], ids[2, 9:] = PAD, PAD
+    mask = padding_mask(ids, PAD)
+    torch.manual_seed(5)
+    got = model(ids, types, mask)
+    torch.manual_seed(5)
+    other = model(torch.where(mask, ids, 7), types, mask)
+    torch.testing.assert_close(got, other, atol=0, rtol=0)
+
+
+def test_cls_only_without_packing_is_the_same(monkeypatch):
+    """The padded layout cls_only takes on a GPU (no packing) gives the packed one's."""
+    import model as model_module
+
+    ids, types = batch(batch_size=3, seq=10)
+    ids[0, 6:] = PAD
+    mask = padding_mask(ids, PAD)
+    encoder = make_model(BertModel)
+    with torch.no_grad():
+        packed = encoder(ids, types, mask, cls_only=True)
+        monkeypatch.setattr(model_module, "packing", lambda *args: None)
+        padded = encoder(ids, types, mask, cls_only=True)
+        full = encoder(ids, types, mask)[:, 0]
+    torch.testing.assert_close(padded, packed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, full, atol=1e-5, rtol=0)

@@ -11,7 +11,10 @@ must agree to 1e-5 relative.
 
 QA, --span-loss bert: the reference as it is (padding counts in its start/end softmax).
 QA, --span-loss masked (the default): the reference with its padding logits set to -inf
-before its own cross-entropy. MLM: fixed masks, the Trainer's own optimizer step.
+before its own cross-entropy. MLM: fixed masks, the Trainer's own optimizer step. GLUE
+(glue_task.py; a classification and a regression task): BertForSequenceClassification with
+its pretrained pooler and classifier, run_glue.py's features (pairs cut longest-first,
+padded to max_seq_length; ours are padded to the longest pair), to 2e-5 relative.
 """
 
 import json
@@ -20,21 +23,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BERT_VOCAB, NOTRE_DAME
+from conftest import BERT_VOCAB, NOTRE_DAME, REAL_RTE
 
 transformers = pytest.importorskip("transformers")
 
 import checkpoint  # noqa: E402
 import distributed  # noqa: E402
 import flags as cli  # noqa: E402
+import glue  # noqa: E402
+import glue_task  # noqa: E402
 import mlm_task  # noqa: E402
 import optimizer  # noqa: E402
 import qa_task  # noqa: E402
+import sentences  # noqa: E402
 import squad  # noqa: E402
 import tokenizer as tok  # noqa: E402
 import trainer  # noqa: E402
 import transformers_format  # noqa: E402
-from model import BertConfig, MLMTask, QuestionAnswerTask  # noqa: E402
+from model import BertConfig, MLMTask, QuestionAnswerTask, SequenceClassificationTask  # noqa: E402
 from windows import Windowing, collate, make_windows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,12 +249,12 @@ def our_qa_run(model_dir, train, n_windows, span_loss, tmp_path, monkeypatch):
     return [row["loss"] for row in rows], [row["lr"] for row in rows]
 
 
-def assert_same_steps(ours, theirs):
-    """Losses and lrs of every step agree to RTOL relative."""
+def assert_same_steps(ours, theirs, rtol=RTOL):
+    """Losses and lrs of every step agree to `rtol` relative."""
     for name, got, expected in zip(("loss", "lr"), ours, theirs):
         assert len(got) == len(expected) == STEPS
         for step, (a, b) in enumerate(zip(got, expected), start=1):
-            assert abs(a - b) <= RTOL * abs(b), f"{name} of step {step}: ours {a}, theirs {b}"
+            assert abs(a - b) <= rtol * abs(b), f"{name} of step {step}: ours {a}, theirs {b}"
 
 
 def test_our_windows_are_run_qa_features(qa_setup):
@@ -267,13 +273,17 @@ def test_weight_decay_groups_are_transformers_trainers(qa_setup):
     model_dir = qa_setup[0]
     ckpt = checkpoint.load_checkpoint(str(model_dir), "--bert-model")
     ours = QuestionAnswerTask(BertConfig.from_dict(ckpt["config"]))
+    assert_decay_groups_are_their_trainers(
+        ours, transformers.BertForQuestionAnswering.from_pretrained(model_dir))
+
+
+def assert_decay_groups_are_their_trainers(ours, theirs):
     names = {id(p): n for n, p in ours.named_parameters()}
     groups = optimizer.param_groups(ours, WEIGHT_DECAY)
     decayed = {their for p in groups[0]["params"]
                for their in transformers_format.transformers_names(names[id(p)])}
     not_decayed = {their for p in groups[1]["params"]
                    for their in transformers_format.transformers_names(names[id(p)])}
-    theirs = transformers.BertForQuestionAnswering.from_pretrained(model_dir)
     their_decay = decay_names_of_their_trainer(theirs)
     assert decayed == their_decay
     assert not_decayed == {n for n, _ in theirs.named_parameters()} - their_decay
@@ -398,3 +408,144 @@ def test_mlm_training_equals_transformers_step_for_step(tmp_path, monkeypatch):
           max(abs(a - b) / abs(b) for a, b in zip(our_losses, their_losses)))
     assert_same_steps((our_losses, our_lrs), (their_losses, their_lrs))
     assert their_losses[-1] < their_losses[0] - 0.1  # it trained: the steps did something
+
+
+###############################################################################
+# GLUE: sequence classification and regression
+###############################################################################
+
+GLUE_RTOL = 2e-5
+N_PAIRS = 16
+
+
+def glue_pairs(seed=0):
+    """(sentence1, sentence2) pairs: RTE's first training pairs (some longer than BPTT
+    tokens together) when the real data is there, else sentences of WORDS."""
+    rte = REAL_RTE / "train.tsv"
+    if rte.is_file():
+        rows = [line.split("\t") for line in rte.read_text(encoding="utf-8").splitlines()[1:]]
+        return [(a, b) for _, a, b, _ in rows[:N_PAIRS]]
+    import random
+
+    rng = random.Random(seed)
+    words = WORDS[31:]
+    return [(" ".join(rng.choices(words, k=rng.randrange(4, 90))),
+             " ".join(rng.choices(words, k=rng.randrange(2, 60)))) for _ in range(N_PAIRS)]
+
+
+@pytest.fixture(scope="module", params=["classification", "regression"])
+def glue_setup(request, tmp_path_factory):
+    """(folder of a tiny BertForSequenceClassification and its tokenizer, data dir, task,
+    labels): RTE's labels (entailment, not_entailment) or STS-B's scores, N_PAIRS training
+    pairs in the task's GLUE layout and 4 dev pairs."""
+    regression = request.param == "regression"
+    task = glue.TASKS["STS-B" if regression else "RTE"]
+    folder = tmp_path_factory.mktemp(f"glue-{request.param}")
+    if REAL_VOCAB.is_file():
+        vocab_file = REAL_VOCAB
+    else:
+        vocab_file = folder / "vocab.txt"
+        vocab_file.write_text("".join(w + "\n" for w in WORDS), encoding="utf-8")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab_file))
+    g = torch.Generator().manual_seed(2)
+    pairs = glue_pairs()
+    labels = ([round(float(x), 3) for x in torch.rand(N_PAIRS, generator=g) * 5] if regression
+              else [task.labels[int(i)] for i in torch.randint(2, (N_PAIRS,), generator=g)])
+    data = folder / "data" / "glue" / task.name
+    data.mkdir(parents=True)
+    header = "index\tsentence1\tsentence2\t" + ("score" if regression else "label")
+    for name, rows in (("train.tsv", range(N_PAIRS)), ("dev.tsv", range(4))):
+        (data / name).write_text("\n".join([header] + [
+            f"{i}\t{pairs[i][0]}\t{pairs[i][1]}\t{labels[i]}" for i in rows]) + "\n")
+    torch.manual_seed(0)
+    names = ["LABEL_0"] if regression else list(task.labels)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=BPTT, pad_token_id=0,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        problem_type="regression" if regression else "single_label_classification")
+    model = transformers.BertForSequenceClassification(config)
+    with torch.no_grad():  # a pretrained pooler and classifier: not their initial values
+        for p in (*model.bert.pooler.parameters(), *model.classifier.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return folder / "model", folder / "data", task, labels
+
+
+def their_glue_features(model_dir, data_dir, task, labels):
+    """run_glue.py's features: the pair cut longest-first to max_seq_length, padded to it
+    (its default, pad_to_max_length); label ids in the task's order, or the scores."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    rows = [line.split("\t") for line in
+            (data_dir / "glue" / task.name / "train.tsv").read_text().splitlines()[1:]]
+    enc = tokenizer([r[1] for r in rows], [r[2] for r in rows], truncation=True,
+                    max_length=BPTT, padding="max_length", return_tensors="pt")
+    if task.is_regression:
+        enc["labels"] = torch.tensor([float(x) for x in labels])
+    else:
+        enc["labels"] = torch.tensor([task.labels.index(x) for x in labels])
+    return dict(enc)
+
+
+def test_our_pair_rows_are_run_glue_features(glue_setup):
+    model_dir, data_dir, task, labels = glue_setup
+    theirs = their_glue_features(model_dir, data_dir, task, labels)
+    examples = glue.read_task_file(data_dir / "glue" / task.name / "train.tsv", task, "train")
+    vocab = tok.load_tokenizer(model_dir)
+    encoded = sentences.encode(examples.texts_a, examples.texts_b, vocab, BPTT)
+    ours = sentences.pair_batch(encoded, None, vocab.pad_id, 0, torch.arange(N_PAIRS), BPTT)
+    if REAL_VOCAB.is_file():
+        assert encoded.truncated > 0  # some pairs are cut to BPTT tokens
+    torch.testing.assert_close(ours["inputs"], theirs["input_ids"], rtol=0, atol=0)
+    torch.testing.assert_close(ours["token_types"], theirs["token_type_ids"], rtol=0, atol=0)
+    torch.testing.assert_close(ours["padding_mask"], theirs["attention_mask"].bool(), rtol=0,
+                               atol=0)
+
+
+def our_glue_run(model_dir, data_dir, task, tmp_path, monkeypatch):
+    """(losses, lrs) of STEPS steps of glue_task.py, from its metrics log: every training
+    pair in one batch, one step an epoch."""
+    metrics = tmp_path / "glue.jsonl"
+    argv = list(map(str, [
+        "--bert-model", model_dir, "--task", task.name, "--data-dir", data_dir,
+        "--device", "cpu", "--bptt", BPTT, "--batch_size", N_PAIRS, "--epochs", STEPS,
+        "--optimizer", "adamw", "--lr", LR, "--weight-decay", WEIGHT_DECAY,
+        "--schedule", "linear", "--warmup", WARMUP, "--clip", CLIP, "--log-interval", 1,
+        "--metrics-file", metrics, "--save", tmp_path / "glue.pt",
+        "--state-file", tmp_path / "state.pt", "--predictions", tmp_path / "p.tsv",
+        "--save-vocab", tmp_path / "v.pt", "--no-progress"]))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    glue_task.main(cli.parse_args(glue_task.get_parser(), argv), distributed.DistInfo())
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    return [row["loss"] for row in rows], [row["lr"] for row in rows]
+
+
+def test_glue_weight_decay_groups_are_transformers_trainers(glue_setup):
+    model_dir = glue_setup[0]
+    ckpt = checkpoint.load_checkpoint(str(model_dir), "--bert-model")
+    ours = SequenceClassificationTask(BertConfig.from_dict(ckpt["config"]),
+                                      len(ckpt["model"]["classifier.weight"]))
+    assert_decay_groups_are_their_trainers(
+        ours, transformers.BertForSequenceClassification.from_pretrained(model_dir))
+
+
+def test_glue_fine_tuning_equals_transformers_step_for_step(glue_setup, tmp_path, monkeypatch,
+                                                            capsys):
+    """BertForSequenceClassification with its pretrained pooler and classifier, fine-tuned
+    by glue_task.py and by the reference loop: every loss and lr agree to 2e-5."""
+    model_dir, data_dir, task, labels = glue_setup
+    ours = our_glue_run(model_dir, data_dir, task, tmp_path, monkeypatch)
+    assert "pooler and classifier (a classifier of the same labels)" in capsys.readouterr().out
+    features = their_glue_features(model_dir, data_dir, task, labels)
+    theirs = transformers.BertForSequenceClassification.from_pretrained(model_dir).train()
+    reference = reference_steps(theirs, lambda model: model(**features).loss)
+    print(task.name, "max relative loss difference",
+          max(abs(a - b) / abs(b) for a, b in zip(ours[0], reference[0])),
+          "lr", max(abs(a - b) / abs(b) for a, b in zip(ours[1], reference[1]) if b))
+    assert_same_steps(ours, reference, GLUE_RTOL)
+    assert reference[0][-1] < reference[0][0] * 0.9  # it trained: the steps did something

@@ -89,6 +89,18 @@ def test_checkpoints_load_weights_only_with_config_and_vocab(trained, name, kind
     module(config).load_state_dict(ckpt["model"], strict=True)
 
 
+def test_ns_bert_holds_the_trained_pooler_and_mlm_bert_none(trained):
+    """ns_bert.pt carries the pooler ns_task.py trained (a classifier fine-tuned from it
+    starts there); MLM pretraining trains no pooler, so mlm_bert.pt has none."""
+    work, _, _ = trained
+    ns_bert = torch.load(work / "ns_bert.pt", weights_only=True)
+    ns_model = torch.load(work / "ns_model.pt", weights_only=True)["model"]
+    assert sorted(ns_bert["pooler"]) == ["bias", "weight"]
+    for name, tensor in ns_bert["pooler"].items():
+        assert torch.equal(tensor, ns_model[f"linear_layer.{name}"]), name
+    assert "pooler" not in torch.load(work / "mlm_bert.pt", weights_only=True)
+
+
 def test_ns_keeps_the_mlm_vocab(trained):
     work, _, _ = trained
     mlm = torch.load(work / "mlm_bert.pt", weights_only=True)
