@@ -56,6 +56,12 @@ def _atomic_write(path, write, before_replace=None):
         raise
 
 
+def in_folder(folder, name):
+    """The path of a file `name` a run writes into `folder` (--output-dir): just `name`
+    when that is the current folder, as the old example wrote it."""
+    return name if os.path.normpath(folder) == "." else os.path.join(folder, name)
+
+
 def atomic_save(obj, path, before_replace=None):
     _atomic_write(path, lambda f: torch.save(obj, f), before_replace)
 

@@ -22,7 +22,7 @@ import tokenizer
 import trainer
 import utils
 import windows
-from files import UserError, load_torch
+from files import UserError, in_folder, load_torch
 from model import BertConfig
 
 
@@ -152,10 +152,8 @@ TENSORBOARD_IN_OUTPUT_DIR = "<output-dir>/tensorboard"
 
 
 def in_output_dir(args, name):
-    """The path of a file `name` a run writes: in --output-dir (just `name` when that is
-    the current folder, as the old example wrote it)."""
-    folder = getattr(args, "output_dir", ".")
-    return name if os.path.normpath(folder) == "." else os.path.join(folder, name)
+    """The path of a file `name` a run writes: in --output-dir (files.in_folder)."""
+    return in_folder(getattr(args, "output_dir", "."), name)
 
 
 def place_outputs(parser, args, given):
@@ -425,8 +423,8 @@ def model_config(config, args, source, log):
 
 def fine_tuning_start(args, info, log, kind):
     """(the weights a task model of `kind` starts from (checkpoint.starting_weights),
-    BertConfig after the model flags, tokenizer) of --bert-model, for ns_task.py and
-    qa_task.py; the effective settings printed when --recipe is given."""
+    BertConfig after the model flags, tokenizer) of --bert-model, for ns_task.py,
+    qa_task.py and glue_task.py; the effective settings printed when --recipe is given."""
     ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
     weights = checkpoint.starting_weights(ckpt, kind, args.bert_model,
                                           getattr(args, "evaluate_only", False))

@@ -204,10 +204,11 @@ def outputs(args):
     n_dev = 1 if args.dev_file or task is None else len(task.dev_files)
     paths = {dev_flag(i): (path, "predictions") for i, path in
              enumerate(examples.dev_predictions_paths(args.predictions, n_dev))}
-    paths.update({test_flag(i): (path, "test predictions") for i, path in enumerate(
-        examples.test_predictions_paths(args.test_predictions, args.test_file, task))})
+    paths.update({test_flag(i): (path, "test predictions")
+                  for i, path in enumerate(examples.test_predictions_paths(args, task))})
     return {"--save": (args.save, "best model"), **paths,
-            "the loss log": ("glue_loss.txt", "losses"), "--save-vocab": (args.save_vocab, "vocab")}
+            "the loss log": (flags.in_output_dir(args, "glue_loss.txt"), "losses"),
+            "--save-vocab": (args.save_vocab, "vocab")}
 
 
 def check_paths(args, info):
@@ -221,10 +222,10 @@ def check_paths(args, info):
                             "--test-file to score")
         if args.sentence2 is not None and args.sentence is None:
             raise UserError("--sentence2 needs --sentence")
-        tests = examples.test_predictions_paths(args.test_predictions, args.test_file, task)
         files = {} if args.sentence is not None else {
             "--predictions": args.predictions if args.dev_file else None,
-            **{test_flag(i): path for i, path in enumerate(tests)}}
+            **{test_flag(i): path
+               for i, path in enumerate(examples.test_predictions_paths(args, task))}}
         return checks.prepare_run(info, inputs={"--model": args.model or args.save, **inputs},
                                   outputs=files)
     glue_files = {} if task is None else {
@@ -249,7 +250,7 @@ def predict(args, device, log):
     path = args.model or args.save
     found = classifier.load_classifier(path, "--model", glue_task(args))
     bptt = found.bptt if found.bptt and args.bptt == BPTT else args.bptt
-    flags.check_bptt(bptt, found.model.bert_model.config, path)
+    flags.check_bptt(bptt, found.model.bert_model.config, path, logs.to_stderr)  # stdout: the answers
     model, vocab, labels, pad_id = found.model.to(device), found.vocab, found.labels, found.vocab.pad_id
     if args.sentence is not None:
         print(classifier.classify(found, args.sentence, args.sentence2, bptt, device, args.dtype))
@@ -264,8 +265,7 @@ def predict(args, device, log):
                                              device, args.dtype)
         classifier.write_predictions(args.predictions, rows, logits, labels)
         log(f"wrote {args.predictions} | {logs.format_metrics('dev', scores)}")
-    outs = examples.test_predictions_paths(args.test_predictions, args.test_file, found.task)
-    for test_path, out in zip(args.test_file or (), outs):
+    for test_path, out in zip(args.test_file or (), examples.test_predictions_paths(args, found.task)):
         rows = Rows.of(examples.read_file(test_path, "test", task, own), vocab, bptt, labels)
         logits, _ = classifier.score(model, rows, pad_id, args.batch_size, device, args.dtype)
         classifier.write_predictions(out, rows, logits, labels)

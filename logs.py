@@ -26,6 +26,11 @@ def make_logger(info):
     return log
 
 
+def to_stderr(text):
+    """A line beside a command's output (--predict's JSON lines on stdout): on stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def print_line(text):
     """print(), but above the progress bars when they are shown (a plain print would cut
     a bar's line in two)."""

@@ -254,7 +254,7 @@ def predict(args, device, log):
     saved = {k: v for k, v in saved_windowing.items()
              if k in defaults and getattr(args, k) == defaults[k]}
     windowing = flags.settings(Windowing, args, **saved)
-    flags.check_bptt(windowing.bptt, model.bert_model.config, path, log)
+    flags.check_bptt(windowing.bptt, model.bert_model.config, path, logs.to_stderr)  # stdout: the answers
     if args.predict_file is None:
         questions, dataset = [squad.Question("0", args.question, args.context, [])], None
     else:

@@ -122,7 +122,7 @@ def test_rte_run_learns_and_writes_every_file(rte, work):
     folder, out = rte
     assert "head: BERT's pooler from ../ns_bert.pt, a new classifier of 2 labels" in out
     end = re.search(r"\| End of training \| test loss +([\d.]+) \| test accuracy ([\d.]+)% \| "
-                    r"test examples 40\n", out)
+                    r"scored 40 examples\n", out)
     assert end, out
     assert float(end[2]) >= 90, out  # the rule is learned (chance: about 50%)
     rows = metrics_rows(folder / "glue_metrics.jsonl")
@@ -264,7 +264,7 @@ def test_your_own_jsonl_files_train_a_regression_head(work, tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert "a new classifier of one output (regression)" in out
     end = re.search(r"End of training \| test loss +([\d.]+) \| test pearson ([-\d.]+) \| "
-                    r"test spearmanr ([-\d.]+) \| test examples 16", out)
+                    r"test spearmanr ([-\d.]+) \| scored 16 examples", out)
     assert end, out
     assert float(end[2]) > 50  # learned: a correlation of 0.5 at least (x100)
     saved = torch.load("glue_model.pt", weights_only=True)
