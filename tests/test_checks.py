@@ -406,7 +406,10 @@ def test_every_output_of_the_readme_commands_is_git_ignored():
                ".data/.cache/train.0123456789abcdef.pt", "data/.cache/train.0123.pt",
                "normans-train.json", "normans-dev.json", ".mlm_state.pt.lock",
                ".mlm_state.pt.abc123.tmp", "mlm_state.pt.1", "bert-mlm-1234.out"}
-    for script in ("mlm_task", "ns_task", "qa_task"):
+    outputs |= {"glue_predictions_mm.tsv", "my_predictions.tsv", "RTE.tsv", "MNLI-m.tsv",
+                "MNLI-mm.tsv", "AX.tsv", "glue_submission.zip", "glue/RTE/glue_model.pt",
+                "glue/RTE/glue_predictions.tsv", "glue/RTE/RTE.tsv", "glue_hf/config.json"}
+    for script in ("mlm_task", "ns_task", "qa_task", "glue_task"):
         parser = importlib.import_module(script).get_parser()
         outputs |= {action.default for action in parser._actions if action.dest in (
             "save", "state_file", "metrics_file", "save_vocab", "predictions")}

@@ -54,13 +54,32 @@ def write_json(path, obj):
     return path
 
 
-def run_cli(*args):
+def run_script(*args):
+    """`python metrics.py ARGS` as a user runs it."""
     return subprocess.run(
         [sys.executable, str(REPO / "metrics.py"), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def run_cli(*args):
+    """metrics.py's command line, main(argv), in this process (a subprocess costs seconds
+    of imports each; test_cli_prints_one_json_line runs the script itself): its exit code,
+    stdout and stderr as a CompletedProcess."""
+    import contextlib
+    import io
+
+    import metrics
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = metrics.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 # ---------------------------------------------------------------- normalize
@@ -275,7 +294,7 @@ def test_cli_prints_one_json_line(tmp_path):
         tmp_path / "d.json", {"data": make_dataset({"q1": ["Paris"], "q2": ["a cat sat down"]})}
     )
     preds = write_json(tmp_path / "p.json", {"q1": "Paris", "q2": "the cat sat"})
-    proc = run_cli(data, preds)
+    proc = run_script(data, preds)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1

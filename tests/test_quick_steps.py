@@ -1,6 +1,7 @@
 """The README's laptop-sized steps, as written there, cut to two optimizer steps each on a
-small WikiText-2-layout folder and SQuAD file: they run one after the other, every later
-step reads what the one before wrote, and their sequence lengths match (no warning)."""
+small WikiText-2-layout folder, SQuAD file and RTE-layout folder: they run one after the
+other, every later step reads what the one before wrote, and their sequence lengths match
+(no warning)."""
 
 import contextlib
 import io
@@ -53,22 +54,37 @@ def squad_file(path, seed, n):
     path.write_text(json.dumps({"version": "1.1", "data": [{"paragraphs": paragraphs}]}))
 
 
+def rte_files(folder):
+    """GLUE's RTE layout: train.tsv and dev.tsv of toy sentence pairs."""
+    folder.mkdir(parents=True)
+    for split, seed, n in (("train", 5, 24), ("dev", 6, 8)):
+        lines = toy_lines(2 * n, seed, 12)
+        rows = [f"{i}\t{lines[2 * i]}\t{lines[2 * i + 1]}\t{('entailment', 'not_entailment')[i % 2]}"
+                for i in range(n)]
+        (folder / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"
+                                             + "\n".join(rows) + "\n")
+
+
 def test_the_quick_steps_run_in_order_with_matching_lengths(tmp_path):
     commands = quick_commands()
     scripts = [Path(command[1]).name for command in commands]
-    assert scripts[:3] == ["mlm_task.py", "ns_task.py", "qa_task.py"]
+    assert scripts == ["mlm_task.py", "ns_task.py", "qa_task.py", "glue_task.py"]
     write_wikitext(tmp_path / ".data", toy_lines(120, 0), toy_lines(30, 1), toy_lines(30, 2))
     (tmp_path / ".data" / "squad").mkdir()
     squad_file(tmp_path / ".data" / "squad" / "train-v1.1.json", 3, 40)
     squad_file(tmp_path / ".data" / "squad" / "dev-v1.1.json", 4, 8)
+    rte_files(tmp_path / ".data" / "glue" / "RTE")
     ns = next(command for command in commands if command[1] == "ns_task.py")
     # One epoch of WikiText-2's long lines is about 1,000 steps: a loss line every N of them.
     assert 0 < int(ns[ns.index("--log-interval") + 1]) <= 200
-    for command in commands[:3]:
+    for command in commands:
         out = run_here([*command[1:], "--max-steps", "2", "--eval-batches", "1"], tmp_path)
         assert "End of training" in out, out
         assert not re.search(r"^warning", out, re.M), out
-    for name in ("mlm_bert.pt", "ns_bert.pt", "qa_model.pt", "predictions.json"):
+    for name in ("mlm_bert.pt", "ns_bert.pt", "qa_model.pt", "predictions.json", "glue_model.pt",
+                 "glue_predictions.tsv"):
         assert (tmp_path / name).is_file(), name
     trained = torch.load(tmp_path / "qa_model.pt", weights_only=True)["config"]["trained_len"]
     assert 0 < trained <= 128  # its longest window, real tokens
+    glue_model = torch.load(tmp_path / "glue_model.pt", weights_only=True)
+    assert glue_model["labels"] == ["entailment", "not_entailment"] and glue_model["task"] == "RTE"
