@@ -4,7 +4,7 @@
 
 Each run is a short one of a tiny model on synthetic text (20 optimizer steps), through
 the scripts as a user starts them: NCCL under torchrun, bf16 autocast where the GPU has
-it natively (fp16 otherwise), a resume from a state file, --compile, and bench.py.
+it natively (fp16 otherwise), a resume from a state file, --compile, GLUE, and bench.py.
 """
 
 import os
@@ -110,11 +110,44 @@ def test_qa_compiles(work, nproc):
     assert out.count("End of training") == 1
 
 
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=needs_two)])
+def test_glue_trains_eager_and_compiled_on_gpus(work, nproc):
+    """glue_task.py on CUDA: batches padded to their longest pair (eager) or to --bptt (one
+    shape under --compile), the <cls>-only last layer, the dev scores, the predictions."""
+    rte = work / "data" / "glue" / "RTE"
+    rte.mkdir(parents=True, exist_ok=True)
+    for split, seed, n in (("train", 5, 64), ("dev", 6, 16)):
+        lines = toy_lines(2 * n, seed, 12)
+        rows = [f"{i}\t{lines[2 * i]}\t{lines[2 * i + 1]}\t"
+                f"{('entailment', 'not_entailment')[i % 2]}" for i in range(n)]
+        (rte / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"
+                                          + "\n".join(rows) + "\n")
+    run(*script("mlm_task.py", *DATA, *TINY, "--epochs", "1", "--max-steps", "5", "--save",
+                "glue_enc.pt", "--state-file", "glue_enc_state.pt"), cwd=work)
+    for compile_flag in ("--no-compile", "--compile"):
+        out = run(*script("glue_task.py", "--bert-model", "glue_enc.pt", "--task", "RTE",
+                          "--data-dir", "data", "--device", "cuda", "--bptt", "32",
+                          "--batch_size", "8", "--epochs", "2", *dtype(), compile_flag,
+                          "--output-dir", f"glue{nproc}{compile_flag}", nproc=nproc),
+                  cwd=work, timeout=900)
+        assert out.count("End of training") == 1 and "scored 16 examples" in out
+        assert (work / f"glue{nproc}{compile_flag}" / "glue_predictions.tsv").is_file()
+
+
 def test_bench_on_cuda(work):
     out = run(sys.executable, str(REPO / "bench.py"), "--device", "cuda", "--quick",
               cwd=REPO, timeout=900)
     last = out.strip().splitlines()[-1].split()
     assert last[0::2] == ["mlm_train_ratio", "qa_infer_ratio", "mfu"]
+    assert all(float(value) > 0 for value in last[1::2])
+
+
+def test_glue_bench_on_cuda(work):
+    out = run(sys.executable, str(REPO / "bench.py"), "--glue", "--device", "cuda", "--quick",
+              cwd=REPO, timeout=900)
+    last = out.strip().splitlines()[-1].split()
+    assert last[0::2] == ["glue_train_padded", "glue_train_dynamic", "glue_eval_padded",
+                          "glue_eval_dynamic"]
     assert all(float(value) > 0 for value in last[1::2])
 
 
