@@ -504,8 +504,8 @@ class Trainer:
         loss, seconds = window.read_and_reset()
         ms_per_step = seconds * 1000 / window.last_steps
         self.log(f"| epoch {st.epoch:3d} | {step_in_epoch:5d}/{window.n_steps:5d} batches | "
-                 f"lr {self.step_lr:05.5f} | ms/batch {ms_per_step:5.2f} | loss {loss:5.2f} | "
-                 f"ppl {math.exp(min(loss, 700)):8.2f}")
+                 f"lr {logs.lr_text(self.step_lr, self.config.lr)} | ms/batch {ms_per_step:5.2f} | "
+                 f"loss {loss:5.2f} | ppl {math.exp(min(loss, 700)):8.2f}")
         if self.info.is_main:
             self.metrics.write({
                 "step": st.global_step, "epoch": st.epoch, "loss": loss, "lr": self.step_lr,

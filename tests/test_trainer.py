@@ -308,6 +308,15 @@ def test_log_lines_are_formatted_from_the_numbers():
     assert logs.format_metrics("test", {"accuracy": 55.5}) == "test accuracy 55.50%"
 
 
+def test_the_lr_keeps_its_digits_in_a_fine_tuning_run():
+    # The old example's five decimals for its lr 5.0 (and for 1e-3); a fine-tuning lr of 2e-5
+    # in warmup would otherwise print as 0.00000.
+    assert logs.lr_text(5.0, 5.0) == "5.00000"
+    assert logs.lr_text(0.0005, 0.001) == "0.00050"
+    assert logs.lr_text(2e-5, 2e-5) == "2.00e-05"
+    assert logs.lr_text(1.3e-6, 3e-5) == "1.30e-06"
+
+
 def zipf_lines(n_lines, seed, length=20):
     import random
 
