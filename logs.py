@@ -211,13 +211,13 @@ class LogWindow:
         return loss, seconds
 
 
-# How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
 def lr_text(lr, peak):
     """The old example's 'lr 5.00000', or '2.00e-05' in a run whose --lr is below 1e-3
     (fine-tuning's), where five decimals would print its warmup and decay as 0.00000."""
     return f"{lr:05.5f}" if peak >= 1e-3 else f"{lr:.2e}"
 
 
+# How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
 DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%",
            "matthews_correlation": ".2f", "pearson": ".2f", "spearmanr": ".2f"}
 # The counts of what an evaluation scored, and what each counts: shown as "scored N ...".

@@ -87,6 +87,20 @@ def write_wikitext(data_dir, train, valid, test, folder="wikitext-2"):
     return Path(data_dir)
 
 
+def write_rte(folder, n_train, n_dev):
+    """GLUE's RTE layout in `folder`: train.tsv and dev.tsv of toy sentence pairs of 12
+    words, labeled entailment and not_entailment in turn."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, seed, n in (("train", 5, n_train), ("dev", 6, n_dev)):
+        lines = toy_lines(2 * n, seed, 12)
+        rows = [f"{i}\t{lines[2 * i]}\t{lines[2 * i + 1]}\t{('entailment', 'not_entailment')[i % 2]}"
+                for i in range(n)]
+        (folder / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"
+                                             + "\n".join(rows) + "\n")
+    return folder
+
+
 @pytest.fixture
 def wikitext_dir(tmp_path):
     """A small WikiText-2-layout data dir of toy text (about 6k train tokens)."""

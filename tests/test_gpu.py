@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, toy_lines, write_wikitext
+from conftest import REPO, toy_lines, write_rte, write_wikitext
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP needs 2 GPUs")
@@ -114,14 +114,7 @@ def test_qa_compiles(work, nproc):
 def test_glue_trains_eager_and_compiled_on_gpus(work, nproc):
     """glue_task.py on CUDA: batches padded to their longest pair (eager) or to --bptt (one
     shape under --compile), the <cls>-only last layer, the dev scores, the predictions."""
-    rte = work / "data" / "glue" / "RTE"
-    rte.mkdir(parents=True, exist_ok=True)
-    for split, seed, n in (("train", 5, 64), ("dev", 6, 16)):
-        lines = toy_lines(2 * n, seed, 12)
-        rows = [f"{i}\t{lines[2 * i]}\t{lines[2 * i + 1]}\t"
-                f"{('entailment', 'not_entailment')[i % 2]}" for i in range(n)]
-        (rte / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"
-                                          + "\n".join(rows) + "\n")
+    write_rte(work / "data" / "glue" / "RTE", 64, 16)
     run(*script("mlm_task.py", *DATA, *TINY, "--epochs", "1", "--max-steps", "5", "--save",
                 "glue_enc.pt", "--state-file", "glue_enc_state.pt"), cwd=work)
     for compile_flag in ("--no-compile", "--compile"):

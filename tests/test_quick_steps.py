@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, one_thread, toy_lines, write_wikitext
+from conftest import REPO, one_thread, toy_lines, write_rte, write_wikitext
 
 import checks
 import distributed
@@ -54,17 +54,6 @@ def squad_file(path, seed, n):
     path.write_text(json.dumps({"version": "1.1", "data": [{"paragraphs": paragraphs}]}))
 
 
-def rte_files(folder):
-    """GLUE's RTE layout: train.tsv and dev.tsv of toy sentence pairs."""
-    folder.mkdir(parents=True)
-    for split, seed, n in (("train", 5, 24), ("dev", 6, 8)):
-        lines = toy_lines(2 * n, seed, 12)
-        rows = [f"{i}\t{lines[2 * i]}\t{lines[2 * i + 1]}\t{('entailment', 'not_entailment')[i % 2]}"
-                for i in range(n)]
-        (folder / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"
-                                             + "\n".join(rows) + "\n")
-
-
 def test_the_quick_steps_run_in_order_with_matching_lengths(tmp_path):
     commands = quick_commands()
     scripts = [Path(command[1]).name for command in commands]
@@ -73,7 +62,7 @@ def test_the_quick_steps_run_in_order_with_matching_lengths(tmp_path):
     (tmp_path / ".data" / "squad").mkdir()
     squad_file(tmp_path / ".data" / "squad" / "train-v1.1.json", 3, 40)
     squad_file(tmp_path / ".data" / "squad" / "dev-v1.1.json", 4, 8)
-    rte_files(tmp_path / ".data" / "glue" / "RTE")
+    write_rte(tmp_path / ".data" / "glue" / "RTE", 24, 8)
     ns = next(command for command in commands if command[1] == "ns_task.py")
     # One epoch of WikiText-2's long lines is about 1,000 steps: a loss line every N of them.
     assert 0 < int(ns[ns.index("--log-interval") + 1]) <= 200
