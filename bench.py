@@ -16,8 +16,8 @@ last line is machine-readable:
 
 R and Q are throughputs, ours / transformers (> 1: ours is faster); M is the model
 FLOP/s of our training step over the matmul FLOP/s this device reaches (matmul_calls).
-With --glue, bench_glue.py's `glue_train_padded ... glue_eval_dynamic` ratios. With --loop
-the last line is `loop_ratio L batch_ms B`: the tokens/s of trainer.py's loop
+With --glue, bertkit/bench/glue.py's `glue_train_padded ... glue_eval_dynamic` ratios. With --loop
+the last line is `loop_ratio L batch_ms B`: the tokens/s of bertkit/training/trainer.py's loop
 over those of its bare step (1: the loop costs nothing beyond the step), and the
 milliseconds one 64x128 MLM batch takes to build.
 """
@@ -36,17 +36,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import answers
 import data
-import distributed
-import squad
-import tokenizer
-import trainer
 import utils
-import windows
-from bench_timing import REAL_DATA, interleaved_medians, seconds_per_call
+from bertkit.bench.timing import REAL_DATA, interleaved_medians, seconds_per_call
+from bertkit.squad import answers, windows
+from bertkit.squad import dataset as squad
+from bertkit.text import tokenizer
+from bertkit.training import distributed, trainer
+from bertkit.transformers_format import ours_to_transformers_state_dict, their_bert_config
 from model import BertConfig, MLMTask, QuestionAnswerTask, flops_per_token_train
-from transformers_format import ours_to_transformers_state_dict, their_bert_config
 
 VOCAB_SIZE = 28785  # the pretraining recipe's WikiText-103 vocabulary
 SEQ_LEN = 128
@@ -307,7 +305,7 @@ def answer_agreement(ours, theirs):
 
 def bench_qa(arch, batch_size, device, squad_file=None, n_questions=0, rounds=2, seed=0):
     """QA evaluation throughput in questions/s, raw SQuAD JSON to answer strings, fp32,
-    same weights: ours (answers.py's evaluation path) / transformers (BertForQuestionAnswering
+    same weights: ours (bertkit/squad/answers.py's evaluation path) / transformers (BertForQuestionAnswering
     fed windows padded to --bptt, with its examples' post-processing). Both read and window
     the JSON the same way (the last window of a long context holds what is left of it, as
     in BERT and transformers' examples, so it is often short): the difference is the model
@@ -518,7 +516,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.data:
-        import bench_data  # the pipeline alone, in its own module
+        from bertkit.bench import data as bench_data  # the pipeline alone, in its own module
 
         return bench_data.bench_data(args.text_file, args.data_corpus, args.tokenizer)
 
@@ -570,7 +568,7 @@ def main_loop(args, spec, config, batch_size, device, dtype, t_start):
 
 
 def main_glue(args, spec, arch, device, dtype, t_start):
-    import bench_glue  # GLUE's pieces, in their own module
+    from bertkit.bench import glue as bench_glue  # GLUE's pieces, in their own module
 
     batch_size, quick, full = spec["glue"]
     rounds, steps = quick if args.quick else full

@@ -13,9 +13,9 @@ The weight names and the folder's files: transformers_format.py.
 import argparse
 import sys
 
-import checkpoint
-from files import UserError
-from transformers_format import export
+from bertkit import checkpoint
+from bertkit.files import UserError
+from bertkit.transformers_format import export
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-import rules
+import utils
 
 ###############################################################################
 # A tokenized split
@@ -58,12 +58,12 @@ class Masking:
     word_ids: torch.Tensor  # the ids a random replacement may take: never a special token
 
     RULES: ClassVar = {
-        "mask_frac": (lambda x: rules.finite(x) and 0 < x < 1, "must be in (0, 1)"),
-        "mask_mode": (rules.one_of("mask", "bert"), "use mask or bert"),
+        "mask_frac": (lambda x: utils.finite(x) and 0 < x < 1, "must be in (0, 1)"),
+        "mask_mode": (utils.one_of("mask", "bert"), "use mask or bert"),
     }
 
     def __post_init__(self):
-        rules.check(self, self.RULES)
+        utils.check_rules(self, self.RULES)
 
     @classmethod
     def of(cls, vocab, mask_frac, mask_mode):
@@ -125,12 +125,12 @@ class Pairs:
     min_sentence_len: int = 60  # lines shorter than this many tokens are not used
 
     RULES: ClassVar = {
-        "frac_ns": (lambda x: rules.finite(x) and 0 <= x <= 1, "must be in [0, 1]"),
-        "min_sentence_len": (rules.at_least(2), "must be at least 2 (a line is cut in two)"),
+        "frac_ns": (lambda x: utils.finite(x) and 0 <= x <= 1, "must be in [0, 1]"),
+        "min_sentence_len": (utils.at_least(2), "must be at least 2 (a line is cut in two)"),
     }
 
     def __post_init__(self):
-        rules.check(self, self.RULES)
+        utils.check_rules(self, self.RULES)
 
 
 def ns_pairs(split, settings, generator):

@@ -17,24 +17,18 @@ whose predictions are the --predictions file.
 import functools
 import os
 
-import cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
+import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
 
 import torch
 
-import checkpoint
-import checks
-import classifier
 import data
-import distributed
-import examples
-import flags
-import glue
-import logs
-import sentences
-import trainer
 import utils
-from classifier import Rows
-from files import UserError
+from bertkit import checkpoint, checks, flags
+from bertkit.files import UserError
+from bertkit.glue import classifier, examples, sentences
+from bertkit.glue import tasks as glue
+from bertkit.glue.classifier import Rows
+from bertkit.training import distributed, logs, trainer
 from model import SequenceClassificationTask
 
 BPTT = 128

@@ -20,13 +20,173 @@ import string
 import sys
 from collections import Counter
 
-from squad import (
-    has_unanswerable,
-    iter_questions,
-    load_na_probs,
-    load_predictions,
-    load_squad_json,
-)
+# How many characters of a bad value to show, so that a message stays one line.
+_MAX_VALUE_CHARS = 60
+
+
+class SquadFormatError(ValueError):
+    """An input file is unreadable or not in the expected format."""
+
+
+def iter_questions(dataset):
+    """Yield every qa dict of a SQuAD ``data`` list."""
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            yield from paragraph["qas"]
+
+
+def has_unanswerable(dataset):
+    """True if a question of ``dataset`` has an empty ``answers`` list (SQuAD v2.0), so that
+    ``evaluate_v2`` scores it; ``load_squad_json`` checks that ``is_impossible`` agrees."""
+    return any(not qa["answers"] for qa in iter_questions(dataset))
+
+
+def _load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise SquadFormatError(f"{path}: cannot read file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SquadFormatError(f"{path}: not UTF-8 text: {e.reason}") from None
+    except json.JSONDecodeError as e:
+        raise SquadFormatError(
+            f"{path}: malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+        ) from None
+
+
+_KIND_NAMES = {list: "list", str: "string", bool: "bool"}
+
+
+def _require(obj, key, kind, where, path):
+    if not isinstance(obj, dict):
+        raise SquadFormatError(f"{path}: {where} is not a JSON object")
+    if key not in obj:
+        raise SquadFormatError(f"{path}: {where} has no '{key}' key")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise SquadFormatError(
+            f"{path}: '{key}' of {where} must be a {_KIND_NAMES[kind]}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _check_answerability(qa, answers, where, path):
+    """SQuAD v2.0's ``is_impossible``, where present, must agree with the ``answers`` list,
+    which is what scoring goes by (as in the official script)."""
+    if "is_impossible" not in qa:
+        return
+    if _require(qa, "is_impossible", bool, where, path):
+        if answers:
+            raise SquadFormatError(
+                f"{path}: {where} has 'is_impossible' true but {len(answers)} answer(s)"
+            )
+    elif not answers:
+        raise SquadFormatError(
+            f"{path}: {where} has 'is_impossible' false but an empty 'answers' list"
+        )
+
+
+# A file's top-level "version" as SQuAD's own files spell it, and what it means.
+VERSIONS = {"1.1": "1.1", "v1.1": "1.1", "2.0": "2.0", "v2.0": "2.0"}
+
+
+def load_squad_json(path):
+    """Load a SQuAD v1.1 or v2.0 file and return its ``data`` list.
+
+    Raises ``SquadFormatError`` (a ``ValueError``) with one message naming the
+    file and the problem when the file is unreadable, not JSON, lacks one of
+    the keys the evaluation needs, holds no question, has an ``is_impossible``
+    that is not a bool or disagrees with the question's ``answers`` (an empty
+    list is an unanswerable question), or says ``"version": "1.1"`` but has an
+    unanswerable question (named). A missing or other top-level ``version`` is
+    accepted (``file_version`` says how the file reads); ``plausible_answers`` is
+    not read.
+    """
+    return load_squad_root(path)[1]
+
+
+def file_version(root, data):
+    """(SQuAD version of a loaded file, how that was decided): its top-level "version",
+    else its content (v2.0 when a question has no answer)."""
+    declared = _declared_version(root)
+    if declared:
+        return declared, "declared"
+    return ("2.0" if has_unanswerable(data) else "1.1"), "content"
+
+
+def _declared_version(root):
+    version = root.get("version")
+    return VERSIONS.get(version) if isinstance(version, str) else None
+
+
+def load_squad_root(path):
+    """(the file's top level, its checked ``data`` list): load_squad_json's checks."""
+    root = _load_json(path)
+    data = _require(root, "data", list, "top level", path)
+    n_questions = 0
+    for i, article in enumerate(data):
+        a_where = f"article {i}"
+        paragraphs = _require(article, "paragraphs", list, a_where, path)
+        for j, paragraph in enumerate(paragraphs):
+            p_where = f"{a_where} paragraph {j}"
+            _require(paragraph, "context", str, p_where, path)
+            qas = _require(paragraph, "qas", list, p_where, path)
+            for k, qa in enumerate(qas):
+                q_where = f"{p_where} question {k}"
+                qid = _require(qa, "id", str, q_where, path)
+                q_where = f"{q_where} (id {qid})"
+                _require(qa, "question", str, q_where, path)
+                answers = _require(qa, "answers", list, q_where, path)
+                for m, answer in enumerate(answers):
+                    _require(answer, "text", str, f"{q_where} answer {m}", path)
+                _check_answerability(qa, answers, q_where, path)
+                n_questions += 1
+    if n_questions == 0:
+        raise SquadFormatError(f"{path}: dataset contains no questions")
+    if _declared_version(root) == "1.1":
+        for qa in iter_questions(data):
+            if not qa["answers"]:
+                raise SquadFormatError(
+                    f"{path}: question id {qa['id']!r} has no answer, but the file says "
+                    f"\"version\": {root['version']!r} (SQuAD v1.1: every question has one); "
+                    "give it its answer, or make the file SQuAD v2.0 (\"version\": \"v2.0\")")
+    return root, data
+
+
+def _load_id_map(path, what, value_ok, value_kind):
+    """A JSON object of question id -> value, each value passing ``value_ok``."""
+    mapping = _load_json(path)
+    if not isinstance(mapping, dict):
+        raise SquadFormatError(
+            f"{path}: expected a JSON object of question id -> {value_kind}, "
+            f"got {type(mapping).__name__}"
+        )
+    for qid, value in mapping.items():
+        if not value_ok(value):
+            # Cut, so that a large nested value still gives a short message.
+            shown = repr(value)[:_MAX_VALUE_CHARS]
+            raise SquadFormatError(
+                f"{path}: {what} for id {qid!r} must be {value_kind}, got {shown}"
+            )
+    return mapping
+
+
+def load_predictions(path):
+    """Load a predictions file: a JSON object mapping question id to answer text."""
+    return _load_id_map(path, "prediction", lambda answer: isinstance(answer, str), "a string")
+
+
+def _is_finite_number(value):
+    # bool is an int subclass but no probability; NaN would make the sort by probability
+    # (find_best_thresh) meaningless.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_na_probs(path):
+    """Load a no-answer probability file: a JSON object mapping question id to a number."""
+    return _load_id_map(path, "no-answer probability", _is_finite_number, "a finite number")
+
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

@@ -5,23 +5,19 @@
 
 import functools
 
-import cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
+import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
 
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import checks
-import corpus
 import data
-import distributed
-import flags
-import logs
-import trainer
 import utils
-from files import UserError
+from bertkit import checkpoint, checks, flags
+from bertkit.files import UserError
+from bertkit.text import corpus
+from bertkit.text.tokenizer import TokenizerSpec
+from bertkit.training import distributed, logs, trainer
 from model import BertConfig, MLMTask
-from tokenizer import TokenizerSpec
 
 # The architecture of a model pretrained from scratch (BERT-base), flags left out.
 FRESH_MODEL = dict(emsize=768, nhid=3072, nlayers=12, nhead=12, dropout=0.2)

@@ -5,21 +5,17 @@
 
 import functools
 
-import cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
+import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
 
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import checks
-import corpus
 import data
-import distributed
-import flags
-import logs
-import trainer
 import utils
-from files import UserError
+from bertkit import checkpoint, checks, flags
+from bertkit.files import UserError
+from bertkit.text import corpus
+from bertkit.training import distributed, logs, trainer
 from model import NextSentenceTask
 
 

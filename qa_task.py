@@ -19,23 +19,20 @@ import functools
 import os
 from dataclasses import asdict
 
-import cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
+import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
 
 import torch
 
-import answers
-import checkpoint
-import checks
 import data
-import distributed
-import flags
-import logs
-import squad
-import trainer
+import metrics
 import utils
-from files import UserError
+from bertkit import checkpoint, checks, flags
+from bertkit.files import UserError
+from bertkit.squad import answers
+from bertkit.squad import dataset as squad
+from bertkit.squad.windows import Windowing, count_windows, make_windows, window_batch
+from bertkit.training import distributed, logs, trainer
 from model import QuestionAnswerTask
-from windows import Windowing, count_windows, make_windows, window_batch
 
 
 def get_parser():
@@ -115,7 +112,7 @@ class QA:
         self.dev_questions, self.dev_dataset = squad.read_squad(paths["dev"], log)
         # Trained on SQuAD v2.0 data, the model learns to answer "" (saved with it, for
         # --predict); the metric follows the dev data.
-        self.squad_v2 = squad.has_unanswerable(train_dataset)
+        self.squad_v2 = metrics.has_unanswerable(train_dataset)
         self.null_threshold = args.null_threshold if self.squad_v2 else None
         self.train_windows = make_windows(train_questions, vocab, windowing, training=True)
         # Evaluations cut the dev windows as they go (answers.evaluate_all): counted here.

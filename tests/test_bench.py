@@ -7,10 +7,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-import answers  # noqa: E402
 import bench  # noqa: E402
-import squad  # noqa: E402
-import windows  # noqa: E402
+from bertkit.squad import answers, windows  # noqa: E402
+from bertkit.squad import dataset as squad  # noqa: E402
 from model import BertConfig, MLMTask  # noqa: E402
 
 TINY = dict(emsize=32, nlayers=2, nhead=2, nhid=64)
@@ -140,9 +139,9 @@ def test_glue_bench_compares_the_same_loss_and_labels_and_prints_four_ratios(cap
     labels in all three evaluations; the last line has the four ratios."""
     import re
 
-    import bench_glue
-    import glue
-    from classifier import Rows
+    from bertkit.bench import glue as bench_glue
+    from bertkit.glue import tasks as glue
+    from bertkit.glue.classifier import Rows
 
     train, dev, what = bench_glue.bench_text(None, seed=0)
     assert what == "synthetic SST-2-like text" and train.texts_b is None

@@ -15,10 +15,9 @@ import pytest
 import torch
 from conftest import REPO, one_thread, toy_lines, write_wikitext
 
-import checks
-import distributed
-import files
-import flags as cli
+from bertkit import checks, files
+from bertkit import flags as cli
+from bertkit.training import distributed
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--device", "cpu", "--emsize", "16", "--nhid", "32", "--nlayers", "1", "--nhead", "2",
@@ -305,9 +304,9 @@ def test_dataset_names_in_any_case(tmp_path, monkeypatch):
 def test_files_get_the_umasks_mode(tmp_path, monkeypatch):
     """Atomic writes and convert.py's folder (model.safetensors included, which the
     safetensors library writes 0600) get the mode the umask gives: 0640 and 0750 here."""
-    import transformers_format
+    from bertkit import transformers_format
+    from bertkit.text.tokenizer import SPECIALS, Vocab
     from model import BertConfig, MLMTask
-    from tokenizer import SPECIALS, Vocab
 
     umask = 0o027
     monkeypatch.setattr(files, "UMASK", umask)
@@ -330,7 +329,7 @@ def test_files_get_the_umasks_mode(tmp_path, monkeypatch):
 
 
 def test_log_lines_say_what_was_scored():
-    from logs import format_metrics
+    from bertkit.training.logs import format_metrics
 
     assert format_metrics("valid", {"loss": 6.5, "ppl": 665.14, "tokens": 1234}) == (
         "valid loss  6.50000 | valid ppl   665.14 | scored 1234 masked tokens")

@@ -17,11 +17,13 @@ from conftest import BERT_VOCAB, NOTRE_DAME, real_data_skip
 
 transformers = pytest.importorskip("transformers")
 
-import checkpoint  # noqa: E402
 import convert  # noqa: E402
-import flags as cli  # noqa: E402
-import tokenizer as tok  # noqa: E402
-import transformers_format  # noqa: E402
+from bertkit import (  # noqa: E402
+    checkpoint,  # noqa: E402
+    transformers_format,  # noqa: E402
+)
+from bertkit import flags as cli  # noqa: E402
+from bertkit.text import tokenizer as tok  # noqa: E402
 from model import (  # noqa: E402
     BertConfig,
     MLMTask,

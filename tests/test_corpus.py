@@ -1,4 +1,4 @@
-"""corpus.py: datasets and downloads, folders and their splits, parallel tokenizing,
+"""bertkit/text/corpus.py: datasets and downloads, folders and their splits, parallel tokenizing,
 the token-id cache and the vocab file."""
 
 import hashlib
@@ -15,12 +15,10 @@ import pytest
 import torch
 from conftest import REAL_VALID, toy_lines, write_wikitext
 
-import corpus
 import data
-import token_ids
-import tokenizer
-from files import DataError
-from tokenizer import Vocab
+from bertkit.files import DataError
+from bertkit.text import corpus, token_ids, tokenizer
+from bertkit.text.tokenizer import Vocab
 
 ###############################################################################
 # Datasets and downloads

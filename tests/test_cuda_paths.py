@@ -13,14 +13,13 @@ import torch
 import torch.distributed as dist
 
 import data
-import distributed
-import files
 import mlm_task
-import squad
-import tokenizer
-import trainer
 import utils
-import windows as qa_windows
+from bertkit import files
+from bertkit.squad import dataset as squad
+from bertkit.squad import windows as qa_windows
+from bertkit.text import tokenizer
+from bertkit.training import distributed, trainer
 from mlm_task import MLM
 from model import BertConfig, MLMTask, NextSentenceTask
 from ns_task import NextSentence

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import data
-import files
-import tokenizer
-from files import DataError
-from tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIALS, UNK_ID, Vocab
+from bertkit import files
+from bertkit.files import DataError
+from bertkit.text import tokenizer
+from bertkit.text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIALS, UNK_ID, Vocab
 
 ###############################################################################
 # Tokenizer

@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import distributed
-import files
-import tokenizer
-from corpus import load_splits
+from bertkit import files
+from bertkit.text import tokenizer
+from bertkit.text.corpus import load_splits
+from bertkit.training import distributed
 from mlm_task import MLM
 from model import BertConfig, MLMTask
 
@@ -242,7 +242,7 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
 def test_sigkill_during_writes_leaves_a_loadable_file(tmp_path):
     path = tmp_path / "state.pt"
     script = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); import files\n"
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); from bertkit import files\n"
         "files.atomic_save({'step': 0, 'w': torch.zeros(1)}, sys.argv[2])\n"
         "print('ready', flush=True)\n"
         "for step in range(1, 10**9):\n"

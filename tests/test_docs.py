@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import flags
+from bertkit import flags
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.rst", *sorted((REPO / "docs").glob("*.rst"))]

@@ -12,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from bertkit.transformers_format import ours_to_transformers_state_dict, their_bert_config  # noqa: E402
 from model import (  # noqa: E402
     BertConfig,
     BertModel,
@@ -21,7 +22,6 @@ from model import (  # noqa: E402
     SequenceClassificationTask,
     padding_mask,
 )
-from transformers_format import ours_to_transformers_state_dict, their_bert_config  # noqa: E402
 
 ATOL = 1e-5
 

@@ -24,15 +24,12 @@ import torch
 import torch.distributed as dist
 from conftest import REPO, toy_lines, write_wikitext
 
-import checks
-import distributed
-import flags as cli
-import logs
 import mlm_task
 import qa_task
-import states
-import trainer
-from files import UserError
+from bertkit import checks
+from bertkit import flags as cli
+from bertkit.files import UserError
+from bertkit.training import distributed, logs, states, trainer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 for name in [n for n in ENV if n.startswith(("SLURM_", "TORCHELASTIC_"))] + ["RANK"]:

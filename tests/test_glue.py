@@ -17,16 +17,14 @@ import pytest
 import torch
 from conftest import REAL_RTE, REPO, absent_reason
 
-import checkpoint
-import checks
-import classifier
-import distributed
-import flags as cli
-import glue
 import glue_task
-import sentences
-import tokenizer as tok
-from classifier import Rows
+from bertkit import checkpoint, checks
+from bertkit import flags as cli
+from bertkit.glue import classifier, sentences
+from bertkit.glue import tasks as glue
+from bertkit.glue.classifier import Rows
+from bertkit.text import tokenizer as tok
+from bertkit.training import distributed
 from model import BertConfig, NextSentenceTask, SequenceClassificationTask
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -465,7 +463,7 @@ def test_a_nan_main_metric_is_worse_than_any_number():
     """A diverged regression model's correlation is NaN (glue_metrics): never the best."""
     import types
 
-    import trainer
+    from bertkit.training import trainer
 
     loop = types.SimpleNamespace(task=types.SimpleNamespace(best_metric=("pearson", "max")))
     assert trainer.Trainer.score(loop, {"pearson": float("nan")}) == float("inf")

@@ -1,4 +1,4 @@
-"""glue.py: the task table, GLUE's TSV quirks (CoLA without a header, MRPC's BOM, unmatched
+"""bertkit/glue/tasks.py: the task table, GLUE's TSV quirks (CoLA without a header, MRPC's BOM, unmatched
 quotes, QQP's malformed lines, STS-B's mixed floats, MNLI's two dev files and many columns),
 every bad input's one-line error naming file and line, your own .tsv/.csv/.jsonl, the
 download of a missing file from a local server, the submission file, and the real RTE."""
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import REAL_RTE, real_data_skip
 
-import glue
-from files import DataError, UserError
+from bertkit.files import DataError, UserError
+from bertkit.glue import tasks as glue
 
 QUIET = lambda *parts: None  # noqa: E731
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import glue_metrics
+from bertkit.glue import metrics as glue_metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 scipy_stats = pytest.importorskip("scipy.stats")

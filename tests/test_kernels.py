@@ -1,10 +1,10 @@
-"""kernels.py: every fast CPU kernel computes what the plain PyTorch operation computes."""
+"""model.py's CPU kernels: each computes what the plain PyTorch operation computes."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import model as kernels
 
 ATOL = 1e-5
 

@@ -11,8 +11,8 @@ from conftest import NORMANS, NOTRE_DAME, needs_real
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import squad  # noqa: E402
 from metrics import (  # noqa: E402
+    SquadFormatError,
     compute_qa_exact,
     compute_qa_f1,
     evaluate,
@@ -20,15 +20,13 @@ from metrics import (  # noqa: E402
     exact_match_score,
     f1_score,
     f1_score_v2,
-    metric_max_over_ground_truths,
-    normalize_answer,
-)
-from squad import (  # noqa: E402
-    SquadFormatError,
     has_unanswerable,
+    iter_questions,
     load_na_probs,
     load_predictions,
     load_squad_json,
+    metric_max_over_ground_truths,
+    normalize_answer,
 )
 
 
@@ -397,7 +395,7 @@ def test_cli_missing_file(tmp_path):
 @needs_real(NOTRE_DAME)
 def test_notre_dame_gold_and_empty_predictions(capsys):
     data = load_squad_json(NOTRE_DAME)
-    questions = list(squad.iter_questions(data))
+    questions = list(iter_questions(data))
     assert questions
     gold = {qa["id"]: qa["answers"][0]["text"] for qa in questions}
     result = evaluate(data, gold)
@@ -860,7 +858,7 @@ needs_normans = needs_real(NORMANS)
 def normans():
     """(dataset, {id: qa}, answerable ids, unanswerable ids) of the Normans v2.0 slice."""
     dataset = load_squad_json(NORMANS)
-    questions = list(squad.iter_questions(dataset))
+    questions = list(iter_questions(dataset))
     answerable = [qa["id"] for qa in questions if qa["answers"]]
     unanswerable = [qa["id"] for qa in questions if not qa["answers"]]
     return dataset, {qa["id"]: qa for qa in questions}, answerable, unanswerable

@@ -220,7 +220,7 @@ def test_task_heads_keep_the_encoders_initial_weights():
 def test_checkpoints_of_the_old_layout_load_and_answer_the_same():
     """Checkpoints written before model.py was restructured (tests/fixtures) load into
     today's modules with the same keys and give the outputs they gave then."""
-    import checkpoint
+    from bertkit import checkpoint
 
     fixture = torch.load(Path(__file__).parent / "fixtures" / "checkpoints_eda0781.pt",
                          weights_only=True)

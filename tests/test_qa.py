@@ -19,20 +19,22 @@ from conftest import NORMANS, NOTRE_DAME, needs_real, one_thread
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import answers as qa_answers  # noqa: E402
-import corpus  # noqa: E402
-import distributed  # noqa: E402
-import files  # noqa: E402
-import flags as cli  # noqa: E402
 import metrics  # noqa: E402
 import qa_task  # noqa: E402
-import squad  # noqa: E402
-import tokenizer  # noqa: E402
-import windows as qa_windows  # noqa: E402
+from bertkit import files  # noqa: E402
+from bertkit import flags as cli  # noqa: E402
+from bertkit.squad import answers as qa_answers  # noqa: E402
+from bertkit.squad import dataset as squad  # noqa: E402
+from bertkit.squad import windows as qa_windows  # noqa: E402
+from bertkit.squad.dataset import Question  # noqa: E402
+from bertkit.squad.windows import Windowing  # noqa: E402
+from bertkit.text import (  # noqa: E402
+    corpus,  # noqa: E402
+    tokenizer,  # noqa: E402
+)
+from bertkit.text.tokenizer import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
+from bertkit.training import distributed  # noqa: E402
 from model import BertConfig, QuestionAnswerTask  # noqa: E402
-from squad import Question  # noqa: E402
-from tokenizer import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
-from windows import Windowing  # noqa: E402
 
 # One real SQuAD v1.1 train article; one real SQuAD v2.0 dev article: 39 paragraphs, 208
 # questions, 112 without an answer (conftest: where real data is looked for).
@@ -674,7 +676,7 @@ def test_read_squad_marks_unanswerable_questions(tmp_path):
     path = tmp_path / "v2.json"
     path.write_text(json.dumps(rollo_v2()))
     questions, dataset = squad.read_squad(path)
-    assert squad.has_unanswerable(dataset)
+    assert metrics.has_unanswerable(dataset)
     assert [(q.qid, q.unanswerable, q.answers) for q in questions] == [
         ("a", False, [("Rollo", 0)]), ("b", True, []), ("c", True, [])]  # plausible: unread
 
@@ -689,7 +691,7 @@ def test_the_version_a_file_says_is_kept(tmp_path):
     with pytest.raises(files.UserError, match=r"v1.json: question id 'b' has no answer, but the "
                                               r"file says \"version\": '1.1' \(SQuAD v1.1"):
         squad.read_squad(tmp_path / "v1.json")
-    with pytest.raises(squad.SquadFormatError, match="question id 'b' has no answer"):
+    with pytest.raises(metrics.SquadFormatError, match="question id 'b' has no answer"):
         metrics.load_squad_json(tmp_path / "v1.json")  # metrics.py refuses it too
     del content["version"]
     (tmp_path / "none.json").write_text(json.dumps(content))
@@ -847,7 +849,7 @@ def test_written_na_probs_and_scores_are_the_official_ones(tmp_path):
     exact, f1, line = scores["exact"], scores["f1"], qa_answers.v2_summary(scores)
     assert written == [args.predictions, str(tmp_path / "out" / "na_probs.json")]
     predictions = json.loads((tmp_path / "out" / "preds.json").read_text())
-    na_probs = squad.load_na_probs(tmp_path / "out" / "na_probs.json")  # beside --predictions
+    na_probs = metrics.load_na_probs(tmp_path / "out" / "na_probs.json")  # beside --predictions
     assert predictions == {"a": "Rollo", "b": "", "c": "led"}
     assert na_probs == {"a": -2.0, "b": 1.0, "c": -0.5}  # null - best span, every question
     official = metrics.evaluate_v2(dataset, predictions, na_probs)

@@ -14,9 +14,8 @@ import pytest
 import torch
 from conftest import REPO, one_thread, toy_lines, write_rte, write_wikitext
 
-import checks
-import distributed
-import flags
+from bertkit import checks, flags
+from bertkit.training import distributed
 
 # The first literal block with these commands: in the documentation file its sections come
 # from while it is there, else in README.rst.

@@ -5,10 +5,10 @@ that keeps them."""
 import pytest
 import torch
 
-import flags as cli
 import ns_task
 import qa_task
-from files import UserError
+from bertkit import flags as cli
+from bertkit.files import UserError
 
 
 def parse(script, *argv):

@@ -27,21 +27,25 @@ from conftest import BERT_VOCAB, NOTRE_DAME, REAL_RTE
 
 transformers = pytest.importorskip("transformers")
 
-import checkpoint  # noqa: E402
-import distributed  # noqa: E402
-import flags as cli  # noqa: E402
-import glue  # noqa: E402
 import glue_task  # noqa: E402
 import mlm_task  # noqa: E402
-import optimizer  # noqa: E402
 import qa_task  # noqa: E402
-import sentences  # noqa: E402
-import squad  # noqa: E402
-import tokenizer as tok  # noqa: E402
-import trainer  # noqa: E402
-import transformers_format  # noqa: E402
+from bertkit import (  # noqa: E402
+    checkpoint,  # noqa: E402
+    transformers_format,  # noqa: E402
+)
+from bertkit import flags as cli  # noqa: E402
+from bertkit.glue import sentences  # noqa: E402
+from bertkit.glue import tasks as glue  # noqa: E402
+from bertkit.squad import dataset as squad  # noqa: E402
+from bertkit.squad.windows import Windowing, collate, make_windows  # noqa: E402
+from bertkit.text import tokenizer as tok  # noqa: E402
+from bertkit.training import (  # noqa: E402
+    distributed,  # noqa: E402
+    optimizer,  # noqa: E402
+    trainer,  # noqa: E402
+)
 from model import BertConfig, MLMTask, QuestionAnswerTask, SequenceClassificationTask  # noqa: E402
-from windows import Windowing, collate, make_windows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_VOCAB = BERT_VOCAB  # real data when there (conftest), else WORDS and synthetic_squad

@@ -1,4 +1,4 @@
-"""sentences.py: pairs to `<cls> a <sep> b <sep>` rows cut longest-first exactly as
+"""bertkit/glue/sentences.py: pairs to `<cls> a <sep> b <sep>` rows cut longest-first exactly as
 transformers' tokenizers cut them (on constructed lengths with the basic_english tokenizer,
 on real RTE text with BERT's real vocabulary), and the padded batches built from them."""
 
@@ -11,8 +11,8 @@ import torch
 from conftest import BERT_VOCAB, REAL_RTE, real_data_skip
 
 import data
-import sentences
-import tokenizer
+from bertkit.glue import sentences
+from bertkit.text import tokenizer
 
 REAL_VOCAB = BERT_VOCAB
 REAL_RTE_DEV = REAL_RTE / "dev.tsv"
@@ -65,7 +65,7 @@ def test_real_pairs_equal_bert_tokenizer_fast(tmp_path):
     a length that cuts nearly every pair."""
     real_data_skip(REAL_VOCAB, REAL_RTE_DEV)
     transformers = pytest.importorskip("transformers")
-    import glue
+    from bertkit.glue import tasks as glue
 
     shutil.copy(REAL_VOCAB, tmp_path / "vocab.txt")
     theirs = transformers.BertTokenizerFast.from_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""corpus.py at scale: ids streamed to the cache file, .txt.gz and .jsonl folders, and
+"""bertkit/text/corpus.py at scale: ids streamed to the cache file, .txt.gz and .jsonl folders, and
 held-out sets of bounded size."""
 
 import gzip
@@ -12,11 +12,9 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers the reducers DataLoader workers use)
 from conftest import toy_lines
 
-import corpus
 import data
-import token_ids
-import tokenizer
-from files import DataError
+from bertkit.files import DataError
+from bertkit.text import corpus, token_ids, tokenizer
 
 
 def quiet(*args):

@@ -1,8 +1,11 @@
-"""The layout's promises (README, "Where things are"): each concern in its own module, no
-import cycle among them, no grab-bag modules or long functions, and no task script imported
-by library code, bench.py or the tests' helpers."""
+"""The layout's promises (docs/layout.rst): the top level holds what a user runs and the
+readable core (model.py, data.py, metrics.py, utils.py); everything else is one package,
+bertkit/, one concern a module. Imports run one way: the package builds on the core, the
+core imports nothing of the package; no import cycle; no task script imported by library
+code, bench.py or the tests' helpers; no import name of ours shadows an installed library."""
 
 import ast
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -11,27 +14,78 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = {p.stem: p for p in REPO.glob("*.py")}
-SCRIPTS = {"mlm_task", "ns_task", "qa_task", "glue_task", "bench", "convert", "plot", "metrics"}
+PACKAGE = "bertkit"
+TOP = {p.stem: p for p in REPO.glob("*.py")}
+CORE = {"model", "data", "metrics", "utils"}
 TASK_SCRIPTS = {"mlm_task", "ns_task", "qa_task", "glue_task"}
+TOOLS = {"bench", "convert", "plot"}
+MAX_TOP_LEVEL_FILES = 12
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = {"qa_task": 300, "glue_task": 300, "utils": 350}
 MAX_LINES = 600
+MAX_TRAINER_CLASS_LINES = 250
+
+
+def dotted(path):
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {**TOP, **{dotted(p): p for p in (REPO / PACKAGE).rglob("*.py")}}
 
 
 def tree(name):
     return ast.parse(MODULES[name].read_text(encoding="utf-8"))
 
 
+def resolve(name, package):
+    """The module of ours that an import names (`bertkit.glue.tasks`, `model`), or None."""
+    if name in MODULES:
+        return name
+    head = name.split(".")[0]
+    return head if head in MODULES else None
+
+
 def imports(name):
-    """The modules of this project `name` imports, at any depth of its code."""
+    """The modules of this project `name` imports, at any depth of its code: `from bertkit.glue
+    import tasks` counts as importing bertkit.glue.tasks."""
     found = set()
     for node in ast.walk(tree(name)):
         if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
+            found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
-    return found & set(MODULES) - {name}
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names
+                         if f"{node.module}.{alias.name}" in MODULES)
+    return {resolve(n, name) for n in found} - {None, name}
+
+
+def in_package(name):
+    return name == PACKAGE or name.startswith(PACKAGE + ".")
+
+
+def test_the_top_level_holds_what_a_user_runs_and_the_core():
+    assert set(TOP) == TASK_SCRIPTS | TOOLS | CORE
+    assert len(TOP) <= MAX_TOP_LEVEL_FILES
+    assert (REPO / PACKAGE / "__init__.py").is_file()
+
+
+def test_no_import_name_of_ours_is_an_installed_distributions():
+    """A top-level kernels.py answered transformers' `import kernels` (Hugging Face's hub
+    kernels): anything started from the repository root has the root first on sys.path."""
+    installed = importlib.metadata.packages_distributions()
+    ours = {*TOP, PACKAGE}
+    clashes = {name: installed[name] for name in ours & set(installed)}
+    assert not clashes, f"import names of installed distributions: {clashes}"
+
+
+def test_transformers_bert_imports_with_the_repository_root_first_on_sys_path():
+    pytest.importorskip("transformers")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from transformers import BertForMaskedLM; print(BertForMaskedLM.__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "BertForMaskedLM", out.stderr[-2000:]
 
 
 def test_no_import_cycle():
@@ -53,12 +107,24 @@ def test_no_import_cycle():
         visit(name, [])
 
 
+def test_imports_between_the_top_level_and_the_package_run_one_way():
+    """The package builds on the core; the core imports nothing of the package, and the
+    package imports no script or tool (only the scripts and tools use both)."""
+    for name in CORE:
+        assert not {m for m in imports(name) if in_package(m)}, (
+            f"{name}.py (the core) imports the package: {sorted(imports(name))}")
+    for name in MODULES:
+        if in_package(name):
+            upward = imports(name) & (TASK_SCRIPTS | TOOLS)
+            assert not upward, f"{name} imports the script(s) {sorted(upward)}"
+
+
 def test_no_task_script_is_imported_by_a_module_or_bench():
     for name in MODULES:
-        if name in SCRIPTS - {"metrics"}:
+        if name in TASK_SCRIPTS | TOOLS:
             continue
         tasks = imports(name) & TASK_SCRIPTS
-        assert not tasks, f"{name}.py imports the script(s) {sorted(tasks)}"
+        assert not tasks, f"{name} imports the script(s) {sorted(tasks)}"
     assert not imports("bench") & TASK_SCRIPTS
 
 
@@ -66,17 +132,24 @@ def test_no_task_script_is_imported_by_a_module_or_bench():
 def test_modules_and_functions_stay_short(name):
     lines = len(MODULES[name].read_text(encoding="utf-8").splitlines())
     limit = MAX_MODULE_LINES.get(name, MAX_LINES)
-    assert lines <= limit, f"{name}.py has {lines} lines (at most {limit})"
+    assert lines <= limit, f"{name} has {lines} lines (at most {limit})"
     for node in ast.walk(tree(name)):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             length = node.end_lineno - node.lineno + 1
             assert length <= MAX_FUNCTION_LINES, (
-                f"{name}.py: {node.name} has {length} lines (at most {MAX_FUNCTION_LINES})")
+                f"{name}: {node.name} has {length} lines (at most {MAX_FUNCTION_LINES})")
+
+
+def test_the_trainer_class_reads_top_to_bottom():
+    (trainer,) = [node for node in tree("bertkit.training.trainer").body
+                  if isinstance(node, ast.ClassDef) and node.name == "Trainer"]
+    length = trainer.end_lineno - trainer.lineno + 1
+    assert length <= MAX_TRAINER_CLASS_LINES, f"Trainer has {length} lines"
 
 
 def test_model_py_holds_only_modules_and_their_config():
     """model.py imports no I/O, flags or data code of this project."""
-    assert imports("model") <= {"kernels", "rules"}
+    assert imports("model") <= {"utils"}
 
 
 DOCS = ["README.rst", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.rst"))]
@@ -103,18 +176,18 @@ def test_openmp_wait_policy_is_set_before_torch_loads(script):
              for node in tree(script).body if isinstance(node, ast.Import | ast.ImportFrom)
              for alias in (node.names if isinstance(node, ast.Import) else node.names[:1])]
     first_torch = min(i for i, name in enumerate(names) if name.split(".")[0] == "torch")
-    first_ours = min(i for i, name in enumerate(names) if name.split(".")[0] in MODULES)
-    assert names.index("cpu_threads") == first_ours < first_torch, names
+    first_ours = min(i for i, name in enumerate(names) if resolve(name, script))
+    assert names.index("bertkit.cpu_threads") == first_ours < first_torch, names
 
 
 def test_openmp_waits_passively_only_on_a_busy_machine_and_keeps_the_users_choice():
-    import cpu_threads
+    from bertkit import cpu_threads
 
     assert cpu_threads.wait_policy({}, busy=0.9) == "PASSIVE"
     assert cpu_threads.wait_policy({}, busy=0.1) is None  # idle: OpenMP's spinning pays
     assert cpu_threads.wait_policy({"OMP_WAIT_POLICY": "ACTIVE"}, busy=0.9) is None
     assert 0.0 <= cpu_threads.busy_share(0.05) <= 1.0
-    code = "import os, cpu_threads, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    code = "import os; from bertkit import cpu_threads; import torch; print(os.environ.get('OMP_WAIT_POLICY'))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"})
     assert out.stdout.strip() == "ACTIVE", out.stderr

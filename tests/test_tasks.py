@@ -198,9 +198,8 @@ def test_bad_input_gives_one_clear_line(trained, tmp_path, case):
 
 def run_here(script, argv, cwd):
     """The script's main on `argv` (flags.parse_args, as its __main__), in `cwd`: its stdout."""
-    import checks
-    import distributed
-    import flags
+    from bertkit import checks, flags
+    from bertkit.training import distributed
 
     module = __import__(script.removesuffix(".py"))
     out = io.StringIO()

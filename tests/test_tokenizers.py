@@ -19,11 +19,10 @@ from conftest import (
     write_wikitext,
 )
 
-import checkpoint
-import corpus
 import data
-import files
-import tokenizer as tok
+from bertkit import checkpoint, files
+from bertkit.text import corpus
+from bertkit.text import tokenizer as tok
 from model import QuestionAnswerTask
 
 SQUAD_FILES = sorted((REAL_DATA / "squad").glob("*.json"))

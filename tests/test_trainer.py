@@ -1,4 +1,4 @@
-"""trainer.py's optimizer, schedules and gradient accumulation; the metrics log, progress
+"""bertkit/training/trainer.py's optimizer, schedules and gradient accumulation; the metrics log, progress
 bars and plot.py; the new flags' checks. In-process on tiny models where the Trainer can
 be driven directly, mlm_task.py in a subprocess where the whole run is the point."""
 
@@ -16,17 +16,13 @@ import pytest
 import torch
 from conftest import REPO, write_wikitext
 
-import checkpoint
 import data
-import distributed
-import files
-import flags as cli
-import logs
 import mlm_task
-import optimizer
-import tokenizer
-import trainer
 import utils
+from bertkit import checkpoint, files
+from bertkit import flags as cli
+from bertkit.text import tokenizer
+from bertkit.training import distributed, logs, optimizer, trainer
 from model import BertConfig, MLMTask
 
 CPU = torch.device("cpu")

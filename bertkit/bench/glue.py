@@ -25,17 +25,16 @@ from pathlib import Path
 
 import torch
 
-import classifier
 import data
-import glue
-import optimizer
-import sentences
-import tokenizer
 import utils
-from bench_timing import REAL_DATA, interleaved_medians, seconds_per_call
-from classifier import Rows
+from bertkit.bench.timing import REAL_DATA, interleaved_medians, seconds_per_call
+from bertkit.glue import classifier, sentences
+from bertkit.glue import tasks as glue
+from bertkit.glue.classifier import Rows
+from bertkit.text import tokenizer
+from bertkit.training import optimizer
+from bertkit.transformers_format import ours_to_transformers_state_dict, their_bert_config
 from model import BertConfig, SequenceClassificationTask
-from transformers_format import ours_to_transformers_state_dict, their_bert_config
 
 SEQ_LEN = 128  # run_glue.py's max_seq_length, and glue_task.py's --bptt
 RTE_DIR = REAL_DATA / "glue" / "RTE"

@@ -1,4 +1,4 @@
-"""Sentence pairs to labels, as answers.py is windows to answers: the loss of a sequence
+"""Sentence pairs to labels, as bertkit/squad/answers.py is windows to answers: the loss of a sequence
 classifier, scoring examples in order of length on every rank, GLUE's metrics as the log
 shows them, predictions, what a classifier starts from (start_head), and the classifier
 that --predict and --model read.
@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import distributed
-import glue
-import glue_metrics
-import logs
-import sentences
+from bertkit import checkpoint
+from bertkit.training import distributed
+from bertkit.glue import tasks as glue
+from bertkit.glue import metrics as glue_metrics
+from bertkit.training import logs
+from bertkit.glue import sentences
 import utils
-from files import UserError
+from bertkit.files import UserError
 from model import SequenceClassificationTask
 
 

@@ -15,7 +15,7 @@ in id order, None for regression, "task", the GLUE task or None, and "bptt"); "s
 training state file (trainer.Trainer writes it) that also holds the optimizer, the RNG,
 the flags and the path of its run's best model. Every config records the longest sequence
 the weights were trained on (BertConfig.trained_len). A transformers BERT folder reads as
-the checkpoint of its heads (transformers_format.py).
+the checkpoint of its heads (bertkit/transformers_format.py).
 """
 
 import os
@@ -23,10 +23,10 @@ from typing import NamedTuple
 
 import torch
 
-import tokenizer
-import transformers_format
-from distributed import unwrap
-from files import DataError, UserError, atomic_save, load_torch
+from bertkit import transformers_format
+from bertkit.files import DataError, UserError, atomic_save, load_torch
+from bertkit.text import tokenizer
+from bertkit.training.distributed import unwrap
 from model import BertConfig
 
 

@@ -1,6 +1,6 @@
 """Path checks made before any work: every input exists, every output can be written and
 overwrites no input or other output; then a lock on every output for the whole run, so
-that bad input costs one line and nothing on disk is lost. (Flag values: flags.py.)
+that bad input costs one line and nothing on disk is lost. (Flag values: bertkit/flags.py.)
 
 Every problem is a files.UserError: one line `error: ...`, exit code 2.
 """
@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from files import UserError
+from bertkit.files import UserError
 
 try:
     import fcntl  # POSIX: output locks; elsewhere runs go unlocked

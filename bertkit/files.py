@@ -7,14 +7,7 @@ import warnings
 
 import torch
 
-
-class UserError(Exception):
-    """Bad input (a flag, a file): reported as one line `error: ...`, exit code 2."""
-
-
-class DataError(UserError):
-    """A problem with the input data, reported as one line (no traceback)."""
-
+from utils import DataError, UserError  # noqa: F401  (defined in the core; raised everywhere)
 
 UMASK = os.umask(0)  # the process's, read once (os.umask can only be read by setting it)
 os.umask(UMASK)
@@ -29,7 +22,7 @@ def _atomic_write(path, write, before_replace=None):
     """Write to a temporary file in the same folder, fsync, then rename over `path`:
     a crash at any point leaves either the old file or the new one, never half of one,
     and a failure leaves no temporary file. `before_replace()` runs once the new file is
-    complete, just before it takes the name (states.py moves the older states then)."""
+    complete, just before it takes the name (bertkit/training/states.py moves the older states then)."""
     path = os.fspath(path)
     tmp = None
     try:

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-import rules
+import utils
 
 
 @dataclass
@@ -25,15 +25,15 @@ class Windowing:
     max_answer_len: int = 30  # longest answer predicted, in tokens
 
     RULES: ClassVar = {
-        "doc_stride": (rules.at_least(1), "must be at least 1"),
-        "max_query_len": (rules.at_least(0), "must be at least 0"),
-        "max_answer_len": (rules.at_least(1), "must be at least 1"),
+        "doc_stride": (utils.at_least(1), "must be at least 1"),
+        "max_query_len": (utils.at_least(0), "must be at least 0"),
+        "max_answer_len": (utils.at_least(1), "must be at least 1"),
     }
 
     def __post_init__(self):
-        rules.check(self, self.RULES)
+        utils.check_rules(self, self.RULES)
         if self.bptt - self.max_query_len - 3 < 1:
-            raise rules.SettingError(
+            raise utils.SettingError(
                 "bptt", self.bptt, f"leaves no room for context after a question of "
                 f"--max-query-len {self.max_query_len} tokens (needs bptt >= max-query-len + 4)")
 

@@ -1,4 +1,4 @@
-"""Sentences and sentence pairs to model inputs, as windows.py is for SQuAD: each example
+"""Sentences and sentence pairs to model inputs, as bertkit/squad/windows.py is for SQuAD: each example
 becomes `<cls> a <sep> b <sep>` (or `<cls> a <sep>`), token types 0 for `<cls> a <sep>` and 1
 after, cut longest-first to max_len as transformers' tokenizers cut pairs
 (truncation="longest_first"); then batches padded to their longest row.
@@ -48,7 +48,7 @@ def _tokenize(vocab, texts):
 
 def encode(texts_a, texts_b, vocab, max_len):
     """Encoded rows of `<cls> a <sep> b <sep>` (texts_b None: `<cls> a <sep>`), at most
-    max_len tokens each. vocab: a tokenizer of tokenizer.py (Vocab or WordPiece)."""
+    max_len tokens each. vocab: a tokenizer of bertkit/text/tokenizer.py (Vocab or WordPiece)."""
     pairs = texts_b is not None
     specials = 3 if pairs else 2
     if max_len < specials:

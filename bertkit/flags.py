@@ -1,9 +1,9 @@
 """Flags: the parser of each script and how its flags become the settings objects
 (TrainConfig, BertConfig, Masking, Windowing, ...), each of which checks its own ranges
-(rules.py); on --checkpoint, the flags saved in the state file, with those given again
+(utils.py); on --checkpoint, the flags saved in the state file, with those given again
 on the command line winning; --checkpoint auto resolved to the state file it resumes.
 
-Every problem is one line `error: ...`, exit code 2. (Paths and locks: checks.py.)
+Every problem is one line `error: ...`, exit code 2. (Paths and locks: bertkit/checks.py.)
 """
 
 import argparse
@@ -12,17 +12,13 @@ import os
 import re
 import sys
 
-import checkpoint
-import corpus
 import data
-import distributed
-import rules
-import states
-import tokenizer
-import trainer
 import utils
-import windows
-from files import UserError, in_folder, load_torch
+from bertkit import checkpoint
+from bertkit.files import UserError, in_folder, load_torch
+from bertkit.squad import windows
+from bertkit.text import corpus, tokenizer
+from bertkit.training import distributed, states, trainer
 from model import BertConfig
 
 
@@ -355,10 +351,10 @@ def add_model_flags(parser, **fresh):
 
 # Ranges of the flags that no settings object owns (the others: SETTINGS below).
 FLAG_RULES = {
-    "world_size": (rules.at_least(1), "must be at least 1"),
-    "bptt": (rules.at_least(4), "must be at least 4"),
-    "null_threshold": (rules.finite, "must be a finite number"),
-    "recipe": (rules.one_of(*RECIPES), f"use one of {', '.join(RECIPES)}"),
+    "world_size": (utils.at_least(1), "must be at least 1"),
+    "bptt": (utils.at_least(4), "must be at least 4"),
+    "null_threshold": (utils.finite, "must be a finite number"),
+    "recipe": (utils.one_of(*RECIPES), f"use one of {', '.join(RECIPES)}"),
 }
 # The settings objects flags become, each with the RULES of its fields.
 SETTINGS = (trainer.TrainConfig, data.Masking, data.Pairs, tokenizer.TokenizerSpec,
@@ -376,8 +372,8 @@ def check_values(args, parser):
                                   for table in tables for name in table})
     for table in tables:
         try:
-            rules.check(probe, table)
-        except rules.SettingError as e:
+            utils.check_rules(probe, table)
+        except utils.SettingError as e:
             raise flag_error(parser, e) from None
 
 
@@ -402,7 +398,7 @@ def settings(cls, args, parser=None, **given):
               if hasattr(args, name)}
     try:
         return cls(**{**values, **given})
-    except rules.SettingError as e:
+    except utils.SettingError as e:
         raise flag_error(parser, e) from None
 
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from files import UserError, atomic_write_text
+from bertkit.files import UserError, atomic_write_text
 
 
 def make_logger(info):

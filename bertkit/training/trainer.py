@@ -20,7 +20,7 @@ A task tells the Trainer what it needs and nothing more:
                                       # (the encoder; the predictions)
 
 The Trainer reads its settings from a TrainConfig, checked once when it is made. Its state
-files are states.py's (kept states, --checkpoint auto, the finished mark).
+files are bertkit/training/states.py's (kept states, --checkpoint auto, the finished mark).
 """
 
 import contextlib
@@ -35,16 +35,13 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-import checkpoint
 import data
-import distributed
-import logs
-import rules
-import states
 import utils
-from files import UserError
+from bertkit import checkpoint
+from bertkit.files import UserError
+from bertkit.training import distributed, logs, states
+from bertkit.training.optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from model import count_parameters
-from optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 
 ###############################################################################
 # Settings
@@ -52,7 +49,7 @@ from optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 
 @dataclass
 class TrainConfig:
-    """What the Trainer reads: the training flags (flags.py maps them), checked once here.
+    """What the Trainer reads: the training flags (bertkit/flags.py maps them), checked once here.
     The defaults are the old example's: plain SGD, lr x0.1 when validation does not improve."""
 
     lr: float
@@ -84,32 +81,32 @@ class TrainConfig:
     evaluate_only: bool = False  # evaluate the starting model, write only the metrics log
 
     RULES: ClassVar = {
-        "optimizer": (rules.one_of(*OPTIMIZERS), f"use one of {', '.join(OPTIMIZERS)}"),
-        "schedule": (rules.one_of(*SCHEDULES), f"use one of {', '.join(SCHEDULES)}"),
-        "lr": (rules.positive, "must be > 0"),
-        "clip": (rules.positive, "must be > 0"),
-        "epochs": (rules.at_least(1), "must be at least 1"),
-        "batch_size": (rules.at_least(1), "must be at least 1"),
+        "optimizer": (utils.one_of(*OPTIMIZERS), f"use one of {', '.join(OPTIMIZERS)}"),
+        "schedule": (utils.one_of(*SCHEDULES), f"use one of {', '.join(SCHEDULES)}"),
+        "lr": (utils.positive, "must be > 0"),
+        "clip": (utils.positive, "must be > 0"),
+        "epochs": (utils.at_least(1), "must be at least 1"),
+        "batch_size": (utils.at_least(1), "must be at least 1"),
         "seed": (lambda x: 0 <= x < 2**63 - 2**16, "must be between 0 and 2**63 - 65537"),
-        "log_interval": (rules.at_least(1), "must be at least 1"),
-        "max_steps": (rules.at_least(0), "must be at least 0 (0: no limit)"),
-        "num_workers": (rules.at_least(0), "must be at least 0"),
-        "save_every": (rules.at_least(0), "must be at least 0 (0: at epoch ends only)"),
-        "keep_states": (rules.at_least(1), "must be at least 1 (1: the newest state only)"),
-        "eval_every": (rules.at_least(0), "must be at least 0 (0: at epoch ends only)"),
-        "eval_batches": (rules.at_least(0), "must be at least 0 (0: every batch)"),
-        "weight_decay": (lambda x: rules.finite(x) and x >= 0, "must be at least 0"),
-        "warmup": (rules.fraction, "must be in [0, 1)"),
-        "grad_accum": (rules.at_least(1), "must be at least 1"),
-        "eps": (rules.positive, "must be > 0"),
-        "betas": (lambda x: all(rules.fraction(b) for b in x), "must each be in [0, 1)"),
+        "log_interval": (utils.at_least(1), "must be at least 1"),
+        "max_steps": (utils.at_least(0), "must be at least 0 (0: no limit)"),
+        "num_workers": (utils.at_least(0), "must be at least 0"),
+        "save_every": (utils.at_least(0), "must be at least 0 (0: at epoch ends only)"),
+        "keep_states": (utils.at_least(1), "must be at least 1 (1: the newest state only)"),
+        "eval_every": (utils.at_least(0), "must be at least 0 (0: at epoch ends only)"),
+        "eval_batches": (utils.at_least(0), "must be at least 0 (0: every batch)"),
+        "weight_decay": (lambda x: utils.finite(x) and x >= 0, "must be at least 0"),
+        "warmup": (utils.fraction, "must be in [0, 1)"),
+        "grad_accum": (utils.at_least(1), "must be at least 1"),
+        "eps": (utils.positive, "must be > 0"),
+        "betas": (lambda x: all(utils.fraction(b) for b in x), "must each be in [0, 1)"),
     }
 
     def __post_init__(self):
-        rules.check(self, self.RULES)
+        utils.check_rules(self, self.RULES)
         self.betas = tuple(self.betas)
         if self.warmup and self.schedule == "plateau":
-            raise rules.SettingError("warmup", self.warmup, "needs --schedule linear or cosine "
+            raise utils.SettingError("warmup", self.warmup, "needs --schedule linear or cosine "
                                      "(plateau's lr changes only at epoch ends)")
         if self.evaluate_only and self.checkpoint not in (None, "None"):
             raise UserError(f"--evaluate-only evaluates --bert-model; --checkpoint "

@@ -15,14 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import checkpoint
-import logs
 import metrics
-import squad
 import utils
-from files import UserError, atomic_write_text
+from bertkit import checkpoint
+from bertkit.files import UserError, atomic_write_text
+from bertkit.squad.windows import Windowing, collate, window_chunks
+from bertkit.training import logs
 from model import QuestionAnswerTask
-from windows import Windowing, collate, window_chunks
 
 # --null-threshold's default: answer "" when the no-answer score beats the best span at all,
 # as Google BERT's run_squad.py (null_score_diff_threshold 0.0).
@@ -222,7 +221,7 @@ def to_predictions(answers, null_scores, null_threshold=None):
 def official_scores(dataset, predictions):
     """{"exact", "f1"} percentages by the official metric of the data: v2.0 when it has
     unanswerable questions, else v1.1."""
-    if squad.has_unanswerable(dataset):
+    if metrics.has_unanswerable(dataset):
         scores = metrics.evaluate_v2(dataset, predictions)
         return {"exact": scores["exact"], "f1": scores["f1"]}
     scores = metrics.evaluate(dataset, predictions)
@@ -236,14 +235,14 @@ def write_predictions(paths, dataset, answers, null_scores, null_threshold):
     Returns the paths written too."""
     predictions = to_predictions(answers, null_scores, null_threshold)
     atomic_write_text(paths["--predictions"], json.dumps(predictions))
-    predictions = squad.load_predictions(paths["--predictions"])
-    if not squad.has_unanswerable(dataset):
+    predictions = metrics.load_predictions(paths["--predictions"])
+    if not metrics.has_unanswerable(dataset):
         return official_scores(dataset, predictions), [paths["--predictions"]]
     atomic_write_text(paths["--na-probs"], json.dumps(no_answer_odds(answers, null_scores)))
     # The na_probs feed the best-threshold search only; na_prob_thresh inf scores the
     # answers as written (the official default, 1.0, would also count "" for a span whose
     # value is above 1).
-    scores = metrics.evaluate_v2(dataset, predictions, squad.load_na_probs(paths["--na-probs"]),
+    scores = metrics.evaluate_v2(dataset, predictions, metrics.load_na_probs(paths["--na-probs"]),
                                  na_prob_thresh=math.inf)
     scores["answered_empty"] = sum(not text for text in predictions.values())
     return scores, [paths["--predictions"], paths["--na-probs"]]

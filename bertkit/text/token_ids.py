@@ -1,7 +1,7 @@
 """Text to token ids: files cut into chunks at line ends, tokenized in worker processes
 (basic_english) or by the tokenizers library's threads (WordPiece), the ids written as
 they come to a file read back through mmap (or kept in memory), so memory does not grow
-with the corpus. corpus.py decides which files and byte ranges, and where the file goes.
+with the corpus. bertkit/text/corpus.py decides which files and byte ranges, and where the file goes.
 """
 
 import contextlib
@@ -23,12 +23,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import files
-import logs
 import utils
+from bertkit import files
+from bertkit.files import DataError
+from bertkit.text.tokenizer import UNK_ID, Vocab, normalize_text
+from bertkit.training import logs
 from data import TokenizedSplit
-from files import DataError
-from tokenizer import UNK_ID, Vocab, normalize_text
 
 # What a folder's text files may be. Plain text is cut into byte ranges that workers read
 # on their own; a .jsonl file has one JSON object a line whose "text" holds the lines;

@@ -18,9 +18,9 @@ import re
 
 import torch
 
-import checkpoint
 import utils
-from files import UserError, atomic_save, load_torch
+from bertkit import checkpoint
+from bertkit.files import UserError, atomic_save, load_torch
 
 
 def older(path, n):

@@ -2,7 +2,7 @@
 
 load_splits is what the scripts call: it finds a dataset's files (downloading them if
 needed; .txt, .jsonl and their .gz), cuts them into train/valid/test byte ranges,
-tokenizes them with a tokenizer of tokenizer.py in worker processes (learning its
+tokenizes them with a tokenizer of bertkit/text/tokenizer.py in worker processes (learning its
 vocabulary from the train split when tokenizer.choose_vocab asks), and writes the token
 ids to a cache file beside the data as they come, so memory does not grow with the corpus
 and a second run only maps the file. Batches are data.py's.
@@ -18,10 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import logs
-from data import SPLITS
-from files import DataError
-from token_ids import (
+from bertkit.files import DataError
+from bertkit.text.token_ids import (
     CACHE_VERSION,
     TEXT_SUFFIXES,
     IdFile,
@@ -34,7 +32,9 @@ from token_ids import (
     read_id_file,
     sample_lines,
 )
-from tokenizer import TokenizerSpec, choose_vocab
+from bertkit.text.tokenizer import TokenizerSpec, choose_vocab
+from bertkit.training import logs
+from data import SPLITS
 
 ###############################################################################
 # Datasets: where the files are, how to download them

@@ -6,10 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-import corpus
-import token_ids
-import tokenizer
-from tokenizer import TokenizerSpec
+from bertkit.text import corpus, token_ids, tokenizer
+from bertkit.text.tokenizer import TokenizerSpec
 
 
 def bench_data(text_file, corpus_dir, tokenizer_kind="basic_english"):

@@ -21,7 +21,8 @@ import tempfile
 
 import torch
 
-from files import UMASK, UserError, load_torch
+from bertkit.files import UMASK, UserError, load_torch
+from bertkit.text.tokenizer import load_tokenizer, tokenizer_from_checkpoint
 from model import (
     BertConfig,
     BertModel,
@@ -30,7 +31,6 @@ from model import (
     QuestionAnswerTask,
     SequenceClassificationTask,
 )
-from tokenizer import load_tokenizer, tokenizer_from_checkpoint
 
 ###############################################################################
 # Weight names

@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import torch
 
-import rules
-from files import DataError, atomic_save, load_torch
+import utils
+from bertkit.files import DataError, atomic_save, load_torch
 
 ###############################################################################
 # Tokenizer
@@ -365,7 +365,7 @@ def tokenizer_from_state(itos, state):
 
 
 def tokenizer_from_checkpoint(ckpt):
-    """The tokenizer a checkpoint of this project stores (see checkpoint.py)."""
+    """The tokenizer a checkpoint of this project stores (see bertkit/checkpoint.py)."""
     return tokenizer_from_state(ckpt["vocab"], ckpt.get("tokenizer"))
 
 
@@ -406,12 +406,12 @@ class TokenizerSpec:
 
     RULES: ClassVar = {
         "vocab_size": (lambda x: 6 <= x <= 2**31 - 1, "must be at least 6"),
-        "min_freq": (rules.at_least(1), "must be at least 1"),
+        "min_freq": (utils.at_least(1), "must be at least 1"),
     }
 
     def __post_init__(self):
         self.tokenizer = self.tokenizer or "basic_english"
-        rules.check(self, self.RULES)
+        utils.check_rules(self, self.RULES)
 
     @property
     def learned(self):

@@ -1,4 +1,4 @@
-"""GLUE's files, as squad.py is SQuAD's: the nine tasks (their columns, labels, metrics and
+"""GLUE's files, as bertkit/squad/dataset.py is SQuAD's: the nine tasks (their columns, labels, metrics and
 files), GLUE's TSV read exactly as it is written, your own .tsv / .csv / .jsonl, the download
 of a missing task file from GLUE's archives, and predictions in GLUE's submission layout.
 
@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import corpus
-from files import DataError, UserError, atomic_write_text
+from bertkit.text import corpus
+from bertkit.files import DataError, UserError, atomic_write_text
 
 ###############################################################################
 # The tasks

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import logs
 import utils
-from files import UserError
+from bertkit.files import UserError
+from bertkit.training import logs
 
 
 @dataclass

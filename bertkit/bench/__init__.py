@@ -1,0 +1,2 @@
+"""The pieces of bench.py: the data pipeline (data), GLUE fine-tuning (glue), the clock
+(timing)."""

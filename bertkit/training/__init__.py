@@ -1,0 +1,2 @@
+"""Training: the loop (trainer), its state files and resume (states), the optimizer and
+schedule, logs and progress, and one or many processes (distributed)."""
