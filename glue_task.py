@@ -3,6 +3,7 @@ classification or regression files.
 
     python glue_task.py --bert-model ns_bert.pt --task RTE            # glue_model.pt, dev score
     python glue_task.py --bert-model ns_bert.pt --task MNLI --recipe bert
+    python glue_task.py --bert-model ns_bert.pt --task all --output-dir glue  # each, then the table
     python glue_task.py --bert-model mlm_bert.pt --train-file my.tsv --dev-file my_dev.tsv \\
         --text-columns review --label-column stars                   # your own data
     python glue_task.py --predict --model glue_model.pt --sentence "..." [--sentence2 "..."]
@@ -25,7 +26,7 @@ import data
 import utils
 from bertkit import checkpoint, checks, flags
 from bertkit.files import UserError
-from bertkit.glue import classifier, examples, sentences
+from bertkit.glue import classifier, examples, sentences, suite
 from bertkit.glue import tasks as glue
 from bertkit.glue.classifier import Rows
 from bertkit.training import distributed, logs, trainer
@@ -41,10 +42,12 @@ def get_parser():
                         help="pretrained encoder (mlm_bert.pt, ns_bert.pt, a transformers BERT "
                              "folder, or any checkpoint holding one); its pooler is kept where "
                              "it has one (default ns_bert.pt)")
-    parser.add_argument("--task", type=str, default=None,
+    parser.add_argument("--task", type=str, nargs="+", action=suite.TaskNames, default=None,
                         help=f"a GLUE task: {', '.join(glue.TASKS)} (any case; sst2, stsb, ... "
                              "too), read from <data-dir>/glue/<TASK>/ and downloaded when "
-                             "absent (default none: your own --train-file and --dev-file)")
+                             "absent; several, or all (those nine), run one after another, each "
+                             "in <output-dir>/<TASK>/, then the table <output-dir>/glue_results"
+                             ".md, .csv (default none: your own --train-file and --dev-file)")
     for split in ("train", "dev"):
         parser.add_argument(f"--{split}-file", type=str, default=None,
                             help=f"{split} examples, .tsv, .csv or .jsonl (default: the "
@@ -290,4 +293,5 @@ def main(args, info):
 
 
 if __name__ == "__main__":
-    distributed.launch(main, flags.parse_args(get_parser()))
+    if not suite.run(get_parser(), main):  # --task with several tasks or all: each in turn
+        distributed.launch(main, flags.parse_args(get_parser()))

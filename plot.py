@@ -3,8 +3,10 @@ throughput, and the validation metrics at each evaluation, against optimizer ste
 
     python plot.py mlm_metrics.jsonl                 # -> mlm_metrics.png
     python plot.py mlm_metrics.jsonl -o run.png
+    python plot.py --glue-table glue                 # -> glue/glue_results.md, .csv, .png
 
-Needs matplotlib (pip install matplotlib); training does not.
+Needs matplotlib (pip install matplotlib); training does not. --glue-table: the GLUE table
+of a folder of glue_task.py runs (bertkit/glue/results.py; its bar plot needs matplotlib).
 """
 
 import argparse
@@ -108,13 +110,37 @@ def plain_log_formatter(**kwargs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("metrics", type=Path, help="a metrics log: mlm_metrics.jsonl, ...")
+    parser.add_argument("metrics", type=Path, nargs="?",
+                        help="a metrics log: mlm_metrics.jsonl, ...")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="the PNG to write (default: the log's name with .png)")
+    parser.add_argument("--glue-table", type=Path, default=None, metavar="FOLDER",
+                        help="instead: the GLUE table of the glue_task.py runs in FOLDER and "
+                             "its subfolders (pretrained beside --from-scratch runs, GLUE's "
+                             "average), written as FOLDER/glue_results.md, .csv and .png")
     args = parser.parse_args(argv)
+    if args.glue_table is not None:
+        glue_table(args)
+        return
+    if args.metrics is None:
+        fail("give a metrics log, or --glue-table FOLDER")
     if not args.metrics.is_file():
         fail(f"{args.metrics}: no such file")
     plot(read_rows(args.metrics), args.output or args.metrics.with_suffix(".png"))
+
+
+def glue_table(args):
+    if args.metrics is not None or args.output is not None:
+        fail("--glue-table FOLDER writes FOLDER/glue_results.*: give no metrics log or -o")
+    if not args.glue_table.is_dir():
+        fail(f"--glue-table {args.glue_table}: no such folder")
+    from bertkit.files import UserError
+    from bertkit.glue import results
+
+    try:
+        results.write(args.glue_table)
+    except UserError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -549,6 +549,8 @@ def check_saved_flags(parser, saved, path):
 
 def _saved_type(action):
     """The Python types a flag's saved value may have."""
+    if hasattr(action, "saved_type"):  # its own (glue_task.py's --task: one task, a string)
+        return action.saved_type
     if isinstance(action.default, bool):  # store_true flags
         return bool
     if action.nargs not in (None, 0, "?"):
