@@ -23,13 +23,12 @@ import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loa
 import torch
 
 import data
-import utils
-from bertkit import checkpoint, checks, flags
+from bertkit import checkpoint, checks, flags, mains
 from bertkit.files import UserError
 from bertkit.glue import classifier, examples, sentences, suite
 from bertkit.glue import tasks as glue
 from bertkit.glue.classifier import Rows
-from bertkit.training import distributed, logs, trainer
+from bertkit.training import distributed, ending, logs
 from model import SequenceClassificationTask
 
 BPTT = 128
@@ -191,6 +190,12 @@ def dev_flag(i):
     return "--predictions" if i == 0 else "--predictions (mismatched)"
 
 
+def predictions_of_test_files(args, task):
+    """The paths of the --test-file predictions (examples.test_predictions_paths)."""
+    return examples.test_predictions_paths(args.test_predictions, args.test_file,
+                                           args.output_dir, task)
+
+
 def test_flag(i):
     return f"--test-predictions ({i + 1})"
 
@@ -202,14 +207,15 @@ def outputs(args):
     paths = {dev_flag(i): (path, "predictions") for i, path in
              enumerate(examples.dev_predictions_paths(args.predictions, n_dev))}
     paths.update({test_flag(i): (path, "test predictions")
-                  for i, path in enumerate(examples.test_predictions_paths(args, task))})
+                  for i, path in enumerate(predictions_of_test_files(args, task))})
     return {"--save": (args.save, "best model"), **paths,
             "the loss log": (flags.in_output_dir(args, "glue_loss.txt"), "losses"),
             "--save-vocab": (args.save_vocab, "vocab")}
 
 
-def check_paths(args, info):
-    """glue_task.py's inputs and outputs (see checks.prepare_run), before any work."""
+def check_paths(args, info, train_config):
+    """glue_task.py's inputs and outputs (see checks.prepare_run), before any work;
+    `train_config`: the run's TrainConfig, None under --predict."""
     task = glue_task(args)
     inputs = {"--dev-file": args.dev_file,
               **{f"--test-file ({i + 1})": path for i, path in enumerate(args.test_file or ())}}
@@ -222,13 +228,13 @@ def check_paths(args, info):
         files = {} if args.sentence is not None else {
             "--predictions": args.predictions if args.dev_file else None,
             **{test_flag(i): path
-               for i, path in enumerate(examples.test_predictions_paths(args, task))}}
+               for i, path in enumerate(predictions_of_test_files(args, task))}}
         return checks.prepare_run(info, inputs={"--model": args.model or args.save, **inputs},
                                   outputs=files)
     glue_files = {} if task is None else {
         f"{task.name}'s {name}": os.path.join(args.data_dir, "glue", task.name, name)
         for name in task.files}
-    run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
+    run_outputs = ending.run_outputs(outputs(args), train_config)
     return checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model, "--train-file": args.train_file, **inputs},
         outputs={flag: path for flag, (path, _) in run_outputs.items()},
@@ -262,36 +268,29 @@ def predict(args, device, log):
                                              device, args.dtype)
         classifier.write_predictions(args.predictions, rows, logits, labels)
         log(f"wrote {args.predictions} | {logs.format_metrics('dev', scores)}")
-    for test_path, out in zip(args.test_file or (), examples.test_predictions_paths(args, found.task)):
+    for test_path, out in zip(args.test_file or (), predictions_of_test_files(args, found.task)):
         rows = Rows.of(examples.read_file(test_path, "test", task, own), vocab, bptt, labels)
         logits, _ = classifier.score(model, rows, pad_id, args.batch_size, device, args.dtype)
         classifier.write_predictions(out, rows, logits, labels)
         log(f"wrote {out}: {len(rows.encoded):,} predictions for {test_path}")
 
 
-def main(args, info):
-    log = logs.make_logger(info)
-    device = utils.setup_device(args, info)
-    torch.manual_seed(args.seed)
-    if not args.predict:
-        flags.split_global_batch(args, info.world_size)
-    check_paths(args, info)
-    if args.predict:
-        if info.is_main:
-            predict(args, device, log)
-        return
-    weights, config, vocab = flags.fine_tuning_start(args, info, log, "glue")
+def start_task(args, weights, config, vocab, info, device, log):
+    """(the GLUE task, the model) of a training run (mains.fine_tune)."""
     with distributed.main_rank_first(info):
         splits = examples.read_splits(glue_task(args), columns(args), args.train_file,
                                       args.dev_file, args.test_file, args.data_dir, log)
     task = Glue(args, vocab, config, splits, info, device, log)
     weights = classifier.start_head(weights, splits.labels, args.bert_model, log)
     n_labels = 1 if splits.labels is None else len(splits.labels)
-    model = checkpoint.task_model(SequenceClassificationTask, config, weights, args.bert_model,
-                                  device, n_labels=n_labels)
-    trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
+    return task, checkpoint.task_model(SequenceClassificationTask, config, weights,
+                                       args.bert_model, device, n_labels=n_labels)
+
+
+def main(args, info):
+    mains.fine_tune(args, info, "glue", check_paths, predict, start_task)
 
 
 if __name__ == "__main__":
     if not suite.run(get_parser(), main):  # --task with several tasks or all: each in turn
-        distributed.launch(main, flags.parse_args(get_parser()))
+        mains.launch(main, flags.parse_args(get_parser()))

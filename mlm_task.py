@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import data
-import utils
-from bertkit import checkpoint, checks, flags
+from bertkit import checkpoint, checks, flags, mains
 from bertkit.files import UserError
 from bertkit.text import corpus
 from bertkit.text.tokenizer import TokenizerSpec
-from bertkit.training import distributed, logs, trainer
+from bertkit.training import distributed, ending, logs, trainer
 from model import BertConfig, MLMTask
 
 # The architecture of a model pretrained from scratch (BERT-base), flags left out.
@@ -131,10 +130,7 @@ class MLM:
 
 def outputs(args):
     """{flag: (path, what)} of the files a run writes (besides the Trainer's)."""
-    return {"--save": (args.save, "encoder"),
-            "the best model": (flags.in_output_dir(args, "full_mlm_model.pt"), "best model"),
-            "the loss log": (flags.in_output_dir(args, "mlm_loss.txt"), "losses"),
-            "--save-vocab": (args.save_vocab, "vocab")}
+    return mains.encoder_outputs(args, best_model="full_mlm_model.pt", loss_log="mlm_loss.txt")
 
 
 def start_from(args, log):
@@ -165,16 +161,15 @@ def fresh_config(args, vocab=None):
 
 
 def main(args, info):
-    log = logs.make_logger(info)
-    device = utils.setup_device(args, info)
-    torch.manual_seed(args.seed)
+    log, device = mains.start(args, info)
     spec = flags.settings(TokenizerSpec, args)
     if args.bert_model is None:
         if args.evaluate_only:
             raise UserError("--evaluate-only needs --bert-model: the model to evaluate "
                             "(full_mlm_model.pt, or a transformers BERT folder with its MLM head)")
         fresh_config(args)  # sizes that make no model are refused before any file is touched
-    run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
+    train_config = flags.train_config(args)
+    run_outputs = ending.run_outputs(outputs(args), train_config)
     checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model,
                       "--tokenizer": None if spec.learned else spec.tokenizer},
@@ -190,9 +185,9 @@ def main(args, info):
     model = (checkpoint.task_model(MLMTask, config, weights, args.bert_model, device)
              if weights is not None else MLMTask(config).to(device))
     start = f"from {args.bert_model}" if args.bert_model else "new"
-    trainer.run(task, model, args, info, device, log,
-                start=f"{start}, {len(splits['train'].ids)} train tokens")
+    trainer.run(task, model, train_config, info, device, log,
+                start=f"{start}, {len(splits['train'].ids)} train tokens", flags=vars(args))
 
 
 if __name__ == "__main__":
-    distributed.launch(main, flags.parse_args(get_parser()))
+    mains.launch(main, flags.parse_args(get_parser()))

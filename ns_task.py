@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-import utils
-from bertkit import checkpoint, checks, flags
+from bertkit import checkpoint, checks, flags, mains
 from bertkit.files import UserError
 from bertkit.text import corpus
-from bertkit.training import distributed, logs, trainer
+from bertkit.training import distributed, ending, trainer
 from model import NextSentenceTask
 
 
@@ -110,18 +109,14 @@ class NextSentence:
 
 def outputs(args):
     """{flag: (path, what)} of the files a run writes (besides the Trainer's)."""
-    return {"--save": (args.save, "encoder"),
-            "the best model": (flags.in_output_dir(args, "ns_model.pt"), "best model"),
-            "the loss log": (flags.in_output_dir(args, "ns_loss.txt"), "losses"),
-            "--save-vocab": (args.save_vocab, "vocab")}
+    return mains.encoder_outputs(args, best_model="ns_model.pt", loss_log="ns_loss.txt")
 
 
 def main(args, info):
-    log = logs.make_logger(info)
-    device = utils.setup_device(args, info)
-    torch.manual_seed(args.seed)
+    log, device = mains.start(args, info)
     flags.split_global_batch(args, info.world_size)
-    run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
+    train_config = flags.train_config(args)
+    run_outputs = ending.run_outputs(outputs(args), train_config)
     checks.prepare_run(info, inputs={"--bert-model": args.bert_model},
                        outputs={flag: path for flag, (path, _) in run_outputs.items()},
                        data_dir=args.data_dir,
@@ -131,8 +126,9 @@ def main(args, info):
         _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)
     task = NextSentence(args, vocab, splits, config, info, device)
     model = checkpoint.task_model(NextSentenceTask, config, weights, args.bert_model, device)
-    trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
+    trainer.run(task, model, train_config, info, device, log, start=f"from {args.bert_model}",
+                flags=vars(args))
 
 
 if __name__ == "__main__":
-    distributed.launch(main, flags.parse_args(get_parser()))
+    mains.launch(main, flags.parse_args(get_parser()))

@@ -21,17 +21,14 @@ from dataclasses import asdict
 
 import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
 
-import torch
-
 import data
 import metrics
-import utils
-from bertkit import checkpoint, checks, flags
+from bertkit import checkpoint, checks, flags, mains
 from bertkit.files import UserError
 from bertkit.squad import answers
 from bertkit.squad import dataset as squad
 from bertkit.squad.windows import Windowing, count_windows, make_windows, window_batch
-from bertkit.training import distributed, logs, trainer
+from bertkit.training import distributed, ending, logs
 from model import QuestionAnswerTask
 
 
@@ -217,8 +214,9 @@ def outputs(args):
             "--save-vocab": (args.save_vocab, "vocab")}
 
 
-def check_paths(args, info):
-    """qa_task.py's inputs and outputs (see checks.prepare_run), before any work."""
+def check_paths(args, info, train_config):
+    """qa_task.py's inputs and outputs (see checks.prepare_run), before any work;
+    `train_config`: the run's TrainConfig, None under --predict."""
     if args.predict:
         if args.predict_file is not None and (args.context or args.question):
             raise UserError("--predict: give --context and --question, or --predict-file, "
@@ -233,7 +231,7 @@ def check_paths(args, info):
     squad_files = {f"--{split}-file": given or os.path.join(args.data_dir, "squad",
                                                              squad.SQUAD[split].filename)
                    for split, given in (("train", args.train_file), ("dev", args.dev_file))}
-    run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
+    run_outputs = ending.run_outputs(outputs(args), train_config)
     return checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model, "--train-file": args.train_file,
                       "--dev-file": args.dev_file},
@@ -270,27 +268,21 @@ def predict(args, device, log):
         log(answers.v2_summary(scores))
 
 
-def main(args, info):
-    log = logs.make_logger(info)
-    device = utils.setup_device(args, info)
-    torch.manual_seed(args.seed)
-    if not args.predict:
-        flags.split_global_batch(args, info.world_size)
-    check_paths(args, info)
-    if args.predict:
-        if info.is_main:
-            predict(args, device, log)
-        return
-    weights, config, vocab = flags.fine_tuning_start(args, info, log, "qa")
+def start_task(args, weights, config, vocab, info, device, log):
+    """(the QA task, the model) of a training run (mains.fine_tune)."""
     config.qa_gelu = args.qa_gelu  # the head is chosen here, whatever the encoder's config says
     windowing = flags.settings(Windowing, args)
     with distributed.main_rank_first(info):
         paths = {split: squad.squad_file(given, split, args.data_dir, log)
                  for split, given in (("train", args.train_file), ("dev", args.dev_file))}
     task = QA(args, vocab, config, windowing, paths, info, device, log)
-    model = checkpoint.task_model(QuestionAnswerTask, config, weights, args.bert_model, device)
-    trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
+    return task, checkpoint.task_model(QuestionAnswerTask, config, weights, args.bert_model,
+                                       device)
+
+
+def main(args, info):
+    mains.fine_tune(args, info, "qa", check_paths, predict, start_task)
 
 
 if __name__ == "__main__":
-    distributed.launch(main, flags.parse_args(get_parser()))
+    mains.launch(main, flags.parse_args(get_parser()))

@@ -110,13 +110,11 @@ def check_precision(device, dtype):
                         "(it would run emulated, slower than fp32); use --dtype fp16")
 
 
-def setup_device(args, info):
-    """The rank's device, its precision checked (see check_precision); the defaults that
-    depend on it resolved in `args`: --compile on for CUDA."""
-    device = get_device(args.device, info.local_rank)
-    check_precision(device, args.dtype)
-    if getattr(args, "compile", False) is None:
-        args.compile = device.type == "cuda"
+def setup_device(name, dtype, info):
+    """The rank's device of --device `name`, its precision `dtype` checked (see
+    check_precision)."""
+    device = get_device(name, info.local_rank)
+    check_precision(device, dtype)
     return device
 
 
@@ -132,6 +130,17 @@ def available_cpus():
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread inside the block, its thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def to_device(batch, device):

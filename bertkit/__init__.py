@@ -6,7 +6,8 @@ precision, errors, value rules). This package builds on that core and the core n
 imports it (docs/layout.rst):
 
 - ``files``, ``checks``: atomic writes and output paths; path checks and locks before work
-- ``flags``: the scripts' flags, as the settings objects the library takes
+- ``flags``, ``mains``: the scripts' flags, as the settings objects the library takes; what
+  the scripts' main functions share (the only modules that read the parsed flags)
 - ``checkpoint``, ``transformers_format``: model files, this project's and transformers'
 - ``text``: tokenizers, corpora on disk, text to token ids
 - ``training``: the trainer, its state files, optimizer, logs, processes

@@ -402,6 +402,13 @@ def settings(cls, args, parser=None, **given):
         raise flag_error(parser, e) from None
 
 
+def train_config(args):
+    """The run's TrainConfig, made once in a script's main (after mains.start has resolved
+    --compile); "None" is the old example's spelling of no --checkpoint."""
+    return settings(trainer.TrainConfig, args,
+                    checkpoint=None if args.checkpoint == "None" else args.checkpoint)
+
+
 def model_config(config, args, source, log):
     """`config` (of checkpoint `source`) after the model flags: an architecture flag must
     agree with it; --dropout, when given, replaces its dropout. --bptt must fit its

@@ -1,12 +1,14 @@
 """Shared fixtures: real data when it is there, small WikiText-layout folders, and a local
 HTTP server standing in for the dataset hosts."""
 
-import contextlib
 import functools
+import hashlib
 import http.server
+import io
 import os
 import socket
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,18 +51,41 @@ def real_valid_lines():
     return REAL_VALID.read_text(encoding="utf-8").splitlines()
 
 
-@contextlib.contextmanager
 def one_thread():
     """Tiny models run in this process on one thread: they gain nothing from more, and on
     a busy machine OpenMP's spinning threads make each step many times slower."""
-    import torch
+    import utils
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    return utils.one_thread()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """one_thread for a whole test file: `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
+
+
+def hashes(folder):
+    """Every file under folder (hidden ones too) and its content's hash."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def one_error_line(module, argv, capsys):
+    """(stdout, the error line) of task script `module` run in this process with `argv`,
+    as `python SCRIPT ARGV` runs it (a subprocess would spend most of its time importing
+    torch), which must stop with one line `error: ...` on stderr, exit code 2."""
+    from bertkit import checks, flags, mains
+
+    with pytest.raises(SystemExit) as exit_info:
+        mains.launch(module.main, flags.parse_args(module.get_parser(), argv))
+    checks.release_outputs()  # as the process's exit would
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return out, lines[0]
 
 
 def toy_lines(n_lines, seed=0, words_per_line=30):
@@ -110,6 +135,15 @@ def wikitext_dir(tmp_path):
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):
         pass
+
+
+def make_zip(members):
+    """A zip archive's bytes of {name: text} (for http_root to serve as a download)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, text in members.items():
+            zf.writestr(name, text)
+    return buffer.getvalue()
 
 
 @pytest.fixture

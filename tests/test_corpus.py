@@ -2,18 +2,16 @@
 the token-id cache and the vocab file."""
 
 import hashlib
-import io
 import os
 import random
 import re
 import urllib.request
-import zipfile
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import REAL_VALID, toy_lines, write_wikitext
+from conftest import REAL_VALID, make_zip, toy_lines, write_wikitext
 
 import data
 from bertkit.files import DataError
@@ -23,14 +21,6 @@ from bertkit.text.tokenizer import Vocab
 ###############################################################################
 # Datasets and downloads
 ###############################################################################
-
-
-def make_zip(members):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, text in members.items():
-            zf.writestr(name, text)
-    return buffer.getvalue()
 
 
 WIKITEXT_MEMBERS = {f"wikitext-2/wiki.{s}.tokens": " = Title = \n some text .\n"

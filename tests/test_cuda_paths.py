@@ -16,6 +16,7 @@ import data
 import mlm_task
 import utils
 from bertkit import files
+from bertkit import flags as cli
 from bertkit.squad import dataset as squad
 from bertkit.squad import windows as qa_windows
 from bertkit.text import tokenizer
@@ -154,7 +155,7 @@ def _two_rank_state(rank, port, folder):
                                              str(folder / "state.pt")])
     task = argparse.Namespace(config=_tiny_config(), vocab=tokenizer.Vocab(list(tokenizer.SPECIALS)))
     torch.manual_seed(args.seed)
-    loop = trainer.Trainer(task, MLMTask(_tiny_config()), trainer.TrainConfig.from_flags(args),
+    loop = trainer.Trainer(task, MLMTask(_tiny_config()), cli.train_config(args),
                            info, torch.device("cpu"), lambda *a: None, flags=vars(args))
     torch.save(torch.rand(4), folder / f"draw{rank}.pt")  # each rank's next random numbers
     loop.save_state()

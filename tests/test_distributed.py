@@ -261,26 +261,24 @@ def test_sigkill_during_writes_leaves_a_loadable_file(tmp_path):
 # -- failures in one rank ---------------------------------------------------------
 
 
-def _fails_on_rank_1(args, info):
+def _fails_on_rank_1(info):
     dist.barrier()
     if info.rank == 1:
         raise RuntimeError("boom on rank 1")
     dist.barrier()  # rank 0 would wait here forever if rank 1's failure were not seen
 
 
-def _bad_input_on_every_rank(args, info):
+def _bad_input_on_every_rank(info):
     raise files.UserError("the same bad input on every rank")
 
 
-def _ddp_args():
-    import argparse
-
-    return argparse.Namespace(parallel="DDP", world_size=2, device="cpu")
+def _ddp_launch():
+    return distributed.Launch(parallel="DDP", world_size=2, device="cpu")
 
 
 def test_a_failing_rank_stops_every_rank(capfd):
     with pytest.raises(SystemExit) as exit_info:
-        distributed.launch(_fails_on_rank_1, _ddp_args())
+        distributed.launch(_fails_on_rank_1, _ddp_launch())
     assert exit_info.value.code != 0
     err = capfd.readouterr().err
     assert "RuntimeError: boom on rank 1" in err and err.count("[rank 1] Traceback") == 1
@@ -289,7 +287,7 @@ def test_a_failing_rank_stops_every_rank(capfd):
 
 def test_bad_input_is_reported_once(capfd):
     with pytest.raises(SystemExit) as exit_info:
-        distributed.launch(_bad_input_on_every_rank, _ddp_args())
+        distributed.launch(_bad_input_on_every_rank, _ddp_launch())
     assert exit_info.value.code != 0
     err = capfd.readouterr().err
     assert err.count("error: the same bad input on every rank") == 1

@@ -154,14 +154,19 @@ def test_qa_gelu_differs_from_transformers():
     assert (end_logits - expected.end_logits).abs().max() > 1e-2
 
 
-def test_next_sentence_logits_match_transformers():
-    config, ours, theirs = make_pair(NextSentenceTask, transformers.BertForNextSentencePrediction)
+def padded_pair_logits(config, ours, theirs):
+    """(ours, theirs): the logits of both sequence-pair classifiers on a padded batch."""
     ids, token_types = make_batch(config, padded=True)
     with torch.no_grad():
         expected = theirs(
             input_ids=ids, token_type_ids=token_types, attention_mask=ids.ne(config.pad_id).long()
         ).logits
-        got = ours(ids, token_types, padding_mask(ids, config.pad_id))
+        return ours(ids, token_types, padding_mask(ids, config.pad_id)), expected
+
+
+def test_next_sentence_logits_match_transformers():
+    config, ours, theirs = make_pair(NextSentenceTask, transformers.BertForNextSentencePrediction)
+    got, expected = padded_pair_logits(config, ours, theirs)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
@@ -170,13 +175,8 @@ def test_sequence_classification_logits_match_transformers(num_labels):
     config, ours, theirs = make_pair(SequenceClassificationTask,
                                      transformers.BertForSequenceClassification,
                                      num_labels=num_labels)
-    ids, token_types = make_batch(config, padded=True)
-    with torch.no_grad():
-        expected = theirs(
-            input_ids=ids, token_type_ids=token_types, attention_mask=ids.ne(config.pad_id).long()
-        ).logits
-        got = ours(ids, token_types, padding_mask(ids, config.pad_id))
-    assert got.shape == (len(ids), num_labels)
+    got, expected = padded_pair_logits(config, ours, theirs)
+    assert got.shape == (len(expected), num_labels)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 

@@ -5,7 +5,6 @@ a finished run is left untouched; an unfinished one is never replaced; SLURM's r
 the pieces (kept states, the log cut, the start token of a restart) in-process."""
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -22,14 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO, toy_lines, write_wikitext
+from conftest import REPO, hashes, one_error_line, toy_lines, write_wikitext
 
 import mlm_task
 import qa_task
-from bertkit import checks
 from bertkit import flags as cli
 from bertkit.files import UserError
-from bertkit.training import distributed, logs, states, trainer
+from bertkit.training import distributed, ending, logs, states
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 for name in [n for n in ENV if n.startswith(("SLURM_", "TORCHELASTIC_"))] + ["RANK"]:
@@ -44,12 +42,6 @@ TIMINGS = ("tokens_per_s", "ms_per_step")
 def corpus(folder, n_lines=200):
     write_wikitext(folder / "D", toy_lines(n_lines, 0, 30), toy_lines(20, 1, 30),
                    toy_lines(20, 2, 30))
-
-
-def hashes(folder):
-    """Every file under folder (hidden ones too) and its content's hash."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def weights(path):
@@ -173,15 +165,11 @@ def test_a_new_run_over_an_unfinished_state_refuses(recovered, monkeypatch, caps
     """The killed run's command without --checkpoint auto would start over: refused."""
     monkeypatch.chdir(recovered.kept)
     before = hashes(recovered.kept)
-    with pytest.raises(SystemExit) as exit_info:
-        distributed.launch(mlm_task.main, cli.parse_args(mlm_task.get_parser(), [*MODEL, *SINGLE]))
-    checks.release_outputs()
-    out, err = capsys.readouterr()
-    assert exit_info.value.code == 2 and out == "" and hashes(recovered.kept) == before
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and re.match(r"error: --state-file mlm_state.pt holds the state "
-                                        r"of an unfinished run \(step [69]\):", lines[0]), lines
-    assert "--checkpoint auto" in lines[0] and "another --state-file" in lines[0]
+    out, line = one_error_line(mlm_task, [*MODEL, *SINGLE], capsys)
+    assert out == "" and hashes(recovered.kept) == before
+    assert re.match(r"error: --state-file mlm_state.pt holds the state of an unfinished run "
+                    r"\(step [69]\):", line), line
+    assert "--checkpoint auto" in line and "another --state-file" in line
 
 
 def test_a_finished_run_with_checkpoint_auto_exits_0_and_changes_nothing(recovered):
@@ -458,14 +446,14 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
 
 def test_a_resume_never_writes_over_the_state_it_resumes(tmp_path):
     args = cli.parse_args(mlm_task.get_parser(), ["--state-file", str(tmp_path / "s.pt")])
-    config = trainer.TrainConfig.from_flags(args)
-    assert "--keep-states 2 (older state 1)" in trainer.run_outputs(mlm_task.outputs(args), config)
+    config = cli.train_config(args)
+    assert "--keep-states 2 (older state 1)" in ending.run_outputs(mlm_task.outputs(args), config)
     other = tmp_path / "other.pt"
     other.write_bytes(b"a state from elsewhere")
     config.checkpoint = str(other)
     args.save = str(other)
     with pytest.raises(UserError, match="--save .*other.pt is also --checkpoint"):
-        trainer.run_outputs(mlm_task.outputs(args), config)
+        ending.run_outputs(mlm_task.outputs(args), config)
 
 
 def test_auto_resumes_the_command_that_started_the_run(tmp_path, monkeypatch, capsys):
@@ -524,14 +512,8 @@ BAD = {
 def test_bad_input_is_one_line_before_any_work(data_folder, case, capsys):
     flags, expected = BAD[case]
     before = hashes(data_folder)
-    with pytest.raises(SystemExit) as exit_info:
-        args = cli.parse_args(mlm_task.get_parser(), [*MODEL, *flags])
-        distributed.launch(mlm_task.main, args)
-    checks.release_outputs()
-    out, err = capsys.readouterr()
-    assert exit_info.value.code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    _, line = one_error_line(mlm_task, [*MODEL, *flags], capsys)
+    assert expected in line, line
     assert hashes(data_folder) == before
 
 

@@ -3,7 +3,6 @@ of a rule a tiny model learns (the second sentence's last word gives the label):
 and its files, --predict, resume after Ctrl-C, two processes under torchrun, your own
 files (regression), and one clear line for every bad input."""
 
-import hashlib
 import json
 import os
 import random
@@ -15,16 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_RTE, REPO, absent_reason
+from conftest import REAL_RTE, REPO, absent_reason, hashes, one_error_line
 
 import glue_task
-from bertkit import checkpoint, checks
+from bertkit import checkpoint, checks, mains
 from bertkit import flags as cli
 from bertkit.glue import classifier, sentences
 from bertkit.glue import tasks as glue
 from bertkit.glue.classifier import Rows
 from bertkit.text import tokenizer as tok
-from bertkit.training import distributed
 from model import BertConfig, NextSentenceTask, SequenceClassificationTask
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -56,14 +54,9 @@ def write_task(folder, name, files, labels, header="index\tsentence1\tsentence2\
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine spinning
-    OpenMP threads make the runs in this process many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from a second thread, and on a busy machine spinning OpenMP
+# threads make the runs in this process many times slower.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +147,14 @@ def test_predict_a_pair_and_a_dev_file(rte, work, monkeypatch, capsys):
     folder, out = rte
     monkeypatch.chdir(folder)
     model = ["--predict", "--model", "glue_model.pt", "--device", "cpu"]
-    distributed.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), [
+    mains.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), [
         *model, "--sentence", "w1 w2 w3", "--sentence2", "w4 yes"]))
     line = json.loads(capsys.readouterr().out)
     assert line["label"] == "entailment" and list(line["probabilities"]) == [
         "entailment", "not_entailment"]
     assert sum(line["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     # The dev file scored again: the End of training's numbers and predictions.
-    distributed.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), [
+    mains.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), [
         *model, "--dev-file", "../D/glue/RTE/dev.tsv", "--predictions", "again.tsv"]))
     again = capsys.readouterr().out
     test = metrics_rows("glue_metrics.jsonl")[-1]
@@ -254,7 +247,7 @@ def test_your_own_jsonl_files_train_a_regression_head(work, tmp_path, monkeypatc
         (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("signal.signal", lambda *a: None)
-    distributed.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), list(map(str, [
+    mains.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), list(map(str, [
         "--bert-model", work / "ns_bert.pt", "--train-file", "train.jsonl", "--dev-file",
         "dev.jsonl", "--text-columns", "review", "--label-column", "stars", "--regression",
         "--device", "cpu", "--lr", "1e-2", "--batch_size", 8, "--epochs", 8, "--bptt", 16,
@@ -276,11 +269,6 @@ def test_your_own_jsonl_files_train_a_regression_head(work, tmp_path, monkeypatc
 ###############################################################################
 # Bad input: one line, exit 2, before any training, nothing on disk changed
 ###############################################################################
-
-
-def hashes(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -337,13 +325,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, bad_inputs, monke
     monkeypatch.chdir(bad_inputs)
     monkeypatch.setattr("signal.signal", lambda *a: None)
     before = hashes(bad_inputs)
-    with pytest.raises(SystemExit) as exit_info:
-        distributed.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), argv))
-    checks.release_outputs()  # as the process's exit would
-    out, err = capsys.readouterr()
-    assert exit_info.value.code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    out, line = one_error_line(glue_task, argv, capsys)
+    assert expected in line, line
     assert "End of training" not in out and "| epoch" not in out
     assert hashes(bad_inputs) == before
 
@@ -421,7 +404,7 @@ def test_an_exported_classifier_answers_in_transformers_as_the_predictions_file(
     assert [answer["label"] for answer in answers] == predicted
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    distributed.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), [
+    mains.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), [
         "--predict", "--model", "out", "--task", "RTE", "--device", "cpu", "--bptt", "32",
         "--dev-file", str(work / "D" / "glue" / "RTE" / "dev.tsv"), "--test-file",
         str(work / "D" / "glue" / "RTE" / "test.tsv")]))
@@ -446,7 +429,7 @@ def test_a_transformers_bert_folder_fine_tunes_from_its_pooler(work, tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("signal.signal", lambda *a: None)
     capsys.readouterr()
-    distributed.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), list(map(str, [
+    mains.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), list(map(str, [
         "--bert-model", "bert", "--task", "RTE", "--data-dir", work / "D", "--device", "cpu",
         "--bptt", 32, "--batch_size", 8, "--max-steps", 1, "--no-progress"]))))
     out = capsys.readouterr().out
@@ -461,10 +444,7 @@ def test_a_transformers_bert_folder_fine_tunes_from_its_pooler(work, tmp_path, m
 
 def test_a_nan_main_metric_is_worse_than_any_number():
     """A diverged regression model's correlation is NaN (glue_metrics): never the best."""
-    import types
-
     from bertkit.training import trainer
 
-    loop = types.SimpleNamespace(task=types.SimpleNamespace(best_metric=("pearson", "max")))
-    assert trainer.Trainer.score(loop, {"pearson": float("nan")}) == float("inf")
-    assert trainer.Trainer.score(loop, {"pearson": -99.0}) < float("inf")
+    assert trainer.best_score({"pearson": float("nan")}, ("pearson", "max")) == float("inf")
+    assert trainer.best_score({"pearson": -99.0}, ("pearson", "max")) < float("inf")

@@ -8,12 +8,11 @@ import hashlib
 import io
 import os
 import urllib.request
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import REAL_RTE, real_data_skip
+from conftest import REAL_RTE, make_zip, real_data_skip
 
 from bertkit.files import DataError, UserError
 from bertkit.glue import tasks as glue
@@ -294,14 +293,6 @@ def test_a_dev_label_unseen_in_training_names_its_line(tmp_path):
 ###############################################################################
 # Downloads
 ###############################################################################
-
-
-def make_zip(members):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, text in members.items():
-            zf.writestr(name, text)
-    return buffer.getvalue()
 
 
 RTE_MEMBERS = {f"RTE/{name}.tsv": "\t".join(RTE_HEADER) + f"\n0\tA {name}.\tB.\tentailment\n"

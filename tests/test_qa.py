@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 import metrics  # noqa: E402
 import qa_task  # noqa: E402
-from bertkit import files  # noqa: E402
+from bertkit import files, mains  # noqa: E402
 from bertkit import flags as cli  # noqa: E402
 from bertkit.squad import answers as qa_answers  # noqa: E402
 from bertkit.squad import dataset as squad  # noqa: E402
@@ -321,16 +321,22 @@ def _ddp_eval_rank(rank, port, questions, vocab, windowing, state, out_dir):
     torch.distributed.destroy_process_group()
 
 
-def test_distributed_evaluation_equals_one_process(tmp_path):
-    rng = random.Random(1)
+def answered_questions(seed, n, longest):
+    """(questions, vocab, windowing, model): `n` random questions of contexts up to `longest`
+    words, each answered by its context's second word, in windows of 32 tokens; a tiny model."""
+    rng = random.Random(seed)
     questions = []
-    for i in range(9):
-        q = random_question(rng, rng.randrange(3, 70), rng.randrange(1, 6))
+    for i in range(n):
+        q = random_question(rng, rng.randrange(3, longest), rng.randrange(1, 6))
         word = q.context.split()[1]
         questions.append(Question(f"q{i}", q.text, q.context, [(word, q.context.index(word))]))
     vocab = vocab_of([q.context + " " + q.text for q in questions])
     windowing = Windowing(bptt=32, doc_stride=8, max_query_len=6, max_answer_len=5)
-    model = tiny_model(len(vocab), max_len=32)
+    return questions, vocab, windowing, tiny_model(len(vocab), max_len=32)
+
+
+def test_distributed_evaluation_equals_one_process(tmp_path):
+    questions, vocab, windowing, model = answered_questions(1, 9, 70)
     single, single_null, single_loss = qa_answers.evaluate_all(model, questions, vocab, windowing,
                                                             3, torch.device("cpu"), "fp32",
                                                             distributed.DistInfo())
@@ -522,7 +528,7 @@ def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
         [{"id": "x", "context": context, "question": "When?"},
          {"context": "Short.", "question": "What?"}]))
     model = ["--predict", "--qa-model", str(folder / "qa_model.pt"), "--device", "cpu"]
-    distributed.launch(qa_task.main, qa_task.get_parser().parse_args(
+    mains.launch(qa_task.main, qa_task.get_parser().parse_args(
         [*model, "--predict-file", "questions.json"]))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [list(line) for line in lines] == [["id", "answer", "score"]] * 2
@@ -530,7 +536,7 @@ def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
     assert lines[0]["answer"] in context and lines[1]["answer"] in "Short."
 
     # A SQuAD-layout file: the same predictions as at the end of training.
-    distributed.launch(qa_task.main, qa_task.get_parser().parse_args(
+    mains.launch(qa_task.main, qa_task.get_parser().parse_args(
         [*model, "--predict-file", str(dev), "--predictions", "again.json", "--batch_size", "5"]))
     assert "exact" in capsys.readouterr().out
     assert json.loads(Path("again.json").read_text()) == json.loads(
@@ -544,7 +550,7 @@ def test_predict_files(fine_tuned, tmp_path, monkeypatch, capsys):
 
 def run_in_process(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        distributed.launch(qa_task.main, cli.parse_args(qa_task.get_parser(), [str(a) for a in argv]))
+        mains.launch(qa_task.main, cli.parse_args(qa_task.get_parser(), [str(a) for a in argv]))
     err = capsys.readouterr().err
     return exit_info.value.code, err
 
@@ -710,15 +716,7 @@ def test_the_version_a_file_says_is_kept(tmp_path):
 def test_evaluation_in_chunks_of_windows_is_the_same(monkeypatch):
     """Windows cut a chunk of questions at a time (a few windows each here) give the
     answers, no-answer scores and loss of all windows at once."""
-    rng = random.Random(3)
-    questions = []
-    for i in range(12):
-        q = random_question(rng, rng.randrange(3, 90), rng.randrange(1, 6))
-        word = q.context.split()[1]
-        questions.append(Question(f"q{i}", q.text, q.context, [(word, q.context.index(word))]))
-    vocab = vocab_of([q.context + " " + q.text for q in questions])
-    windowing = Windowing(bptt=32, doc_stride=8, max_query_len=6, max_answer_len=5)
-    model = tiny_model(len(vocab), max_len=32)
+    questions, vocab, windowing, model = answered_questions(3, 12, 90)
     whole = qa_answers.evaluate_questions(model, questions, vocab, windowing, 4, torch.device("cpu"))
     monkeypatch.setattr(qa_windows, "CHUNK_WINDOWS", 5)
     chunks = list(qa_windows.window_chunks(questions, vocab, windowing))
@@ -752,7 +750,7 @@ def test_the_dev_set_is_scored_once_at_the_end(pretrained, tmp_path, monkeypatch
 
     def qa(*argv):
         with one_thread():
-            distributed.launch(qa_task.main, cli.parse_args(qa_task.get_parser(),
+            mains.launch(qa_task.main, cli.parse_args(qa_task.get_parser(),
                                                             [str(a) for a in (*common, *argv)]))
         return capsys.readouterr().out
 
@@ -923,7 +921,7 @@ def test_squad_v2_end_to_end_on_the_normans(pretrained, tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     threshold = sorted(na_probs.values())[len(na_probs) // 2]
     model = ["--predict", "--device", "cpu", "--null-threshold", str(threshold)]
-    distributed.launch(qa_task.main, qa_task.get_parser().parse_args(
+    mains.launch(qa_task.main, qa_task.get_parser().parse_args(
         [*model, "--predict-file", str(dev), "--predictions", "again.json", "--na-probs",
          "again_na.json"]))
     out = capsys.readouterr().out
@@ -936,7 +934,7 @@ def test_squad_v2_end_to_end_on_the_normans(pretrained, tmp_path, monkeypatch, c
 
     context = contexts[next(iter(contexts))]
     for threshold, no_answer in ((1e6, False), (-1e6, True)):
-        distributed.launch(qa_task.main, qa_task.get_parser().parse_args(
+        mains.launch(qa_task.main, qa_task.get_parser().parse_args(
             ["--predict", "--device", "cpu", "--null-threshold", str(threshold), "--context",
              context, "--question", "Who ruled Normandy?"]))
         line = json.loads(capsys.readouterr().out)

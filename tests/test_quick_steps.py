@@ -14,8 +14,7 @@ import pytest
 import torch
 from conftest import REPO, one_thread, toy_lines, write_rte, write_wikitext
 
-from bertkit import checks, flags
-from bertkit.training import distributed
+from bertkit import checks, flags, mains
 
 # The first literal block with these commands: in the documentation file its sections come
 # from while it is there, else in README.rst.
@@ -38,7 +37,7 @@ def run_here(argv, cwd):
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), one_thread():
         patch.chdir(cwd)
-        distributed.launch(module.main, flags.parse_args(module.get_parser(), argv[1:]))
+        mains.launch(module.main, flags.parse_args(module.get_parser(), argv[1:]))
         checks.release_outputs()
     return out.getvalue()
 

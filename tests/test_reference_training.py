@@ -98,14 +98,9 @@ def pick_questions(data, tokenizer):
     return {"data": [{"title": "picked", "paragraphs": paragraphs}]}, common
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine spinning
-    OpenMP threads make the reference loops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from a second thread, and on a busy machine spinning OpenMP
+# threads make the reference loops many times slower.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

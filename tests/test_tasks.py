@@ -198,15 +198,14 @@ def test_bad_input_gives_one_clear_line(trained, tmp_path, case):
 
 def run_here(script, argv, cwd):
     """The script's main on `argv` (flags.parse_args, as its __main__), in `cwd`: its stdout."""
-    from bertkit import checks, flags
-    from bertkit.training import distributed
+    from bertkit import checks, flags, mains
 
     module = __import__(script.removesuffix(".py"))
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), one_thread():
         patch.chdir(cwd)
         args = flags.parse_args(module.get_parser(), [str(a) for a in argv])
-        distributed.launch(module.main, args)
+        mains.launch(module.main, args)
         checks.release_outputs()  # as the process's exit would
     return out.getvalue()
 

@@ -19,7 +19,7 @@ from conftest import REPO, write_wikitext
 import data
 import mlm_task
 import utils
-from bertkit import checkpoint, files
+from bertkit import checkpoint, files, mains
 from bertkit import flags as cli
 from bertkit.text import tokenizer
 from bertkit.training import distributed, logs, optimizer, trainer
@@ -50,15 +50,15 @@ def _model():
                               dropout=0.0, pad_id=tokenizer.PAD_ID))
 
 
-def _trainer(args, monkeypatch, model=None):
+def _trainer(args, monkeypatch, model=None, log=lambda *a: None):
     """A Trainer of the MLM task on random tokens; its SIGTERM handler not installed in
     the test process."""
     model = model or _model()
     task = mlm_task.MLM(args, VOCAB, {s: _split(i) for i, s in enumerate(data.SPLITS)},
                         model.bert_model.config, distributed.DistInfo(), CPU)
     monkeypatch.setattr(signal, "signal", lambda *a: None)
-    return trainer.Trainer(task, model, trainer.TrainConfig.from_flags(args),
-                           distributed.DistInfo(), CPU, lambda *a: None, flags=vars(args))
+    return trainer.Trainer(task, model, cli.train_config(args), distributed.DistInfo(), CPU, log,
+                           flags=vars(args))
 
 
 # -- schedules -------------------------------------------------------------------
@@ -262,13 +262,13 @@ def test_progress_bars_off_without_a_terminal_or_with_no_progress(monkeypatch):
         seen.append(logs.progress(range(3)))
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    distributed.launch(main, argparse.Namespace(parallel="None", no_progress=True))
-    distributed.launch(main, argparse.Namespace(parallel="None", no_progress=False))
+    mains.launch(main, argparse.Namespace(parallel="None", no_progress=True))
+    mains.launch(main, argparse.Namespace(parallel="None", no_progress=False))
     assert isinstance(seen[0], logs.NoProgress) and list(seen[0]) == [0, 1, 2]
     assert not isinstance(seen[1], logs.NoProgress)  # a tqdm bar
     seen[1].close()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    distributed.launch(main, argparse.Namespace(parallel="None", no_progress=False))
+    mains.launch(main, argparse.Namespace(parallel="None", no_progress=False))
     assert isinstance(seen[2], logs.NoProgress)
     logs.set_progress(None)
 
@@ -280,12 +280,12 @@ def test_progress_bars_off_without_a_terminal_or_with_no_progress(monkeypatch):
 ])
 def test_without_a_terminal_a_step_line_comes_every_few_seconds(
         tmp_path, monkeypatch, bars, seconds, expected_lines):
-    monkeypatch.setattr(trainer, "LOG_EVERY_SECONDS", seconds)
+    monkeypatch.setattr(logs, "LOG_EVERY_SECONDS", seconds)
     logs.set_progress(bars)
     try:
-        loop = _trainer(_args(tmp_path, "--log-interval", "1000", "--max-steps", "3"), monkeypatch)
         lines = []
-        loop.log = lines.append
+        loop = _trainer(_args(tmp_path, "--log-interval", "1000", "--max-steps", "3"), monkeypatch,
+                        log=lines.append)
         loop.train_epoch()
     finally:
         logs.set_progress(None)
@@ -505,15 +505,15 @@ def test_compile_defaults_to_the_device(monkeypatch):
     assert parser.parse_args(["--no-compile"]).compile is False
     assert parser.parse_args(["--compile"]).compile is True
     args = parser.parse_args(["--device", "cpu"])
-    utils.setup_device(args, distributed.DistInfo())
+    mains.setup_device(args, distributed.DistInfo())
     assert args.compile is False
     monkeypatch.setattr(utils, "get_device", lambda name, rank: torch.device("cuda", 0))
     monkeypatch.setattr(utils, "check_precision", lambda device, dtype: None)
     args = parser.parse_args([])
-    utils.setup_device(args, distributed.DistInfo())
+    mains.setup_device(args, distributed.DistInfo())
     assert args.compile is True
     args = parser.parse_args(["--no-compile"])
-    utils.setup_device(args, distributed.DistInfo())
+    mains.setup_device(args, distributed.DistInfo())
     assert args.compile is False
 
 

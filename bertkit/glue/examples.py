@@ -83,12 +83,13 @@ def dev_predictions_paths(predictions, n_dev):
     return [predictions, f"{stem}_mm{suffix}"][:n_dev]
 
 
-def test_predictions_paths(args, task):
-    """Where each --test-file's predictions go: --test-predictions as given (one per test
-    file), or the names GLUE's submission expects, in --output-dir: <TASK>.tsv; MNLI-m.tsv,
-    MNLI-mm.tsv, and AX.tsv for the diagnostic set (scored by the MNLI model);
-    <name>_predictions.tsv for your own files (`task` None)."""
-    given, test_files = args.test_predictions, args.test_file or []
+def test_predictions_paths(given, test_files, output_dir, task):
+    """Where each of `test_files` (--test-file) has its predictions: `given`
+    (--test-predictions) as given, one per test file, or the names GLUE's submission
+    expects, in `output_dir` (--output-dir): <TASK>.tsv; MNLI-m.tsv, MNLI-mm.tsv, and AX.tsv
+    for the diagnostic set (scored by the MNLI model); <name>_predictions.tsv for your own
+    files (`task` None)."""
+    test_files = test_files or []
     if given is not None:
         if len(given) != len(test_files):
             raise UserError(f"--test-predictions: {len(given)} file(s) for {len(test_files)} "
@@ -105,4 +106,4 @@ def test_predictions_paths(args, task):
             names.append("MNLI-mm.tsv" if "mismatched" in stem else "MNLI-m.tsv")
         else:
             names.append(f"{task.name}.tsv")
-    return [in_folder(args.output_dir, name) for name in names]
+    return [in_folder(output_dir, name) for name in names]

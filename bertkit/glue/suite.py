@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from bertkit import flags
+from bertkit import flags, mains
 from bertkit.files import UserError, atomic_write_text
 from bertkit.glue import results
 from bertkit.glue import tasks as glue
@@ -122,7 +122,7 @@ def run_task(main, args, name, folder, main_rank):
     resumed run's added to the time of the start it resumes)."""
     start, finished = time.time(), False
     try:
-        distributed.launch(main, args)
+        mains.launch(main, args)
         finished = True
     finally:
         if main_rank and os.path.isdir(folder):

@@ -242,18 +242,6 @@ def _split_line_ends(int32_array):
     return ids[ids >= 0], np.diff(line_ends, prepend=-1) - 1
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """For the main process' small torch ops between chunks: torch's other threads would
-    spin on the cores the tokenizing workers need."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _map_chunks(fn, jobs, workers, initializer=None, initargs=()):
     """Yields fn(job) for each job in order, from worker processes when there are several
     jobs. A generator, so the caller handles each chunk while the workers tokenize the
@@ -288,8 +276,10 @@ def _tokenize_chunks(fn, ranges, workers, initializer=None, initargs=()):
             yield job
 
     total = sum(end - start for _, start, end in ranges)
+    # The main process' small torch ops between chunks on one thread: torch's other threads
+    # would spin on the cores the tokenizing workers need.
     with (logs.progress(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar,
-          _one_torch_thread()):
+          utils.one_thread()):
         for result in _map_chunks(fn, counted(_jobs(ranges)), workers or default_workers(),
                                   initializer=initializer, initargs=initargs):
             yield result

@@ -2,7 +2,7 @@
 locally spawned ranks, each a DistInfo; errors of any rank reported in one line; a stop by
 a signal (Preemption), its exit code, and SLURM's requeue.
 
-    launch(main, args)   # main(args, info) on every rank
+    launch(run, settings)   # run(info) on every rank; settings: a Launch
 """
 
 import contextlib
@@ -26,6 +26,16 @@ import torch.distributed as dist
 import utils
 from bertkit.files import UserError
 from bertkit.training import logs
+
+
+@dataclass
+class Launch:
+    """How a run's processes start: its launch flags (bertkit/flags.py maps them)."""
+
+    parallel: str = "None"  # None: one process; DDP: torchrun's, srun's or spawned ranks
+    world_size: int = 8  # ranks to spawn for DDP without a launcher (at most the GPUs)
+    device: str = "auto"  # auto and cuda join NCCL's group, and spawn a rank per GPU
+    no_progress: bool = False  # no progress bars (rank 0 shows them on a terminal)
 
 
 @dataclass
@@ -86,40 +96,41 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def launch(main, args):
-    """Run main(args, dist_info) in this process, or in one process per rank.
+def launch(run, settings):
+    """Run run(dist_info) in this process, or in one process per rank (`settings`: a
+    Launch).
 
     --parallel None: one process. --parallel DDP: join torchrun's group (RANK,
     WORLD_SIZE set), or derive the group from SLURM's variables under srun, or else
     spawn --world_size local processes."""
-    if args.parallel in (None, "None"):
-        return _run_rank(main, args, DistInfo(), None)
-    if args.parallel != "DDP":
-        _fail(f"--parallel {args.parallel!r}: use None or DDP")
+    if settings.parallel in (None, "None"):
+        return _run_rank(run, settings, DistInfo(), None)
+    if settings.parallel != "DDP":
+        _fail(f"--parallel {settings.parallel!r}: use None or DDP")
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         info = DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-        return _run_rank(main, args, info, "env://")
-    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+        return _run_rank(run, settings, info, "env://")
+    gpus = torch.cuda.device_count() if settings.device in ("auto", "cuda") else 0
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and (
             "SLURM_STEP_NODELIST" in env or "SLURM_JOB_NODELIST" in env):
         per_task, first_rank, world, addr, port = slurm_env(env, gpus)
         local0 = int(env.get("SLURM_LOCALID", 0)) if per_task == 1 else 0
         init = f"tcp://{addr}:{port}"
         if per_task == 1:
-            return _run_rank(main, args, DistInfo(first_rank, world, local0), init)
-        return _spawn(main, args, [DistInfo(first_rank + i, world, i) for i in range(per_task)], init)
-    world = args.world_size
+            return _run_rank(run, settings, DistInfo(first_rank, world, local0), init)
+        return _spawn(run, settings, [DistInfo(first_rank + i, world, i) for i in range(per_task)], init)
+    world = settings.world_size
     if gpus:
         world = min(world, gpus)
     init = f"tcp://127.0.0.1:{_free_port()}"
-    return _spawn(main, args, [DistInfo(i, world, i) for i in range(world)], init)
+    return _spawn(run, settings, [DistInfo(i, world, i) for i in range(world)], init)
 
 
-def _spawn(main, args, infos, init):
+def _spawn(run, settings, infos, init):
     import torch.multiprocessing as mp
 
-    context = mp.spawn(_spawned, args=(main, args, infos, init), nprocs=len(infos), join=False)
+    context = mp.spawn(_spawned, args=(run, settings, infos, init), nprocs=len(infos), join=False)
 
     def forward(signum, frame):  # preemption signals reach this parent: pass them on
         for process in context.processes:
@@ -142,8 +153,8 @@ def _spawn(main, args, infos, init):
         sys.exit(1)
 
 
-def _spawned(index, main, args, infos, init):
-    _run_rank(main, args, infos[index], init)
+def _spawned(index, run, settings, infos, init):
+    _run_rank(run, settings, infos[index], init)
 
 
 # The process group's timeout bounds every collective. Rank 0 alone downloads and
@@ -166,19 +177,19 @@ class Stopped(Exception):
         self.code = code
 
 
-def _run_rank(main, args, info, init_method):
+def _run_rank(run, settings, info, init_method):
     # Bars from rank 0 only; None leaves the choice to whether stderr is a terminal.
-    logs.set_progress(False if getattr(args, "no_progress", False) or not info.is_main else None)
+    logs.set_progress(False if settings.no_progress or not info.is_main else None)
     stopped = None
     try:
         if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             # Local CPU processes share the cores (torchrun sets OMP_NUM_THREADS itself).
             torch.set_num_threads(max(1, utils.available_cpus() // info.world_size))
         if init_method is not None:
-            _init_process_group(args, info, init_method)
+            _init_process_group(settings.device, info, init_method)
         try:
             try:
-                main(args, info)
+                run(info)
             except Stopped as e:  # every rank stops at the same step (Preemption)
                 stopped = e
             if dist.is_initialized():
@@ -202,8 +213,8 @@ def _run_rank(main, args, info, init_method):
         sys.exit(stopped.code)
 
 
-def _init_process_group(args, info, init_method):
-    nccl = torch.cuda.is_available() and args.device in ("auto", "cuda")
+def _init_process_group(device, info, init_method):
+    nccl = torch.cuda.is_available() and device in ("auto", "cuda")
     store = _restart_safe_store(info) if init_method == "env://" else None
     dist.init_process_group(
         "nccl" if nccl else "gloo", init_method=None if store else init_method, store=store,
@@ -315,6 +326,15 @@ def wrap_ddp(model, device, info):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_sync(model, last):
+    """DDP all-reduces the gradients in every backward: on all but the `last` batch of an
+    optimizer step that would be a collective whose result is not used yet (a model
+    without DDP has no such collective)."""
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def barrier(info):

@@ -211,6 +211,60 @@ class LogWindow:
         return loss, seconds
 
 
+# Without progress bars (no terminal: a batch job), a log line at least this often as well
+# as every --log-interval steps, so that a slow or short run is never silent for minutes.
+LOG_EVERY_SECONDS = 30
+
+
+class RunLog:
+    """What a training run shows and records (trainer.Trainer): the old example's line of
+    the training loss and each evaluation's, with their rows in the metrics log (a
+    MetricsLog). `log` prints rank 0's lines; `peak_lr`: --lr. `state`, below: the
+    Trainer's TrainState (epoch, step_in_epoch, global_step)."""
+
+    def __init__(self, log, metrics, info, peak_lr):
+        self.log, self.metrics, self.info, self.peak_lr = log, metrics, info, peak_lr
+
+    def resume(self, ckpt, step, metrics_file):
+        """A run resumed from state file `ckpt` at optimizer step `step` (rank 0): the rows
+        the stopped run wrote after its state go (MetricsLog.resume), counted by the state
+        when it was written to this same log."""
+        same_log = ckpt.get("args", {}).get("metrics_file") == metrics_file
+        self.metrics.resume(step, ckpt.get("metrics_rows") if same_log else None)
+
+    def due(self, window):
+        """Rank 0 without bars, LOG_EVERY_SECONDS after its last line. Only the clock is read
+        (no host sync), and the line is rank 0's own loss: no collective the others miss."""
+        return (self.info.is_main and not bars_shown()
+                and time.time() - window.start >= LOG_EVERY_SECONDS)
+
+    def training(self, window, state, step_in_epoch, lr):
+        """The old example's log line (a "batch" is an optimizer step) of the loss since the
+        last (`window`), and its metrics row; `lr`: the last step's."""
+        loss, seconds = window.read_and_reset()
+        ms_per_step = seconds * 1000 / window.last_steps
+        self.log(f"| epoch {state.epoch:3d} | {step_in_epoch:5d}/{window.n_steps:5d} batches | "
+                 f"lr {lr_text(lr, self.peak_lr)} | ms/batch {ms_per_step:5.2f} | "
+                 f"loss {loss:5.2f} | ppl {math.exp(min(loss, 700)):8.2f}")
+        if self.info.is_main:
+            self.metrics.write({
+                "step": state.global_step, "epoch": state.epoch, "loss": loss, "lr": lr,
+                "tokens_per_s": window.last_tokens * self.info.world_size / seconds,
+                "ms_per_step": ms_per_step})
+
+    def evaluation(self, split, metrics, state, where, rule="-"):
+        """An evaluation's row of the metrics log (rank 0): its numbers as they are, at the
+        step and epoch of the last optimizer step (fit moves to the next epoch after its
+        validation, before any step of it); then its log line between two rules, `where`
+        its first part."""
+        epoch = state.epoch - 1 if state.step_in_epoch == 0 and state.epoch > 1 else state.epoch
+        if self.info.is_main:
+            self.metrics.write(evaluation_row(split, metrics, state.global_step, epoch))
+        self.log(rule * 89)
+        self.log(f"| {where} | {format_metrics(split, metrics)}")
+        self.log(rule * 89)
+
+
 def lr_text(lr, peak):
     """The old example's 'lr 5.00000', or '2.00e-05' in a run whose --lr is below 1e-3
     (fine-tuning's), where five decimals would print its warmup and decay as 0.00000."""

@@ -2,7 +2,8 @@
 older ones beside it (mlm_state.pt.1 the one before it, mlm_state.pt.2, ...), each written
 atomically; which one --checkpoint auto resumes from; and whether their run finished.
 
-    save(state, path, keep, continues)  # rank 0, at every state write (trainer.Trainer)
+    StateFiles(config, ...).save(parts) # every rank, at every state write (trainer.Trainer)
+    save(state, path, keep, continues)  # rank 0: the file written, the older ones kept
     mark_finished(path)                 # rank 0, once every end-of-run output is written
     resumable(path)                     # --checkpoint auto: the newest state that loads
     check_replaceable(path, resumes)    # no run replaces an unfinished run's states
@@ -17,6 +18,7 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 
 import utils
 from bertkit import checkpoint
@@ -184,3 +186,45 @@ def restore(ckpt, path, model, optimizer, scheduler, scaler, config, rank, devic
     else:  # more ranks than the run that saved: the new ones start fresh streams
         torch.manual_seed(config.seed + rank)
     return ckpt["train_state"]
+
+
+class StateFiles:
+    """The state files of one run (config: its TrainConfig): written at --state-file,
+    --keep-states of them kept (save); which of them the run continues (slot); and what
+    each holds besides the training's own parts: the run's `flags` (a resume needs none
+    repeated), its vocabulary and tokenizer, and every rank's random streams."""
+
+    def __init__(self, config, info, device, flags, vocab):
+        self.path, self.keep, self.info, self.device = (config.state_file, config.keep_states,
+                                                        info, device)
+        self.flags = flags
+        # What every state file holds besides the training state and the config, built once.
+        self.extra = {"vocab": vocab.itos, "tokenizer": vocab.state()}
+        # Which of the state files at --state-file this run continues (save).
+        self.continues = slot(config.checkpoint, config.state_file)
+        self.written = False
+
+    def save(self, parts, best_model, metrics_rows):
+        """A state file of `parts` (model, config, optimizer, scheduler, scaler,
+        train_state); every rank calls this (each rank's random streams are gathered), rank
+        0 writes it. `best_model`: the task's best_model_path; `metrics_rows`: the metrics
+        log's length, which a resume keeps."""
+        rng = [utils.rng_state(self.device)]
+        if self.info.enabled:  # each rank's own RNG, so that a resume restores every rank's
+            rng = [None] * self.info.world_size
+            dist.all_gather_object(rng, utils.rng_state(self.device))
+        if self.info.is_main:
+            save({
+                "kind": "state", **parts, "rng": rng, "args": self.flags, **self.extra,
+                # What to give a script that wants a model (checkpoint.refuse_state_file).
+                "best_model": best_model,
+                # Which script may resume it (flags.parse_args refuses the others).
+                "script": self.flags.get("script"),
+                "metrics_rows": metrics_rows,  # the log's rows a resume keeps
+            }, self.path, self.keep, self.continues)
+            self.written = True
+        self.continues = 0
+
+    def files(self):
+        """The state file, as 'path (what)', once written."""
+        return [f"{self.path} (training state)"] if self.written else []

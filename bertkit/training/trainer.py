@@ -1,6 +1,8 @@
-"""The training loop of the three tasks: optimizer and schedule, log, metrics, checkpoint,
-resume, stop on a signal or a NaN; then the end of a run (finish): test the best model and
-write every output.
+"""The training loop of the three tasks: optimizer steps with gradient accumulation,
+validation and the best model, the state file every --save-every steps and epoch, the stop
+on a signal or a NaN. Around it, a module each: the state files and a resume's restore
+(states.py), what the run shows and records (logs.py), the end of a run (ending.py: test the
+best model, write and list every output).
 
 A task tells the Trainer what it needs and nothing more:
 
@@ -19,27 +21,24 @@ A task tells the Trainer what it needs and nothing more:
     task.write_outputs(model)         # rank 0, after the test: the task's own files
                                       # (the encoder; the predictions)
 
-The Trainer reads its settings from a TrainConfig, checked once when it is made. Its state
-files are bertkit/training/states.py's (kept states, --checkpoint auto, the finished mark).
+The Trainer reads its settings from a TrainConfig, checked once when it is made
+(bertkit/flags.py makes it of the flags: flags.train_config).
 """
 
-import contextlib
 import importlib.util
 import math
 import os
-import signal
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 
 import data
 import utils
 from bertkit import checkpoint
 from bertkit.files import UserError
-from bertkit.training import distributed, logs, states
+from bertkit.training import distributed, ending, logs, states
 from bertkit.training.optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from model import count_parameters
 
@@ -114,16 +113,6 @@ class TrainConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
-    @classmethod
-    def from_flags(cls, args):
-        """The settings of parsed flags (a Namespace or a dict); "None" is the old
-        example's spelling of no --checkpoint."""
-        given = vars(args) if not isinstance(args, dict) else args
-        values = {f.name: given[f.name] for f in fields(cls) if f.name in given}
-        if values.get("checkpoint") == "None":
-            values["checkpoint"] = None
-        return cls(**values)
-
 
 ###############################################################################
 # The loop
@@ -144,11 +133,6 @@ class TrainState:
     evaluated_step: int = -1  # global_step of the last validation
 
 
-# Without progress bars (no terminal: a batch job), a log line at least this often as well
-# as every --log-interval steps, so that a slow or short run is never silent for minutes.
-LOG_EVERY_SECONDS = 30
-
-
 class NonFiniteLoss(UserError):
     pass
 
@@ -166,25 +150,19 @@ class Trainer:
         self.preemption = distributed.Preemption()
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
         self.epoch_loss = torch.zeros((), device=device)
-        # The longest sequence trained on (BertConfig.trained_len): the starting weights',
-        # then the longest of every batch, kept on the device until a checkpoint is written.
-        self.longest = torch.full((), task.config.trained_len or 0, device=device)
-        # What every state file holds besides the training state and the config, built once.
-        self.extra = {"vocab": task.vocab.itos, "tokenizer": task.vocab.state()}
+        self.trained_len = TrainedLength(task.config, device, info)
         # The defaults are the old example's: plain SGD, lr x0.1 when validation does not improve.
         self.optimizer = make_optimizer(model, config, device)
         self.per_step_schedule = config.schedule != "plateau"
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps() if
                                         self.per_step_schedule else None)
         self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
-        self.metrics = logs.MetricsLog(config.metrics_file, config.tensorboard)
-        # Which of the state files at state_file this run continues (states.save).
-        self.continues = states.slot(config.checkpoint, config.state_file)
-        self.state_written, self.exit_code = False, 0
+        self.run_log = logs.RunLog(log, logs.MetricsLog(config.metrics_file, config.tensorboard),
+                                   info, config.lr)
+        self.state_files = states.StateFiles(config, info, device, self.flags, task.vocab)
+        self.exit_code = 0
         if config.checkpoint is not None:
-            self.load_state(checkpoint.load_checkpoint(config.checkpoint, "--checkpoint"), model)
-            log(f"resumed from {config.checkpoint} at epoch {self.state.epoch}, "
-                f"step {self.state.step_in_epoch} of the epoch ({self.state.global_step} in all)")
+            self.resume(model)
         elif info.rank > 0:
             # Every rank built the same initial weights from --seed (DDP checks they agree);
             # from here on each draws its own dropout masks. Rank 0 keeps --seed's stream,
@@ -204,121 +182,30 @@ class Trainer:
 
     # -- state file ---------------------------------------------------------
     def save_state(self):
+        """The state file of this step (states.StateFiles); every rank calls this."""
         self.state.epoch_loss_sum = float(self.epoch_loss)
-        rng = [utils.rng_state(self.device)]
-        if self.info.enabled:  # each rank's own RNG, so that a resume restores every rank's
-            rng = [None] * self.info.world_size
-            dist.all_gather_object(rng, utils.rng_state(self.device))
-        self.record_trained_len()
+        self.trained_len.record()
+        parts = {"model": distributed.unwrap(self.model).state_dict(),
+                 "config": self.task.config.to_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "train_state": vars(self.state).copy()}
+        self.state_files.save(parts, getattr(self.task, "best_model_path", None),
+                              self.run_log.metrics.rows)
+
+    def resume(self, model):
+        """The run of the state file --checkpoint, continued: the model, optimizer, schedule,
+        scaler, training state and this rank's random streams (states.restore checks it);
+        the metrics log cut back to it."""
+        path = self.config.checkpoint
+        ckpt = checkpoint.load_checkpoint(path, "--checkpoint")
+        self.state = st = TrainState(**states.restore(
+            ckpt, path, model, self.optimizer, self.scheduler, self.scaler, self.config,
+            self.info.rank, self.device))
+        self.trained_len.resume(ckpt)
         if self.info.is_main:
-            states.save({
-                "kind": "state", "model": distributed.unwrap(self.model).state_dict(),
-                "config": self.task.config.to_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                "rng": rng, "args": self.flags, **self.extra,
-                # What to give a script that wants a model (checkpoint.refuse_state_file).
-                "best_model": getattr(self.task, "best_model_path", None),
-                # Which script may resume it (flags.parse_args refuses the others).
-                "script": self.flags.get("script"),
-                "metrics_rows": self.metrics.rows,  # the log's rows a resume keeps
-            }, self.config.state_file, self.config.keep_states, self.continues)
-            self.state_written = True
-        self.continues = 0
-
-    def load_state(self, ckpt, model):
-        """The model, optimizer, schedule, scaler, training state and this rank's random
-        streams of a state file (states.restore checks it); the metrics log cut back to it."""
-        self.state = TrainState(**states.restore(
-            ckpt, self.config.checkpoint, model, self.optimizer, self.scheduler, self.scaler,
-            self.config, self.info.rank, self.device))
-        self.longest.clamp_(min=ckpt["config"].get("trained_len") or 0)
-        if self.info.is_main:  # the rows the stopped run wrote after its state go
-            same_log = ckpt.get("args", {}).get("metrics_file") == self.config.metrics_file
-            self.metrics.resume(self.state.global_step,
-                                ckpt.get("metrics_rows") if same_log else None)
-
-    def note_lengths(self, batches):
-        """Training batches' longest sequence of real tokens (the padding mask's, else the
-        batch's width) into self.longest, without a host sync."""
-        for batch in batches:
-            mask = batch.get("padding_mask")
-            if mask is None:
-                self.longest.clamp_(min=batch["inputs"].size(1))
-            else:
-                torch.maximum(self.longest, mask.sum(1).max(), out=self.longest)
-
-    def record_trained_len(self):
-        """The longest sequence trained on so far, over all ranks, into the task's config:
-        every checkpoint written from here on records it (every rank calls this)."""
-        longest = int(distributed.all_reduce_max(self.longest.clone(), self.info))
-        if longest:
-            self.task.config.trained_len = longest
-
-    def load_best(self, path):
-        """After fit: every rank loads the best model rank 0 saved at `path`; returns the
-        plain module (no DDP, no compile wrapper) for the final evaluation."""
-        distributed.barrier(self.info)
-        model = distributed.unwrap(self.model)
-        best = checkpoint.load_checkpoint(path, "best model")["model"]
-        checkpoint.load_into(model, best, "best model", path)
-        return model
-
-    def files_written(self):
-        """The state file and the metrics logs, as 'path (what)', once written."""
-        state = [f"{self.config.state_file} (training state)"] if self.state_written else []
-        return state + self.metrics.files()
-
-    # -- the end of a run -------------------------------------------------------
-    def finish(self):
-        """After fit: every rank tests the best model; rank 0 writes the task's files, the
-        old example's loss log and the vocab copy, and lists every file written; then marks
-        the state file finished."""
-        task, log = self.task, self.log
-        if self.continues != 0:  # resumed an older or another state, with nothing to train:
-            self.save_state()  # the final state goes to --state-file, to be marked there
-        model = self.load_best(task.best_model_path)
-        metrics = task.evaluate(model, "test")
-        self.log_evaluation("test", metrics)
-        log("=" * 89)
-        log(f"| End of training | {logs.format_metrics('test', metrics)}")
-        log("=" * 89)
-        if not self.info.is_main:
-            return
-        st, outputs = self.state, task.outputs
-        logs.write_loss_log(outputs["the loss log"][0], st.train_loss_log, st.val_loss_log,
-                            metrics["loss"], self.loss_log_settings())
-        task.write_outputs(model)
-        checkpoint.save_vocab_copy(task.vocab, outputs["--save-vocab"][0], log)
-        self.metrics.close()
-        states.mark_finished(self.config.state_file)  # --checkpoint auto: nothing left to do
-        written = [f"{path} ({what})" for path, what in outputs.values()
-                   if path is not None and os.path.exists(path)
-                   and os.path.getmtime(path) >= self.started]
-        log(f"wrote {', '.join(written + self.files_written())}")
-
-    def loss_log_settings(self):
-        """The run's flags, with the tokenizer and vocabulary size the model really has (the
-        flags' own are defaults, or unused when --bert-model brings its tokenizer)."""
-        kind, given = self.task.vocab.state()["kind"], self.flags.get("tokenizer")
-        shown = kind if given in (None, kind) else f"{kind} ({given})"
-        return {**self.flags, "tokenizer": shown, "vocab_size": len(self.task.vocab)}
-
-    def log_evaluation(self, split, metrics):
-        """An evaluation's row of the metrics log (rank 0): its numbers as they are, at the
-        step and epoch of the last optimizer step (fit moves to the next epoch after its
-        validation, before any step of it)."""
-        st = self.state
-        epoch = st.epoch - 1 if st.step_in_epoch == 0 and st.epoch > 1 else st.epoch
-        if self.info.is_main:
-            self.metrics.write(logs.evaluation_row(split, metrics, st.global_step, epoch))
-
-    def score(self, metrics):
-        """The task's best_metric as a score where lower is better (QA's: -F1); NaN (a
-        diverged model's correlation, say) is worse than any number."""
-        name, direction = self.task.best_metric
-        score = -metrics[name] if direction == "max" else metrics[name]
-        return math.inf if math.isnan(score) else score
+            self.run_log.resume(ckpt, st.global_step, self.config.metrics_file)
+        self.log(f"resumed from {path} at epoch {st.epoch}, step {st.step_in_epoch} of the "
+                 f"epoch ({st.global_step} in all)")
 
     # -- loop ---------------------------------------------------------------
     def fit(self):
@@ -354,15 +241,12 @@ class Trainer:
         """Evaluate the valid split; keep the model if it is the best so far; the old
         schedule's lr x0.1 if it is not. `where`: the log line's first part."""
         st = self.state
-        self.record_trained_len()  # before save_best writes the model
+        self.trained_len.record()  # before save_best writes the model
         metrics = self.task.evaluate(distributed.unwrap(self.model), "valid")
         st.val_loss_log.append(metrics["loss"])
         st.evaluated_step = st.global_step
-        self.log_evaluation("valid", metrics)
-        self.log("-" * 89)
-        self.log(f"| {where} | {logs.format_metrics('valid', metrics)}")
-        self.log("-" * 89)
-        score = self.score(metrics)
+        self.run_log.evaluation("valid", metrics, st, where)
+        score = best_score(metrics, self.task.best_metric)
         if st.best_score is None or score < st.best_score:
             st.best_score = score
             if self.info.is_main:
@@ -372,13 +256,6 @@ class Trainer:
         elif not self.per_step_schedule:
             self.scheduler.step()  # the old schedule: lr x0.1 when validation does not improve
 
-    def no_sync(self, last):
-        """DDP all-reduces the gradients in every backward: on all but the last batch of
-        an optimizer step that would be a collective whose result is not used yet."""
-        if last or not hasattr(self.model, "no_sync"):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
-
     def step(self, batches):
         """One optimizer step over `batches` (--grad-accum of them, already on the device);
         returns the sum of their losses as a tensor (no host sync).
@@ -387,7 +264,7 @@ class Trainer:
         those of one batch of all their sequences."""
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
-            with self.no_sync(last=i == len(batches) - 1):
+            with distributed.no_sync(self.model, last=i == len(batches) - 1):
                 with utils.autocast(self.device, self.config.dtype):
                     loss = self.task.loss(self.model, batch)
                 self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()
@@ -439,7 +316,7 @@ class Trainer:
         # No .item() here: a host sync every step stalls the GPU. Losses and the first
         # non-finite step are accumulated on the device and read at log time.
         batches = [utils.to_device(batch, self.device) for batch in group]
-        self.note_lengths(batches)
+        self.trained_len.note(batches)
         loss_sum = self.step(batches)
         bad = ~torch.isfinite(loss_sum)
         first_bad_step.copy_(torch.where(bad & (first_bad_step < 0), st.global_step + 1,
@@ -469,17 +346,13 @@ class Trainer:
         if at_check:
             bad_step, stop_signal = distributed.sync_stop_flags(
                 first_bad_step, self.preemption.signal, self.info)
-            self.check_finite(bad_step)
-        if at_log or self.time_to_log(window):
-            self.log_training(window, step_in_epoch)
+            check_finite(bad_step, config.state_file)
+        if at_log or self.run_log.due(window):
+            self.run_log.training(window, st, step_in_epoch, self.step_lr)
         if stop_signal:
             self.save_state()
-            self.log(f"stopped by a signal ({signal.Signals(stop_signal).name}) at step "
-                     f"{st.global_step}; the state is in {config.state_file}. Resume with: "
-                     f"{logs.resume_command(config.state_file)} (or the command that "
-                     "started it, with --checkpoint auto)")
-            self.exit_code = distributed.exit_code_after(
-                stop_signal, self.config.slurm_requeue, self.info, self.device, self.log)
+            self.exit_code = ending.stopped(stop_signal, st.global_step, config, self.info,
+                                            self.device, self.log)
             return "signal"
         if config.eval_every and st.global_step % config.eval_every == 0:
             started = time.time()
@@ -489,34 +362,54 @@ class Trainer:
             self.save_state()
         return "max_steps" if at_max else None
 
-    def time_to_log(self, window):
-        """Rank 0 without bars, LOG_EVERY_SECONDS after its last line. Only the clock is read
-        (no host sync), and the line is rank 0's own loss: no collective the others miss."""
-        return (self.info.is_main and not logs.bars_shown()
-                and time.time() - window.start >= LOG_EVERY_SECONDS)
 
-    def log_training(self, window, step_in_epoch):
-        """The old example's log line (a "batch" is an optimizer step), and its metrics row."""
-        st = self.state
-        loss, seconds = window.read_and_reset()
-        ms_per_step = seconds * 1000 / window.last_steps
-        self.log(f"| epoch {st.epoch:3d} | {step_in_epoch:5d}/{window.n_steps:5d} batches | "
-                 f"lr {logs.lr_text(self.step_lr, self.config.lr)} | ms/batch {ms_per_step:5.2f} | "
-                 f"loss {loss:5.2f} | ppl {math.exp(min(loss, 700)):8.2f}")
-        if self.info.is_main:
-            self.metrics.write({
-                "step": st.global_step, "epoch": st.epoch, "loss": loss, "lr": self.step_lr,
-                "tokens_per_s": window.last_tokens * self.info.world_size / seconds,
-                "ms_per_step": ms_per_step})
+class TrainedLength:
+    """The longest sequence trained on (BertConfig.trained_len) of the task's `config`: the
+    starting weights', then the longest of every batch, kept on the device until a
+    checkpoint is written."""
 
-    def check_finite(self, step):
-        if step >= 0:
-            state_file = self.config.state_file
-            if os.path.exists(state_file):
-                hint = f"the last good state file {state_file} is untouched (resume from it with a lower --lr)"
+    def __init__(self, config, device, info):
+        self.config, self.info = config, info
+        self.longest = torch.full((), config.trained_len or 0, device=device)
+
+    def note(self, batches):
+        """Training batches' longest sequence of real tokens (the padding mask's, else the
+        batch's width), without a host sync."""
+        for batch in batches:
+            mask = batch.get("padding_mask")
+            if mask is None:
+                self.longest.clamp_(min=batch["inputs"].size(1))
             else:
-                hint = "no state file was written before it"
-            raise NonFiniteLoss(f"the training loss became NaN or infinite at step {step}; stopped: {hint}")
+                torch.maximum(self.longest, mask.sum(1).max(), out=self.longest)
+
+    def resume(self, ckpt):
+        """At least the trained_len of the state file a run resumes."""
+        self.longest.clamp_(min=ckpt["config"].get("trained_len") or 0)
+
+    def record(self):
+        """The longest sequence trained on so far, over all ranks, into the task's config:
+        every checkpoint written from here on records it (every rank calls this)."""
+        longest = int(distributed.all_reduce_max(self.longest.clone(), self.info))
+        if longest:
+            self.config.trained_len = longest
+
+
+def best_score(metrics, best_metric):
+    """The task's best_metric (name, "min" or "max") as a score where lower is better
+    (QA's: -F1); NaN (a diverged model's correlation, say) is worse than any number."""
+    name, direction = best_metric
+    score = -metrics[name] if direction == "max" else metrics[name]
+    return math.inf if math.isnan(score) else score
+
+
+def check_finite(step, state_file):
+    """The NaN stop: `step`, the first optimizer step whose loss was not finite (-1: none)."""
+    if step >= 0:
+        if os.path.exists(state_file):
+            hint = f"the last good state file {state_file} is untouched (resume from it with a lower --lr)"
+        else:
+            hint = "no state file was written before it"
+        raise NonFiniteLoss(f"the training loss became NaN or infinite at step {step}; stopped: {hint}")
 
 
 @torch.no_grad()
@@ -536,22 +429,22 @@ def evaluation_sums(model, batches, sums, n_sums, info, device, dtype):
     return total.tolist()
 
 
-def run(task, model, args, info, device, log, start):
+def run(task, model, config, info, device, log, start, flags=None):
     """The run of every task script after its setup: say what trains (`start`: where its
     weights come from), train (resuming from --checkpoint), then test the best model and
-    write every output. `args`: the parsed flags."""
-    config = task.config
+    write every output (ending.finish). `config`: the TrainConfig; `flags`: every flag of
+    the run, as the Trainer saves them."""
+    task_config = task.config
     log(f"{type(model).__name__} {start}: {count_parameters(model) / 1e6:.1f}M "
-        f"parameters, {config.nlayers} layers, hidden {config.emsize}, vocab {len(task.vocab)}, "
-        f"device {device}, {info.world_size} process(es)")
-    train_config = TrainConfig.from_flags(args)
-    if train_config.evaluate_only:
-        evaluate_only(task, model, train_config, info, log)
+        f"parameters, {task_config.nlayers} layers, hidden {task_config.emsize}, vocab "
+        f"{len(task.vocab)}, device {device}, {info.world_size} process(es)")
+    if config.evaluate_only:
+        evaluate_only(task, model, config, info, log)
         return
-    loop = Trainer(task, model, train_config, info, device, log, flags=vars(args))
+    loop = Trainer(task, model, config, info, device, log, flags=flags)
     if loop.fit():  # stopped by a signal, the state file written
         raise distributed.Stopped(loop.exit_code)
-    loop.finish()
+    ending.finish(loop)
 
 
 def evaluate_only(task, model, config, info, log):
@@ -566,30 +459,3 @@ def evaluate_only(task, model, config, info, log):
             metrics_log.write(logs.evaluation_row(split, metrics, step=0, epoch=0))
     metrics_log.close()
     log(f"wrote {', '.join(metrics_log.files())}")
-
-
-def run_outputs(task_outputs, config):
-    """{flag or description: (path, what)} of every file a run writes: the task's and the
-    Trainer's own (the older states --keep-states keeps too; with --evaluate-only the
-    metrics log alone); for the path checks before the run (checks.prepare_run) and the
-    "wrote" line after it. The state a run resumes (--checkpoint) may be one of its own
-    states, never another output; a run replaces no unfinished run's states
-    (states.check_replaceable)."""
-    metrics = {"--metrics-file": (config.metrics_file, "metrics")}
-    if config.evaluate_only:
-        return metrics
-    states.check_replaceable(config.state_file, config.checkpoint)
-    older = {f"--keep-states {config.keep_states} (older state {n})":
-             (states.older(config.state_file, n), "older training state")
-             for n in range(1, config.keep_states)}
-    outputs = {**task_outputs, "--state-file": (config.state_file, "training state"), **older,
-               **metrics}
-    if config.checkpoint is not None:
-        resumed = os.path.realpath(config.checkpoint)
-        for flag, (path, _) in outputs.items():
-            if (path is not None and os.path.realpath(path) == resumed
-                    and states.slot(config.checkpoint, config.state_file) is None):
-                raise UserError(f"{flag} {path} is also --checkpoint: writing it would "
-                                "overwrite the state this run resumes")
-    return outputs
-
