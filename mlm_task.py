@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import data
 import utils
-from bertkit import checkpoint, checks, flags
+from bertkit import checkpoint, checks, flags, presets
 from bertkit.files import UserError
 from bertkit.text import corpus
 from bertkit.text.tokenizer import TokenizerSpec
@@ -38,6 +38,7 @@ def get_parser():
     parser.add_argument("--vocab-size", type=int, default=30522,
                         help="tokens of a --tokenizer wordpiece vocabulary (default 30522)")
     flags.add_model_flags(parser, **FRESH_MODEL)
+    presets.add_size_flag(parser)
     parser.add_argument("--mask_frac", type=float, default=0.15,
                         help="fraction of the tokens of each sequence that are masked (default 0.15)")
     parser.add_argument("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
@@ -50,6 +51,7 @@ def get_parser():
     flags.add_common_flags(parser, lr=6.0, clip=0.1, epochs=8, batch_size=32, bptt=128,
                            seed=5431916812, log_interval=10, save="mlm_bert.pt",
                            state_file="mlm_state.pt")
+    flags.add_recipe_flag(parser)
     return parser
 
 
@@ -167,6 +169,9 @@ def fresh_config(args, vocab=None):
 def main(args, info):
     log = logs.make_logger(info)
     device = utils.setup_device(args, info)
+    presets.resolve_precision(args, device, log)
+    if args.recipe:
+        flags.split_global_batch(args, info.world_size)
     torch.manual_seed(args.seed)
     spec = flags.settings(TokenizerSpec, args)
     if args.bert_model is None:
@@ -186,6 +191,8 @@ def main(args, info):
         vocab, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, spec=spec,
                                            vocab_path=args.save_vocab, log=log)
     config = config or fresh_config(args, vocab)
+    if args.recipe:
+        log(flags.recipe_summary(args, info.world_size, config.dropout))
     task = MLM(args, vocab, splits, config, info, device)
     model = (checkpoint.task_model(MLMTask, config, weights, args.bert_model, device)
              if weights is not None else MLMTask(config).to(device))

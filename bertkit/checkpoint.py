@@ -103,7 +103,7 @@ def check_fields(ckpt, flag, path):
 # that the two name the same fields).
 TRAIN_STATE_TYPES = {"epoch": int, "step_in_epoch": int, "global_step": int,
                      "best_score": float | None, "train_loss_log": list, "val_loss_log": list,
-                     "epoch_loss_sum": float, "evaluated_step": int}
+                     "epoch_loss_sum": float, "evaluated_step": int, "budget": dict | None}
 
 
 def _is_a(value, expected):
@@ -114,6 +114,8 @@ def _is_a(value, expected):
         return isinstance(value, list) and all(_is_a(x, float) for x in value)
     if expected is int:
         return isinstance(value, int)
+    if expected == dict | None:
+        return value is None or isinstance(value, dict)
     if value is None:
         return expected is not float  # float | None
     return isinstance(value, int | float)

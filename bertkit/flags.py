@@ -11,14 +11,15 @@ import copy
 import os
 import re
 import sys
+import time
 
 import data
 import utils
-from bertkit import checkpoint
+from bertkit import checkpoint, presets
 from bertkit.files import UserError, in_folder, load_torch
 from bertkit.squad import windows
 from bertkit.text import corpus, tokenizer
-from bertkit.training import distributed, states, trainer
+from bertkit.training import budget, distributed, states, trainer
 from model import BertConfig
 
 
@@ -67,15 +68,21 @@ def add_common_flags(parser, **defaults):
                         help="folder of the datasets, downloaded there when absent (default .data)")
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto: cuda, else mps, else cpu (default auto)")
-    parser.add_argument("--dtype", type=str, default="fp32", choices=list(utils.DTYPES),
+    parser.add_argument("--dtype", type=str, default="fp32", choices=[*utils.DTYPES, "auto"],
                         help="autocast precision: fp32, bf16 (CPU or recent GPUs), fp16 (GPU, with a "
-                             "gradient scaler) (default fp32)")
+                             "gradient scaler), auto (bf16 where the device has it natively, else "
+                             "fp32; said in one line) (default fp32)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (--no-compile: eager) (default: on for "
                              "CUDA, where it fuses the elementwise work between the matmuls; "
                              "off elsewhere)")
     parser.add_argument("--max-steps", type=int, default=0, metavar="N",
                         help="stop after N optimizer steps, then validate and test (default 0: no limit)")
+    parser.add_argument("--time-budget", type=budget.duration, default=None, metavar="TIME",
+                        help="train for as many optimizer steps as fit in TIME (90s, 60m, 2h, "
+                             "1.5h), evaluation and saving included: measured on the first steps, "
+                             "fixed then (the warmup and decay span them) and kept in the state "
+                             "file; --max-steps and --epochs still cap them (default: none)")
     parser.add_argument("--num-workers", type=int, default=0,
                         help="DataLoader worker processes building batches (default 0: in the main process)")
     parser.add_argument("--save-every", type=int, default=0, metavar="N",
@@ -247,6 +254,19 @@ RECIPES = {
         "ns_task.py": dict(epochs=3, bptt=128),
         "glue_task.py": dict(lr=2e-5, epochs=3, bptt=128, dropout=0.1),
     },
+    # "laptop" (docs/recipes.rst): a small model's pretraining in an hour on a 2-core CPU,
+    # and its fine-tuning; dtype "auto": bf16 where the CPU has it natively (presets.py).
+    "laptop": {
+        "all": dict(optimizer="adamw", lr=1e-4, weight_decay=0.01, schedule="linear",
+                    warmup=0.1, clip=1.0, global_batch=32, dtype="auto"),
+        "mlm_task.py": dict(size="mini", tokenizer="wordpiece", vocab_size=8192,
+                            lr=1e-3, betas=(0.9, 0.98), eps=1e-6, warmup=0.06, clip=0.5,
+                            mask_frac=0.25, mask_mode="bert", global_batch=64, bptt=128,
+                            dropout=0.0, eval_batches=40, epochs=1000, time_budget=3600.0),
+        "qa_task.py": dict(epochs=3, bptt=384, doc_stride=128, span_loss="bert"),
+        "ns_task.py": dict(epochs=3, bptt=128),
+        "glue_task.py": dict(epochs=5, bptt=128, dropout=0.1),
+    },
 }
 BATCH_FLAGS = ("batch_size", "grad_accum")
 
@@ -254,8 +274,10 @@ BATCH_FLAGS = ("batch_size", "grad_accum")
 def add_recipe_flag(parser):
     names = ", ".join(RECIPES)
     parser.add_argument("--recipe", type=str, default=None, choices=list(RECIPES),
-                        help=f"{names}: the published fine-tuning settings (README, \"Fine-tuning "
-                             "a published BERT\"); the flags given on the command line win "
+                        help=f"{names}: bert: the published fine-tuning settings (README, "
+                             "\"Fine-tuning a published BERT\"); laptop: a small model's "
+                             "pretraining in an hour on a CPU, and its fine-tuning "
+                             "(docs/recipes.rst); the flags given on the command line win "
                              "(default none: the old example's settings)")
 
 
@@ -274,8 +296,10 @@ def apply_recipe(args, given, resumed=False):
     follows the batch flags given again."""
     if not resumed:
         settings = recipe_settings(args.recipe, args.script)
+        fresh = getattr(args, "bert_model", None) is None or getattr(args, "from_scratch", False)
         for name, value in settings.items():
-            if name != "global_batch" and hasattr(args, name) and name not in given:
+            if (name != "global_batch" and hasattr(args, name) and name not in given
+                    and (fresh or name not in presets.FRESH_ONLY)):
                 setattr(args, name, value)
         args.global_batch = settings["global_batch"]
         args.given_flags, args.given_batch_flags = sorted(given), []
@@ -309,8 +333,9 @@ def recipe_summary(args, world_size, dropout):
     """The effective settings of a --recipe run, for its first log line; `dropout` is the
     model's (--dropout, else --bert-model's)."""
     settings = recipe_settings(args.recipe, args.script)
-    shown = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in settings
-             if name != "global_batch" and hasattr(args, name)]
+    shown = [f"--{name.replace('_', '-')} {presets.shown_value(name, getattr(args, name))}"
+             for name in settings if name != "global_batch" and hasattr(args, name)
+             and getattr(args, name) is not None]
     given = sorted(set(getattr(args, "given_flags", ())) & {*settings, *BATCH_FLAGS, "dropout"})
     batch = args.batch_size * args.grad_accum * world_size
     if "dropout" in getattr(args, "given_flags", ()):
@@ -447,6 +472,7 @@ def check_bptt(bptt, config, source, log):
 def parse_args(parser, argv=None):
     """Parse flags and check their values; with --checkpoint, start from the flags saved in
     the state file and apply only those given on this command line."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
@@ -459,6 +485,9 @@ def parse_args(parser, argv=None):
         args.script = parser.prog
         if getattr(args, "recipe", None) is not None:
             apply_recipe(args, given, resumed)
+        presets.apply_size(args, given)
+        # --time-budget's clock: this process's start, or now for a run parsed in-process.
+        args.launched_at = budget.process_started() if from_command_line else time.time()
         check_values(args, parser)
         settings(trainer.TrainConfig, args, parser)  # the rules between flags, too
         if getattr(args, "slurm_requeue", False):
@@ -491,7 +520,7 @@ def resolve_checkpoint(args):
 
 
 # Flags about this start of a run, not the run: never taken from a state file.
-LAUNCH_FLAGS = {"slurm_requeue"}
+LAUNCH_FLAGS = {"slurm_requeue", "launched_at"}
 
 
 def _merge_saved_flags(parser, argv, args, auto=False):

@@ -39,7 +39,7 @@ import data
 import utils
 from bertkit import checkpoint
 from bertkit.files import UserError
-from bertkit.training import distributed, logs, states
+from bertkit.training import budget, distributed, logs, states
 from bertkit.training.optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from model import count_parameters
 
@@ -142,6 +142,7 @@ class TrainState:
     val_loss_log: list = field(default_factory=list)
     epoch_loss_sum: float = 0.0  # of the current epoch so far, for its train_loss_log entry
     evaluated_step: int = -1  # global_step of the last validation
+    budget: dict = None  # --time-budget's steps and time spent (budget.TimeBudget.state)
 
 
 # Without progress bars (no terminal: a batch job), a log line at least this often as well
@@ -174,6 +175,8 @@ class Trainer:
         # The defaults are the old example's: plain SGD, lr x0.1 when validation does not improve.
         self.optimizer = make_optimizer(model, config, device)
         self.per_step_schedule = config.schedule != "plateau"
+        ckpt = config.checkpoint and checkpoint.load_checkpoint(config.checkpoint, "--checkpoint")
+        self.budget = budget.TimeBudget(config, self.flags, info, device, log, ckpt)  # before the lr
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps() if
                                         self.per_step_schedule else None)
         self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
@@ -182,7 +185,7 @@ class Trainer:
         self.continues = states.slot(config.checkpoint, config.state_file)
         self.state_written, self.exit_code = False, 0
         if config.checkpoint is not None:
-            self.load_state(checkpoint.load_checkpoint(config.checkpoint, "--checkpoint"), model)
+            self.load_state(ckpt, model)
             log(f"resumed from {config.checkpoint} at epoch {self.state.epoch}, "
                 f"step {self.state.step_in_epoch} of the epoch ({self.state.global_step} in all)")
         elif info.rank > 0:
@@ -193,6 +196,7 @@ class Trainer:
         # Compile the module, then wrap it in DDP (PyTorch's current advice for the pair).
         self.model = torch.compile(model) if config.compile else model
         self.model = distributed.wrap_ddp(self.model, device, info)
+        self.budget.start(self)  # --time-budget: the steps that fit, measured
 
     def steps_per_epoch(self, n_batches):
         return -(-n_batches // self.config.grad_accum)
@@ -205,6 +209,7 @@ class Trainer:
     # -- state file ---------------------------------------------------------
     def save_state(self):
         self.state.epoch_loss_sum = float(self.epoch_loss)
+        self.state.budget = self.budget.state()
         rng = [utils.rng_state(self.device)]
         if self.info.enabled:  # each rank's own RNG, so that a resume restores every rank's
             rng = [None] * self.info.world_size
@@ -458,7 +463,7 @@ class Trainer:
         step_in_epoch = self.steps_per_epoch(st.step_in_epoch)  # optimizer steps
         at_log = step_in_epoch % config.log_interval == 0
         at_save = config.save_every and st.global_step % config.save_every == 0
-        at_max = config.max_steps and st.global_step >= config.max_steps
+        at_max = self.max_steps_done() or self.budget.out_of_time(st.global_step)
         at_end = st.step_in_epoch == window.n_batches
         # Under DDP every rank must reach the same checks (a collective); alone, a
         # signal is acted on at the next step.
