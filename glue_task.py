@@ -23,7 +23,7 @@ import torch
 
 import data
 import utils
-from bertkit import checkpoint, checks, flags
+from bertkit import checkpoint, checks, flags, presets
 from bertkit.files import UserError
 from bertkit.glue import classifier, examples, sentences
 from bertkit.glue import tasks as glue
@@ -81,6 +81,7 @@ def get_parser():
                         help="--predict: the second text of a pair")
     flags.add_recipe_flag(parser)
     flags.add_model_flags(parser)
+    presets.add_fresh_model_flags(parser)
     # BERT's fine-tuning (flags.RECIPES, "bert") without --recipe too, but the model's dropout.
     flags.add_common_flags(parser, lr=2e-5, clip=1.0, epochs=3, batch_size=32, bptt=BPTT,
                            seed=1234, log_interval=50, save="glue_model.pt",
@@ -269,6 +270,7 @@ def predict(args, device, log):
 def main(args, info):
     log = logs.make_logger(info)
     device = utils.setup_device(args, info)
+    presets.resolve_precision(args, device, log)
     torch.manual_seed(args.seed)
     if not args.predict:
         flags.split_global_batch(args, info.world_size)
@@ -282,11 +284,11 @@ def main(args, info):
         splits = examples.read_splits(glue_task(args), columns(args), args.train_file,
                                       args.dev_file, args.test_file, args.data_dir, log)
     task = Glue(args, vocab, config, splits, info, device, log)
-    weights = classifier.start_head(weights, splits.labels, args.bert_model, log)
+    weights = weights and classifier.start_head(weights, splits.labels, args.bert_model, log)
     n_labels = 1 if splits.labels is None else len(splits.labels)
     model = checkpoint.task_model(SequenceClassificationTask, config, weights, args.bert_model,
                                   device, n_labels=n_labels)
-    trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
+    trainer.run(task, model, args, info, device, log, start=presets.start_text(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import data
 import utils
-from bertkit import checkpoint, checks, flags
+from bertkit import checkpoint, checks, flags, presets
 from bertkit.files import UserError
 from bertkit.text import corpus
 from bertkit.training import distributed, logs, trainer
@@ -119,6 +119,7 @@ def outputs(args):
 def main(args, info):
     log = logs.make_logger(info)
     device = utils.setup_device(args, info)
+    presets.resolve_precision(args, device, log)
     torch.manual_seed(args.seed)
     flags.split_global_batch(args, info.world_size)
     run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))

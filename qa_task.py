@@ -26,7 +26,7 @@ import torch
 import data
 import metrics
 import utils
-from bertkit import checkpoint, checks, flags
+from bertkit import checkpoint, checks, flags, presets
 from bertkit.files import UserError
 from bertkit.squad import answers
 from bertkit.squad import dataset as squad
@@ -93,6 +93,7 @@ def get_parser():
                              "transformers (default masked)")
     flags.add_recipe_flag(parser)
     flags.add_model_flags(parser)
+    presets.add_fresh_model_flags(parser)
     flags.add_common_flags(parser, lr=5.0, clip=0.1, epochs=2, batch_size=72, bptt=w.bptt,
                            seed=21192391, log_interval=200, save="qa_model.pt",
                            state_file="qa_state.pt")
@@ -273,6 +274,7 @@ def predict(args, device, log):
 def main(args, info):
     log = logs.make_logger(info)
     device = utils.setup_device(args, info)
+    presets.resolve_precision(args, device, log)
     torch.manual_seed(args.seed)
     if not args.predict:
         flags.split_global_batch(args, info.world_size)
@@ -289,7 +291,7 @@ def main(args, info):
                  for split, given in (("train", args.train_file), ("dev", args.dev_file))}
     task = QA(args, vocab, config, windowing, paths, info, device, log)
     model = checkpoint.task_model(QuestionAnswerTask, config, weights, args.bert_model, device)
-    trainer.run(task, model, args, info, device, log, start=f"from {args.bert_model}")
+    trainer.run(task, model, args, info, device, log, start=presets.start_text(args))
 
 
 if __name__ == "__main__":

@@ -238,7 +238,9 @@ def task_model(task_class, config, weights, path, device, **head):
     --bert-model `path`; a head with a pooler starts from the pretrained one when there is
     one."""
     model = task_class(config, **head)
-    if weights.part == "task":
+    if weights is None:  # --from-scratch: the model's own fresh weights
+        pass
+    elif weights.part == "task":
         load_into(model, weights.state, "--bert-model", path)
     else:
         load_into(model.bert_model, weights.state, "--bert-model", path)

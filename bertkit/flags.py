@@ -443,14 +443,15 @@ def model_config(config, args, source, log):
 
 
 def fine_tuning_start(args, info, log, kind):
-    """(the weights a task model of `kind` starts from (checkpoint.starting_weights),
-    BertConfig after the model flags, tokenizer) of --bert-model, for ns_task.py,
-    qa_task.py and glue_task.py; the effective settings printed when --recipe is given."""
+    """(the weights a task model of `kind` starts from (checkpoint.starting_weights; None:
+    --from-scratch's fresh ones), BertConfig after the model flags, tokenizer) of
+    --bert-model, for ns_task.py, qa_task.py and glue_task.py; the effective settings
+    printed when --recipe is given."""
     ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
-    weights = checkpoint.starting_weights(ckpt, kind, args.bert_model,
-                                          getattr(args, "evaluate_only", False))
+    weights = None if getattr(args, "from_scratch", False) else checkpoint.starting_weights(
+        ckpt, kind, args.bert_model, getattr(args, "evaluate_only", False))
     config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
-    config = model_config(config, args, args.bert_model, log)
+    config = model_config(presets.from_scratch(config, args, log), args, args.bert_model, log)
     if args.recipe:
         log(recipe_summary(args, info.world_size, config.dropout))
     return weights, config, vocab
@@ -485,7 +486,7 @@ def parse_args(parser, argv=None):
         args.script = parser.prog
         if getattr(args, "recipe", None) is not None:
             apply_recipe(args, given, resumed)
-        presets.apply_size(args, given)
+        presets.apply_size(args, given, resumed)
         # --time-budget's clock: this process's start, or now for a run parsed in-process.
         args.launched_at = budget.process_started() if from_command_line else time.time()
         check_values(args, parser)

@@ -34,6 +34,40 @@ def resolve_precision(args, device, log):
             "larger --size and --batch_size")
 
 
+def add_fresh_model_flags(parser):
+    """--from-scratch and --size, for the scripts that fine-tune --bert-model."""
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="fresh weights: --bert-model's architecture and vocabulary with no "
+                             "pretraining (the random-init control of what pretraining bought); "
+                             "--size and the model flags may change the architecture (default off)")
+    add_size_flag(parser)
+
+
+def from_scratch(config, args, log):
+    """--from-scratch: --bert-model's BertConfig `config` with the model flags given (and
+    --size's) instead of its own, its positions untrained, said in one line; else `config`."""
+    if not getattr(args, "from_scratch", False):
+        return config
+    values = config.to_dict()
+    values.update({name: getattr(args, name) for name in ("emsize", "nhid", "nlayers", "nhead")
+                   if getattr(args, name, None) is not None})
+    values["trained_len"] = None
+    try:
+        config = type(config).from_dict(values)
+    except ValueError as e:
+        raise UserError(f"the model flags do not make a BERT: {e}") from None
+    log(f"--from-scratch: the architecture ({config.nlayers} layers, hidden {config.emsize}) "
+        f"and vocabulary of {args.bert_model}, fresh weights (--seed {args.seed}): no pretraining")
+    return config
+
+
+def start_text(args):
+    """Where a fine-tuning run's weights come from, for its first line."""
+    if getattr(args, "from_scratch", False):
+        return f"from scratch ({args.bert_model}'s architecture and vocabulary)"
+    return f"from {args.bert_model}"
+
+
 def add_size_flag(parser):
     parser.add_argument("--size", type=str, default=None, choices=list(SIZES),
                         help="a new model's shape: " + ", ".join(
@@ -43,9 +77,13 @@ def add_size_flag(parser):
                         "(default: the model flags' defaults)")
 
 
-def apply_size(args, given):
+def apply_size(args, given, resumed=False):
     """--size as the model flags not given; refused where the architecture comes from
-    --bert-model (unless --from-scratch)."""
+    --bert-model (unless --from-scratch). --from-scratch without --bert-model given: an
+    error (its default is no model to copy the shape of)."""
+    if getattr(args, "from_scratch", False) and not resumed and "bert_model" not in given:
+        raise UserError("--from-scratch needs --bert-model: the model whose architecture and "
+                        "vocabulary it builds with fresh weights (no pretraining)")
     size = getattr(args, "size", None)
     if size is None:
         return

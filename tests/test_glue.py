@@ -468,3 +468,24 @@ def test_a_nan_main_metric_is_worse_than_any_number():
     loop = types.SimpleNamespace(task=types.SimpleNamespace(best_metric=("pearson", "max")))
     assert trainer.Trainer.score(loop, {"pearson": float("nan")}) == float("inf")
     assert trainer.Trainer.score(loop, {"pearson": -99.0}) < float("inf")
+
+
+def test_from_scratch_is_the_bert_models_architecture_and_vocabulary_with_fresh_weights(work):
+    """The random-init control: --bert-model's shape and tokenizer, none of its weights."""
+    folder = work / "scratch"
+    folder.mkdir()
+    result = run("--bert-model", "../ns_bert.pt", "--from-scratch", "--task", "rte",
+                 "--data-dir", "../D", "--device", "cpu", "--batch_size", 8, "--bptt", 32,
+                 "--epochs", 1, "--max-steps", 2, "--no-progress", cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("--from-scratch: the architecture (2 layers, hidden 32) and vocabulary of "
+            "../ns_bert.pt, fresh weights") in result.stdout
+    assert "from scratch (../ns_bert.pt's architecture and vocabulary)" in result.stdout
+    pretrained = torch.load(work / "ns_bert.pt", weights_only=True)
+    fresh = torch.load(folder / "glue_model.pt", weights_only=True)
+    assert {**fresh["config"], "trained_len": None} == {**pretrained["config"], "trained_len": None}
+    assert fresh["vocab"] == pretrained["vocab"]
+    embedding = "bert_model.bert_embed.embed.weight"
+    assert fresh["model"][embedding].shape == pretrained["model"][embedding[11:]].shape
+    assert not torch.allclose(fresh["model"][embedding], pretrained["model"][embedding[11:]],
+                              atol=0.05)

@@ -54,10 +54,11 @@ def duration(text):
 
 
 def shown(seconds):
-    """Seconds as the flag is written: 3600 -> 60m, 90 -> 90s, 5400 -> 90m, 7200 -> 2h."""
-    for unit in ("h", "m"):
-        if seconds >= UNITS[unit] and (seconds / UNITS[unit]) % 0.5 == 0:
-            return f"{seconds / UNITS[unit]:g}{unit}"
+    """Seconds as the flag is written: 3600 -> 60m, 90 -> 90s, 5400 -> 90m, 9000 -> 2.5h."""
+    if seconds >= 2 * UNITS["h"] and seconds % (UNITS["h"] / 2) == 0:
+        return f"{seconds / UNITS['h']:g}h"
+    if seconds >= UNITS["m"] and seconds % UNITS["m"] == 0:
+        return f"{seconds / UNITS['m']:g}m"
     return f"{seconds:g}s"
 
 
