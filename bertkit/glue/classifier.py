@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bertkit import checkpoint
-from bertkit.training import distributed
-from bertkit.glue import tasks as glue
-from bertkit.glue import metrics as glue_metrics
-from bertkit.training import logs
-from bertkit.glue import sentences
 import utils
+from bertkit import checkpoint
 from bertkit.files import UserError
+from bertkit.glue import metrics as glue_metrics
+from bertkit.glue import sentences
+from bertkit.glue import tasks as glue
+from bertkit.training import distributed, logs
 from model import SequenceClassificationTask
 
 

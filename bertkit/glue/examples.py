@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertkit.glue import tasks as glue
 from bertkit.files import UserError, in_folder
+from bertkit.glue import tasks as glue
 
 
 @dataclass

@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bertkit.text import corpus
 from bertkit.files import DataError, UserError, atomic_write_text
+from bertkit.text import corpus
 
 ###############################################################################
 # The tasks
