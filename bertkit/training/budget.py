@@ -8,7 +8,8 @@ training that follows is the one `--max-steps N` would give), one validation, an
 write of a state; fixes the number of steps N that fits in what is left of the budget
 once every validation, the test and every save are reserved (those count inside the
 budget); says so in one line; and records N in the state file (TrainState.budget). A
-resumed run keeps the N of its state file: the same schedule, bitwise. Should the steps
+resumed run keeps the N of its state file: the same schedule, bitwise; its own setup is
+not counted (the state records the time it took to get there). Should the steps
 run slower than measured (other work on the machine), training stops early when only
 the time of its final validation, test and saves is left, and says so.
 
@@ -120,7 +121,8 @@ class TimeBudget:
         schedule is made again for them; a resumed one says what it continues."""
         if not self.seconds:
             return
-        if self.steps:
+        if self.steps:  # a resume: its setup is not counted, the state's time to get there is
+            self.clock = time.time()
             self.log(f"--time-budget {shown(self.seconds)}: continuing the schedule of "
                      f"{self.steps} optimizer steps fixed at the start of the run "
                      f"({self.spent_before:.0f} s of it spent before this resume)")
