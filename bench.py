@@ -6,6 +6,7 @@ A short copy of the training step that only measures (as nanoGPT's bench.py):
     python bench.py --config base --quick
     python bench.py --loop --config small --quick   # the real loop against its bare step
     python bench.py --glue --config small --quick   # GLUE fine-tuning and evaluation
+    python bench.py --pretrain --quick              # --size tiny and mini, fp32 and bf16
 
 Ours and theirs run in one process on one device with the same architecture, weights,
 batch and optimizer, interleaved (ours, theirs, ours, theirs, ...) so that a busy
@@ -485,6 +486,10 @@ def parse_args(argv=None):
                              "BertForSequenceClassification fed pairs padded to 128 and with "
                              "dynamic padding, on RTE (glue/RTE in $BERT_TEST_DATA) or synthetic "
                              "SST-2-like text; prints the glue_* ratios (default off)")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="only the pretraining step of --recipe laptop's shape (bench/"
+                             "pretrain.py): tokens/s and GFLOP/s of --size tiny and mini in fp32 "
+                             "and bf16 (vocabulary 8192, 64 x 128, 25%% masked) (default off)")
     parser.add_argument("--data", action="store_true",
                         help="only the data-pipeline benchmark: tokenize, numericalize and cache a "
                              "WikiText-103-sized corpus (~540 MB), then load the cache "
@@ -519,6 +524,13 @@ def main(argv=None):
         from bertkit.bench import data as bench_data  # the pipeline alone, in its own module
 
         return bench_data.bench_data(args.text_file, args.data_corpus, args.tokenizer)
+    if args.pretrain:
+        from bertkit.bench import pretrain
+
+        results = pretrain.bench_pretrain(("tiny", "mini"), ("fp32", "bf16"), args.batch_size
+                                          or pretrain.BATCH_SIZE, *((5, 2) if args.quick else
+                                                                    (9, 4)), torch.device(args.device))
+        return print(pretrain.summary(results))
 
     spec = CONFIGS[args.config]
     arch = {k: spec[k] for k in ARCH}

@@ -23,7 +23,7 @@ import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loa
 import torch
 
 import data
-from bertkit import checkpoint, checks, flags, mains
+from bertkit import checkpoint, checks, flags, mains, presets, recipes
 from bertkit.files import UserError
 from bertkit.glue import classifier, examples, sentences, suite
 from bertkit.glue import tasks as glue
@@ -81,9 +81,10 @@ def get_parser():
     parser.add_argument("--sentence", type=str, default=None, help="--predict: the text")
     parser.add_argument("--sentence2", type=str, default=None,
                         help="--predict: the second text of a pair")
-    flags.add_recipe_flag(parser)
+    recipes.add_recipe_flag(parser)
     flags.add_model_flags(parser)
-    # BERT's fine-tuning (flags.RECIPES, "bert") without --recipe too, but the model's dropout.
+    presets.add_fresh_model_flags(parser)
+    # BERT's fine-tuning (recipes.RECIPES, "bert") without --recipe too, but the model's dropout.
     flags.add_common_flags(parser, lr=2e-5, clip=1.0, epochs=3, batch_size=32, bptt=BPTT,
                            seed=1234, log_interval=50, save="glue_model.pt",
                            state_file="glue_state.pt", optimizer="adamw", weight_decay=0.01,
@@ -281,7 +282,7 @@ def start_task(args, weights, config, vocab, info, device, log):
         splits = examples.read_splits(glue_task(args), columns(args), args.train_file,
                                       args.dev_file, args.test_file, args.data_dir, log)
     task = Glue(args, vocab, config, splits, info, device, log)
-    weights = classifier.start_head(weights, splits.labels, args.bert_model, log)
+    weights = weights and classifier.start_head(weights, splits.labels, args.bert_model, log)
     n_labels = 1 if splits.labels is None else len(splits.labels)
     return task, checkpoint.task_model(SequenceClassificationTask, config, weights,
                                        args.bert_model, device, n_labels=n_labels)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from bertkit import checkpoint, checks, flags, mains
+from bertkit import checkpoint, checks, flags, mains, presets, recipes
 from bertkit.files import UserError
 from bertkit.text import corpus
 from bertkit.text.tokenizer import TokenizerSpec
@@ -37,6 +37,7 @@ def get_parser():
     parser.add_argument("--vocab-size", type=int, default=30522,
                         help="tokens of a --tokenizer wordpiece vocabulary (default 30522)")
     flags.add_model_flags(parser, **FRESH_MODEL)
+    presets.add_size_flag(parser)
     parser.add_argument("--mask_frac", type=float, default=0.15,
                         help="fraction of the tokens of each sequence that are masked (default 0.15)")
     parser.add_argument("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
@@ -49,6 +50,7 @@ def get_parser():
     flags.add_common_flags(parser, lr=6.0, clip=0.1, epochs=8, batch_size=32, bptt=128,
                            seed=5431916812, log_interval=10, save="mlm_bert.pt",
                            state_file="mlm_state.pt")
+    recipes.add_recipe_flag(parser)
     return parser
 
 
@@ -162,6 +164,7 @@ def fresh_config(args, vocab=None):
 
 def main(args, info):
     log, device = mains.start(args, info)
+    recipes.split_global_batch(args, info.world_size)
     spec = flags.settings(TokenizerSpec, args)
     if args.bert_model is None:
         if args.evaluate_only:
@@ -181,6 +184,8 @@ def main(args, info):
         vocab, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, spec=spec,
                                            vocab_path=args.save_vocab, log=log)
     config = config or fresh_config(args, vocab)
+    if args.recipe:
+        log(recipes.recipe_summary(args, info.world_size, config.dropout))
     task = MLM(args, vocab, splits, config, info, device)
     model = (checkpoint.task_model(MLMTask, config, weights, args.bert_model, device)
              if weights is not None else MLMTask(config).to(device))

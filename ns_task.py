@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from bertkit import checkpoint, checks, flags, mains
+from bertkit import checkpoint, checks, flags, mains, recipes
 from bertkit.files import UserError
 from bertkit.text import corpus
 from bertkit.training import distributed, ending, trainer
@@ -28,7 +28,7 @@ def get_parser():
                         help="fraction of pairs whose second part comes from another line (default 0.5)")
     parser.add_argument("--min_sentence_len", type=int, default=60,
                         help="lines shorter than this many tokens are not used (default 60)")
-    flags.add_recipe_flag(parser)
+    recipes.add_recipe_flag(parser)
     flags.add_evaluate_only_flag(parser)
     flags.add_model_flags(parser)
     flags.add_common_flags(parser, lr=0.25, clip=0.1, epochs=5, batch_size=24, bptt=128,
@@ -114,7 +114,7 @@ def outputs(args):
 
 def main(args, info):
     log, device = mains.start(args, info)
-    flags.split_global_batch(args, info.world_size)
+    recipes.split_global_batch(args, info.world_size)
     train_config = flags.train_config(args)
     run_outputs = ending.run_outputs(outputs(args), train_config)
     checks.prepare_run(info, inputs={"--bert-model": args.bert_model},

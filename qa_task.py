@@ -23,7 +23,7 @@ import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loa
 
 import data
 import metrics
-from bertkit import checkpoint, checks, flags, mains
+from bertkit import checkpoint, checks, flags, mains, presets, recipes
 from bertkit.files import UserError
 from bertkit.squad import answers
 from bertkit.squad import dataset as squad
@@ -88,8 +88,9 @@ def get_parser():
                              "are cut to their longest window; bert: every window is padded to "
                              "--bptt and its padding counts in the softmax, as in BERT and "
                              "transformers (default masked)")
-    flags.add_recipe_flag(parser)
+    recipes.add_recipe_flag(parser)
     flags.add_model_flags(parser)
+    presets.add_fresh_model_flags(parser)
     flags.add_common_flags(parser, lr=5.0, clip=0.1, epochs=2, batch_size=72, bptt=w.bptt,
                            seed=21192391, log_interval=200, save="qa_model.pt",
                            state_file="qa_state.pt")

@@ -110,6 +110,30 @@ def check_precision(device, dtype):
                         "(it would run emulated, slower than fp32); use --dtype fp16")
 
 
+def cpu_flags():
+    """The CPU's feature flags (/proc/cpuinfo; none known elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()[2:]}
+    except OSError:
+        return set()
+
+
+def native_bf16(device):
+    """("bf16" or "fp32", why): bf16 where the device computes in it natively: a CPU
+    with AVX512-BF16 or AMX-BF16 (/proc/cpuinfo's flags), a GPU that is not emulating it."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"{torch.cuda.get_device_name(device)} has native bf16"
+        return "fp32", f"{torch.cuda.get_device_name(device)} has no native bf16"
+    if device.type != "cpu":
+        return "fp32", f"bf16 autocast is not chosen on {device.type}"
+    native = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return "bf16", f"the CPU has {' and '.join(native)}"
+    return "fp32", "the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)"
+
+
 def setup_device(name, dtype, info):
     """The rank's device of --device `name`, its precision `dtype` checked (see
     check_precision)."""

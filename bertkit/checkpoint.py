@@ -103,7 +103,7 @@ def check_fields(ckpt, flag, path):
 # that the two name the same fields).
 TRAIN_STATE_TYPES = {"epoch": int, "step_in_epoch": int, "global_step": int,
                      "best_score": float | None, "train_loss_log": list, "val_loss_log": list,
-                     "epoch_loss_sum": float, "evaluated_step": int}
+                     "epoch_loss_sum": float, "evaluated_step": int, "budget": dict | None}
 
 
 def _is_a(value, expected):
@@ -114,6 +114,8 @@ def _is_a(value, expected):
         return isinstance(value, list) and all(_is_a(x, float) for x in value)
     if expected is int:
         return isinstance(value, int)
+    if expected == dict | None:
+        return value is None or isinstance(value, dict)
     if value is None:
         return expected is not float  # float | None
     return isinstance(value, int | float)
@@ -236,7 +238,9 @@ def task_model(task_class, config, weights, path, device, **head):
     --bert-model `path`; a head with a pooler starts from the pretrained one when there is
     one."""
     model = task_class(config, **head)
-    if weights.part == "task":
+    if weights is None:  # --from-scratch: the model's own fresh weights
+        pass
+    elif weights.part == "task":
         load_into(model, weights.state, "--bert-model", path)
     else:
         load_into(model.bert_model, weights.state, "--bert-model", path)

@@ -11,14 +11,15 @@ import copy
 import os
 import re
 import sys
+import time
 
 import data
 import utils
-from bertkit import checkpoint
+from bertkit import checkpoint, presets, recipes
 from bertkit.files import UserError, in_folder, load_torch
 from bertkit.squad import windows
 from bertkit.text import corpus, tokenizer
-from bertkit.training import distributed, states, trainer
+from bertkit.training import budget, distributed, states, trainer
 from model import BertConfig
 
 
@@ -67,15 +68,21 @@ def add_common_flags(parser, **defaults):
                         help="folder of the datasets, downloaded there when absent (default .data)")
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto: cuda, else mps, else cpu (default auto)")
-    parser.add_argument("--dtype", type=str, default="fp32", choices=list(utils.DTYPES),
+    parser.add_argument("--dtype", type=str, default="fp32", choices=[*utils.DTYPES, "auto"],
                         help="autocast precision: fp32, bf16 (CPU or recent GPUs), fp16 (GPU, with a "
-                             "gradient scaler) (default fp32)")
+                             "gradient scaler), auto (bf16 where the device has it natively, else "
+                             "fp32; said in one line) (default fp32)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (--no-compile: eager) (default: on for "
                              "CUDA, where it fuses the elementwise work between the matmuls; "
                              "off elsewhere)")
     parser.add_argument("--max-steps", type=int, default=0, metavar="N",
                         help="stop after N optimizer steps, then validate and test (default 0: no limit)")
+    parser.add_argument("--time-budget", type=budget.duration, default=None, metavar="TIME",
+                        help="train for as many optimizer steps as fit in TIME (90s, 60m, 2h, "
+                             "1.5h), evaluation and saving included: measured on the first steps, "
+                             "fixed then (the warmup and decay span them) and kept in the state "
+                             "file; --max-steps and --epochs still cap them (default: none)")
     parser.add_argument("--num-workers", type=int, default=0,
                         help="DataLoader worker processes building batches (default 0: in the main process)")
     parser.add_argument("--save-every", type=int, default=0, metavar="N",
@@ -225,107 +232,6 @@ def add_optimizer_flags(parser, **defaults):
                              "--save-every count optimizer steps (default 1)")
 
 
-###############################################################################
-# --recipe
-###############################################################################
-
-# Published fine-tuning settings, one flag away; flags given on the command line win.
-# "bert": BERT's fine-tuning (Devlin et al. 2019, section 4 and appendix A.3; Google's
-# run_squad.py and transformers' run_qa.py examples): AdamW, 10% linear warmup then linear
-# decay to 0, weight decay 0.01 (not on biases and LayerNorm weights), gradient norm 1.0,
-# a global batch of 32 sequences, the checkpoint's dropout (--dropout is left alone).
-# SQuAD: 2 epochs at 3e-5 on windows of 384 tokens, a new window every 128 context tokens,
-# padding in the span loss as BERT has it; sentence pairs (GLUE): 3 epochs of 128 tokens.
-# GLUE (glue_task.py): lr 2e-5, dropout 0.1 (the paper's appendix A.3 and transformers'
-# run_glue.py README: 3 epochs, batch 32, max_seq_length 128, lr 2e-5 from the paper's
-# {5e-5, 3e-5, 2e-5}; BertConfig's hidden and attention dropout 0.1).
-RECIPES = {
-    "bert": {
-        "all": dict(optimizer="adamw", lr=3e-5, weight_decay=0.01, schedule="linear",
-                    warmup=0.1, clip=1.0, global_batch=32),
-        "qa_task.py": dict(epochs=2, bptt=384, doc_stride=128, span_loss="bert"),
-        "ns_task.py": dict(epochs=3, bptt=128),
-        "glue_task.py": dict(lr=2e-5, epochs=3, bptt=128, dropout=0.1),
-    },
-}
-BATCH_FLAGS = ("batch_size", "grad_accum")
-
-
-def add_recipe_flag(parser):
-    names = ", ".join(RECIPES)
-    parser.add_argument("--recipe", type=str, default=None, choices=list(RECIPES),
-                        help=f"{names}: the published fine-tuning settings (README, \"Fine-tuning "
-                             "a published BERT\"); the flags given on the command line win "
-                             "(default none: the old example's settings)")
-
-
-def recipe_settings(recipe, script):
-    """{flag dest: value} of a recipe for a script (global_batch: sequences per optimizer
-    step over all processes)."""
-    table = RECIPES[recipe]
-    return {**table["all"], **table.get(script, {})}
-
-
-def apply_recipe(args, given, resumed=False):
-    """The recipe's values for every flag of the script not `given` on the command line.
-    args.global_batch is its global batch, split in split_global_batch once the number of
-    processes is known; None when --batch_size and --grad-accum are both given. A resumed
-    run has the values already (its saved flags): only the split of its global batch
-    follows the batch flags given again."""
-    if not resumed:
-        settings = recipe_settings(args.recipe, args.script)
-        for name, value in settings.items():
-            if name != "global_batch" and hasattr(args, name) and name not in given:
-                setattr(args, name, value)
-        args.global_batch = settings["global_batch"]
-        args.given_flags, args.given_batch_flags = sorted(given), []
-    args.given_batch_flags = sorted(set(BATCH_FLAGS) & (given | set(args.given_batch_flags)))
-    if set(BATCH_FLAGS) <= set(args.given_batch_flags):
-        args.global_batch = None
-
-
-def split_global_batch(args, world_size):
-    """--recipe's global batch as --batch_size x --grad-accum x processes: the batch per
-    process when --batch_size is not given (--grad-accum 1 unless given), else the
-    --grad-accum that completes it; a one-line error when it does not divide."""
-    total = getattr(args, "global_batch", None)
-    if not total:
-        return
-    given = set(getattr(args, "given_batch_flags", ()))
-    fixed = args.batch_size if "batch_size" in given else args.grad_accum
-    if total % (fixed * world_size):
-        shown = (f"--batch_size {args.batch_size}" if "batch_size" in given
-                 else f"--grad-accum {args.grad_accum}")
-        raise UserError(f"--recipe {args.recipe}: its global batch of {total} sequences is not "
-                        f"{shown} x a whole number x {world_size} process(es); give --batch_size "
-                        "and --grad-accum that fit")
-    if "batch_size" in given:
-        args.grad_accum = total // (fixed * world_size)
-    else:
-        args.batch_size = total // (fixed * world_size)
-
-
-def recipe_summary(args, world_size, dropout):
-    """The effective settings of a --recipe run, for its first log line; `dropout` is the
-    model's (--dropout, else --bert-model's)."""
-    settings = recipe_settings(args.recipe, args.script)
-    shown = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in settings
-             if name != "global_batch" and hasattr(args, name)]
-    given = sorted(set(getattr(args, "given_flags", ())) & {*settings, *BATCH_FLAGS, "dropout"})
-    batch = args.batch_size * args.grad_accum * world_size
-    if "dropout" in getattr(args, "given_flags", ()):
-        source = "--dropout"
-    elif "dropout" in settings:
-        source = "--recipe"
-    else:
-        source = "--bert-model's"
-    given = ", ".join("--" + g.replace("_", "-") for g in given) or "none"
-    return (f"--recipe {args.recipe}: {' '.join(shown)} --batch_size {args.batch_size} "
-            f"--grad-accum {args.grad_accum} (a global batch of {batch} sequences over "
-            f"{world_size} process(es)), dropout {dropout} ({source}); given on the command "
-            f"line: {given}")
-
-
 def add_dataset_flag(parser, default):
     parser.add_argument("--dataset", type=corpus.dataset_name, default=default,
                         help="WikiText2, WikiText103, EnWik9, BookCorpus (in any case), or a "
@@ -354,7 +260,7 @@ FLAG_RULES = {
     "world_size": (utils.at_least(1), "must be at least 1"),
     "bptt": (utils.at_least(4), "must be at least 4"),
     "null_threshold": (utils.finite, "must be a finite number"),
-    "recipe": (utils.one_of(*RECIPES), f"use one of {', '.join(RECIPES)}"),
+    "recipe": (utils.one_of(*recipes.RECIPES), f"use one of {', '.join(recipes.RECIPES)}"),
 }
 # The settings objects flags become, each with the RULES of its fields.
 SETTINGS = (trainer.TrainConfig, data.Masking, data.Pairs, tokenizer.TokenizerSpec,
@@ -425,16 +331,17 @@ def model_config(config, args, source, log):
 
 
 def fine_tuning_start(args, info, log, kind):
-    """(the weights a task model of `kind` starts from (checkpoint.starting_weights),
-    BertConfig after the model flags, tokenizer) of --bert-model, for ns_task.py,
-    qa_task.py and glue_task.py; the effective settings printed when --recipe is given."""
+    """(the weights a task model of `kind` starts from (checkpoint.starting_weights; None:
+    --from-scratch's fresh ones), BertConfig after the model flags, tokenizer) of
+    --bert-model, for ns_task.py, qa_task.py and glue_task.py; the effective settings
+    printed when --recipe is given."""
     ckpt = checkpoint.load_checkpoint(args.bert_model, "--bert-model")
-    weights = checkpoint.starting_weights(ckpt, kind, args.bert_model,
-                                          getattr(args, "evaluate_only", False))
+    weights = None if getattr(args, "from_scratch", False) else checkpoint.starting_weights(
+        ckpt, kind, args.bert_model, getattr(args, "evaluate_only", False))
     config, vocab = checkpoint.config_and_vocab(ckpt, "--bert-model", args.bert_model)
-    config = model_config(config, args, args.bert_model, log)
+    config = model_config(presets.from_scratch(config, args, log), args, args.bert_model, log)
     if args.recipe:
-        log(recipe_summary(args, info.world_size, config.dropout))
+        log(recipes.recipe_summary(args, info.world_size, config.dropout))
     return weights, config, vocab
 
 
@@ -454,6 +361,7 @@ def check_bptt(bptt, config, source, log):
 def parse_args(parser, argv=None):
     """Parse flags and check their values; with --checkpoint, start from the flags saved in
     the state file and apply only those given on this command line."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
@@ -465,7 +373,10 @@ def parse_args(parser, argv=None):
             args = _merge_saved_flags(parser, argv, args, auto)
         args.script = parser.prog
         if getattr(args, "recipe", None) is not None:
-            apply_recipe(args, given, resumed)
+            recipes.apply_recipe(args, given, resumed)
+        presets.apply_size(args, given, resumed)
+        # --time-budget's clock: this process's start, or now for a run parsed in-process.
+        args.launched_at = budget.process_started() if from_command_line else time.time()
         check_values(args, parser)
         settings(trainer.TrainConfig, args, parser)  # the rules between flags, too
         if getattr(args, "slurm_requeue", False):
@@ -498,7 +409,7 @@ def resolve_checkpoint(args):
 
 
 # Flags about this start of a run, not the run: never taken from a state file.
-LAUNCH_FLAGS = {"slurm_requeue"}
+LAUNCH_FLAGS = {"slurm_requeue", "launched_at"}
 
 
 def _merge_saved_flags(parser, argv, args, auto=False):

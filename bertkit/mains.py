@@ -10,7 +10,7 @@ import functools
 import torch
 
 import utils
-from bertkit import flags
+from bertkit import flags, presets, recipes
 from bertkit.training import distributed, logs, trainer
 
 
@@ -30,9 +30,11 @@ def setup_device(args, info):
 
 
 def start(args, info):
-    """(log, device) of a task script's main, the seed set: its first steps."""
+    """(log, device) of a task script's main, --dtype auto resolved, the seed set: its first
+    steps."""
     log = logs.make_logger(info)
     device = setup_device(args, info)
+    presets.resolve_precision(args, device, log)
     torch.manual_seed(args.seed)
     return log, device
 
@@ -57,7 +59,7 @@ def fine_tune(args, info, kind, check_paths, predict, make_task):
     log, device = start(args, info)
     train_config = None
     if not args.predict:
-        flags.split_global_batch(args, info.world_size)
+        recipes.split_global_batch(args, info.world_size)
         train_config = flags.train_config(args)
     check_paths(args, info, train_config)
     if args.predict:
@@ -66,5 +68,5 @@ def fine_tune(args, info, kind, check_paths, predict, make_task):
         return
     weights, config, vocab = flags.fine_tuning_start(args, info, log, kind)
     task, model = make_task(args, weights, config, vocab, info, device, log)
-    trainer.run(task, model, train_config, info, device, log, start=f"from {args.bert_model}",
+    trainer.run(task, model, train_config, info, device, log, start=presets.start_text(args),
                 flags=vars(args))

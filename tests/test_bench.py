@@ -178,3 +178,18 @@ def test_glue_bench_compares_the_same_loss_and_labels_and_prints_four_ratios(cap
 
 def test_glue_flag():
     assert bench.parse_args(["--glue"]).glue
+
+
+def test_bench_pretrain_times_each_size_and_precision_and_sums_up():
+    from bertkit.bench import pretrain
+
+    results = pretrain.bench_pretrain(("tiny",), ("fp32", "bf16"), batch_size=2, rounds=1,
+                                      steps=1, device=CPU, vocab_size=300, seq_len=16)
+    assert set(results) == {("tiny", "fp32"), ("tiny", "bf16")}
+    assert all(tokens > 0 and flops > 0 for tokens, flops in results.values())
+    line = pretrain.summary(results).split()
+    assert line[0] == "pretrain_tokens_per_s" and line[1:5:2] == ["tiny_fp32", "tiny_bf16"]
+    assert line[5] == "pretrain_gflops" and line[6:10:2] == ["tiny_fp32", "tiny_bf16"]
+    config = pretrain.size_config("mini")
+    assert (config.nlayers, config.emsize, config.nhead, config.nhid, config.vocab_size) == (
+        4, 256, 4, 1024, 8192)

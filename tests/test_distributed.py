@@ -173,9 +173,12 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_sigterm_then_resume_is_bitwise_equal(corpus, tmp_path):
+@pytest.mark.parametrize("budget", [[], ["--time-budget", "10m"]], ids=["steps", "time-budget"])
+def test_sigterm_then_resume_is_bitwise_equal(corpus, tmp_path, budget):
+    """Also under --time-budget: each run measures its steps (capped here by --max-steps, so
+    both fix 70), the resume keeps the schedule of its state file and measures nothing."""
     flags = [*data_flags(corpus), *TINY, "--epochs", "2", "--dropout", "0.1", "--save-every", "7",
-             "--max-steps", "70"]
+             "--max-steps", "70", *budget]
     full = tmp_path / "full"
     full.mkdir()
     run("mlm_task.py", *flags, cwd=full)
@@ -193,6 +196,11 @@ def test_sigterm_then_resume_is_bitwise_equal(corpus, tmp_path):
     assert "stopped by a signal" in rest and "End of training" not in rest
     resumed = run("mlm_task.py", "--checkpoint", "mlm_state.pt", cwd=part)
     assert "resumed from mlm_state.pt" in resumed.stdout
+    if budget:
+        assert "--time-budget 10m: continuing the schedule of 70 optimizer steps" in resumed.stdout
+        assert "steps fit" not in resumed.stdout
+        state = torch.load(part / "mlm_state.pt", weights_only=True)["train_state"]
+        assert state["budget"]["steps"] == 70 and state["global_step"] == 70
     a, b = _weights(full / "full_mlm_model.pt"), _weights(part / "full_mlm_model.pt")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

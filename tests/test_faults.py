@@ -26,6 +26,7 @@ from conftest import REPO, hashes, one_error_line, toy_lines, write_wikitext
 import mlm_task
 import qa_task
 from bertkit import flags as cli
+from bertkit import recipes
 from bertkit.files import UserError
 from bertkit.training import distributed, ending, logs, states
 
@@ -464,7 +465,7 @@ def test_auto_resumes_the_command_that_started_the_run(tmp_path, monkeypatch, ca
     state = tmp_path / "qa_state.pt"
     command = ["--recipe", "bert", "--lr", "5e-5", "--state-file", str(state)]
     args = cli.parse_args(qa_task.get_parser(), command)
-    cli.split_global_batch(args, 1)
+    recipes.split_global_batch(args, 1)
     args.slurm_requeue = True
     torch.save({"kind": "state", "args": vars(args), "script": "qa_task.py",
                 "train_state": {"global_step": 7}}, state)

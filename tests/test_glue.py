@@ -17,7 +17,7 @@ import torch
 from conftest import REAL_RTE, REPO, absent_reason, hashes, one_error_line
 
 import glue_task
-from bertkit import checkpoint, checks, mains
+from bertkit import checkpoint, checks, mains, recipes
 from bertkit import flags as cli
 from bertkit.glue import classifier, sentences
 from bertkit.glue import tasks as glue
@@ -365,12 +365,12 @@ def test_recipe_bert_is_berts_glue_fine_tuning_and_the_command_line_wins():
     assert (args.optimizer, args.lr, args.weight_decay, args.schedule, args.warmup, args.clip,
             args.epochs, args.bptt, args.dropout, args.global_batch) == (
         "adamw", 2e-5, 0.01, "linear", 0.1, 1.0, 3, 128, 0.1, 32)
-    cli.split_global_batch(args, 2)
+    recipes.split_global_batch(args, 2)
     assert (args.batch_size, args.grad_accum) == (16, 1)
-    assert "dropout 0.1 (--recipe)" in cli.recipe_summary(args, 2, 0.1)
+    assert "dropout 0.1 (--recipe)" in recipes.recipe_summary(args, 2, 0.1)
     given = cli.parse_args(parse, ["--recipe", "bert", "--lr", "3e-5", "--dropout", "0.2"])
     assert (given.lr, given.dropout, given.epochs) == (3e-5, 0.2, 3)
-    assert "dropout 0.2 (--dropout)" in cli.recipe_summary(given, 1, 0.2)
+    assert "dropout 0.2 (--dropout)" in recipes.recipe_summary(given, 1, 0.2)
     # Without --recipe: the same optimizer and schedule, the checkpoint's dropout, 32 a
     # process.
     plain = cli.parse_args(parse, [])
@@ -448,3 +448,24 @@ def test_a_nan_main_metric_is_worse_than_any_number():
 
     assert trainer.best_score({"pearson": float("nan")}, ("pearson", "max")) == float("inf")
     assert trainer.best_score({"pearson": -99.0}, ("pearson", "max")) < float("inf")
+
+
+def test_from_scratch_is_the_bert_models_architecture_and_vocabulary_with_fresh_weights(work):
+    """The random-init control: --bert-model's shape and tokenizer, none of its weights."""
+    folder = work / "scratch"
+    folder.mkdir()
+    result = run("--bert-model", "../ns_bert.pt", "--from-scratch", "--task", "rte",
+                 "--data-dir", "../D", "--device", "cpu", "--batch_size", 8, "--bptt", 32,
+                 "--epochs", 1, "--max-steps", 2, "--no-progress", cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("--from-scratch: the architecture (2 layers, hidden 32) and vocabulary of "
+            "../ns_bert.pt, fresh weights") in result.stdout
+    assert "from scratch (../ns_bert.pt's architecture and vocabulary)" in result.stdout
+    pretrained = torch.load(work / "ns_bert.pt", weights_only=True)
+    fresh = torch.load(folder / "glue_model.pt", weights_only=True)
+    assert {**fresh["config"], "trained_len": None} == {**pretrained["config"], "trained_len": None}
+    assert fresh["vocab"] == pretrained["vocab"]
+    embedding = "bert_model.bert_embed.embed.weight"
+    assert fresh["model"][embedding].shape == pretrained["model"][embedding[11:]].shape
+    assert not torch.allclose(fresh["model"][embedding], pretrained["model"][embedding[11:]],
+                              atol=0.05)

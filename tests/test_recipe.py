@@ -1,4 +1,4 @@
-"""--recipe: the published fine-tuning settings one flag away (flags.RECIPES), the flags
+"""--recipe: the published fine-tuning settings one flag away (recipes.RECIPES), the flags
 given on the command line winning, a global batch split over the processes, and a resume
 that keeps them."""
 
@@ -8,6 +8,7 @@ import torch
 import ns_task
 import qa_task
 from bertkit import flags as cli
+from bertkit import recipes
 from bertkit.files import UserError
 
 
@@ -31,7 +32,7 @@ def test_flags_given_on_the_command_line_win():
                  "--span_loss", "masked", "--dropout", "0.1")
     assert (args.lr, args.epochs, args.span_loss, args.dropout) == (5e-5, 3, "masked", 0.1)
     assert args.optimizer == "adamw" and args.clip == 1.0
-    summary = cli.recipe_summary(args, 1, 0.1)
+    summary = recipes.recipe_summary(args, 1, 0.1)
     assert "--lr 5e-05" in summary and "--clip 1.0" in summary
     assert "dropout 0.1 (--dropout)" in summary
     assert "given on the command line: --dropout, --epochs, --lr, --span-loss" in summary
@@ -43,7 +44,7 @@ def test_without_a_recipe_the_old_defaults_stay():
         "sgd", 5.0, 0.1, "plateau", 128, "masked")
     assert (ns.optimizer, ns.lr, ns.clip) == ("sgd", 0.25, 0.1)
     assert not hasattr(qa, "global_batch")
-    cli.split_global_batch(qa, 4)  # nothing to split
+    recipes.split_global_batch(qa, 4)  # nothing to split
     assert (qa.batch_size, qa.grad_accum) == (72, 1)
 
 
@@ -56,7 +57,7 @@ def test_without_a_recipe_the_old_defaults_stay():
 ])
 def test_the_global_batch_is_32_whatever_the_processes(given, world_size, expected):
     args = parse(qa_task, "--recipe", "bert", *given)
-    cli.split_global_batch(args, world_size)
+    recipes.split_global_batch(args, world_size)
     assert (args.batch_size, args.grad_accum) == expected
     if len(given) < 4:
         assert args.batch_size * args.grad_accum * world_size == 32
@@ -67,21 +68,21 @@ def test_the_global_batch_is_32_whatever_the_processes(given, world_size, expect
 def test_a_global_batch_that_does_not_divide_is_one_error(given, world_size):
     args = parse(qa_task, "--recipe", "bert", *given)
     with pytest.raises(UserError, match="--recipe bert: its global batch of 32 sequences"):
-        cli.split_global_batch(args, world_size)
+        recipes.split_global_batch(args, world_size)
 
 
 def test_a_resume_keeps_the_recipe_and_splits_its_batch_again(tmp_path):
     args = parse(qa_task, "--recipe", "bert", "--lr", "5e-5")
-    cli.split_global_batch(args, 1)
+    recipes.split_global_batch(args, 1)
     state = tmp_path / "qa_state.pt"
     torch.save({"kind": "state", "args": vars(args), "script": "qa_task.py"}, state)
     resumed = parse(qa_task, "--checkpoint", str(state))
     assert (resumed.lr, resumed.optimizer, resumed.bptt, resumed.span_loss) == (
         5e-5, "adamw", 384, "bert")
-    cli.split_global_batch(resumed, 4)  # resumed on 4 processes: still 32 a step
+    recipes.split_global_batch(resumed, 4)  # resumed on 4 processes: still 32 a step
     assert (resumed.batch_size, resumed.grad_accum) == (8, 1)
     resumed = parse(qa_task, "--checkpoint", str(state), "--batch_size", "4")
-    cli.split_global_batch(resumed, 4)
+    recipes.split_global_batch(resumed, 4)
     assert (resumed.batch_size, resumed.grad_accum) == (4, 2)
 
 

@@ -38,7 +38,7 @@ import data
 import utils
 from bertkit import checkpoint
 from bertkit.files import UserError
-from bertkit.training import distributed, ending, logs, states
+from bertkit.training import budget, distributed, ending, logs, states
 from bertkit.training.optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from model import count_parameters
 
@@ -131,6 +131,7 @@ class TrainState:
     val_loss_log: list = field(default_factory=list)
     epoch_loss_sum: float = 0.0  # of the current epoch so far, for its train_loss_log entry
     evaluated_step: int = -1  # global_step of the last validation
+    budget: dict = None  # --time-budget's steps and time spent (budget.TimeBudget.state)
 
 
 class NonFiniteLoss(UserError):
@@ -154,6 +155,8 @@ class Trainer:
         # The defaults are the old example's: plain SGD, lr x0.1 when validation does not improve.
         self.optimizer = make_optimizer(model, config, device)
         self.per_step_schedule = config.schedule != "plateau"
+        ckpt = config.checkpoint and checkpoint.load_checkpoint(config.checkpoint, "--checkpoint")
+        self.budget = budget.TimeBudget(config, self.flags, info, device, log, ckpt)  # before the lr
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps() if
                                         self.per_step_schedule else None)
         self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
@@ -162,7 +165,7 @@ class Trainer:
         self.state_files = states.StateFiles(config, info, device, self.flags, task.vocab)
         self.exit_code = 0
         if config.checkpoint is not None:
-            self.resume(model)
+            self.resume(ckpt, model)
         elif info.rank > 0:
             # Every rank built the same initial weights from --seed (DDP checks they agree);
             # from here on each draws its own dropout masks. Rank 0 keeps --seed's stream,
@@ -171,6 +174,7 @@ class Trainer:
         # Compile the module, then wrap it in DDP (PyTorch's current advice for the pair).
         self.model = torch.compile(model) if config.compile else model
         self.model = distributed.wrap_ddp(self.model, device, info)
+        self.budget.start(self)  # --time-budget: the steps that fit, measured
 
     def steps_per_epoch(self, n_batches):
         return -(-n_batches // self.config.grad_accum)
@@ -184,6 +188,7 @@ class Trainer:
     def save_state(self):
         """The state file of this step (states.StateFiles); every rank calls this."""
         self.state.epoch_loss_sum = float(self.epoch_loss)
+        self.state.budget = self.budget.state()
         self.trained_len.record()
         parts = {"model": distributed.unwrap(self.model).state_dict(),
                  "config": self.task.config.to_dict(), "optimizer": self.optimizer.state_dict(),
@@ -192,12 +197,11 @@ class Trainer:
         self.state_files.save(parts, getattr(self.task, "best_model_path", None),
                               self.run_log.metrics.rows)
 
-    def resume(self, model):
+    def resume(self, ckpt, model):
         """The run of the state file --checkpoint, continued: the model, optimizer, schedule,
         scaler, training state and this rank's random streams (states.restore checks it);
         the metrics log cut back to it."""
         path = self.config.checkpoint
-        ckpt = checkpoint.load_checkpoint(path, "--checkpoint")
         self.state = st = TrainState(**states.restore(
             ckpt, path, model, self.optimizer, self.scheduler, self.scaler, self.config,
             self.info.rank, self.device))
@@ -335,7 +339,7 @@ class Trainer:
         step_in_epoch = self.steps_per_epoch(st.step_in_epoch)  # optimizer steps
         at_log = step_in_epoch % config.log_interval == 0
         at_save = config.save_every and st.global_step % config.save_every == 0
-        at_max = config.max_steps and st.global_step >= config.max_steps
+        at_max = self.max_steps_done() or self.budget.out_of_time(st.global_step)
         at_end = st.step_in_epoch == window.n_batches
         # Under DDP every rank must reach the same checks (a collective); alone, a
         # signal is acted on at the next step.
