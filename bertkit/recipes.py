@@ -30,7 +30,7 @@ RECIPES = {
                     warmup=0.1, clip=1.0, global_batch=32, dtype="auto"),
         "mlm_task.py": dict(size="mini", tokenizer="wordpiece", vocab_size=8192,
                             lr=1e-3, betas=(0.9, 0.98), eps=1e-6, warmup=0.06, clip=0.5,
-                            mask_frac=0.25, mask_mode="bert", global_batch=64, bptt=128,
+                            mask_frac=0.25, mask_mode="bert", global_batch=32, bptt=128,
                             dropout=0.0, eval_batches=40, epochs=1000, time_budget=3600.0),
         "qa_task.py": dict(epochs=3, bptt=384, doc_stride=128, span_loss="bert"),
         "ns_task.py": dict(epochs=3, bptt=128),

@@ -51,7 +51,7 @@ def test_recipe_laptop_sets_the_pretraining_settings():
     assert (args.mask_frac, args.mask_mode, args.bptt, args.dropout) == (0.25, "bert", 128, 0.0)
     assert (args.eval_batches, args.epochs, args.time_budget) == (40, 1000, 3600)
     recipes.split_global_batch(args, 1)
-    assert (args.batch_size, args.grad_accum) == (64, 1)
+    assert (args.batch_size, args.grad_accum) == (32, 1)
     summary = recipes.recipe_summary(args, 1, 0.0)
     assert "--time-budget 60m" in summary and "--betas 0.9 0.98" in summary
 
