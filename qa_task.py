@@ -107,12 +107,14 @@ class QA:
     def __init__(self, args, vocab, config, windowing, paths, info, device, log):
         self.args, self.vocab, self.config, self.windowing = args, vocab, config, windowing
         self.info, self.device, self.log = info, device, log
-        self.outputs, self.best_model_path = outputs(args), args.save
+        self.outputs, self.run = outputs(args), checks.run_record(vars(args))
+        self.best_model_path = self.outputs["--save"][0]
         train_questions, train_dataset = squad.read_squad(paths["train"], log)
         self.dev_questions, self.dev_dataset = squad.read_squad(paths["dev"], log)
         # Trained on SQuAD v2.0 data, the model learns to answer "" (saved with it, for
         # --predict); the metric follows the dev data.
         self.squad_v2 = metrics.has_unanswerable(train_dataset)
+        self.name = "SQuAD v2.0" if self.squad_v2 else "SQuAD v1.1"  # in its state files
         self.null_threshold = args.null_threshold if self.squad_v2 else None
         self.train_windows = make_windows(train_questions, vocab, windowing, training=True)
         # Evaluations cut the dev windows as they go (answers.evaluate_all): counted here.
@@ -182,8 +184,9 @@ class QA:
                 "questions": len(best)}
 
     def save_best(self, model):
-        checkpoint.save_model("qa", model, self.config, self.vocab, self.args.save,
-                              windowing=asdict(self.windowing), squad_v2=self.squad_v2)
+        checkpoint.save_model("qa", model, self.config, self.vocab, self.best_model_path,
+                              windowing=asdict(self.windowing), squad_v2=self.squad_v2,
+                              run=self.run)
 
     def new_best(self):
         """Every rank keeps the best validation's answers, for the test (evaluate)."""
@@ -229,16 +232,16 @@ def check_paths(args, info):
         return checks.prepare_run(
             info, inputs={"--qa-model": args.qa_model or args.save,
                           "--predict-file": args.predict_file},
-            outputs=predict_file_paths(args) if writes else {})
+            outputs=predict_file_paths(args) if writes else {},
+            owner=checks.Owner.of(args, trains=False))
     squad_files = {f"--{split}-file": given or os.path.join(args.data_dir, "squad",
                                                              squad.SQUAD[split].filename)
                    for split, given in (("train", args.train_file), ("dev", args.dev_file))}
-    run_outputs = trainer.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args))
     return checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model, "--train-file": args.train_file,
                       "--dev-file": args.dev_file},
-        outputs={flag: path for flag, (path, _) in run_outputs.items()},
-        data_dir=args.data_dir, also_read=squad_files)
+        outputs=checks.run_outputs(outputs(args), trainer.TrainConfig.from_flags(args)),
+        data_dir=args.data_dir, also_read=squad_files, owner=checks.Owner.of(args))
 
 
 def predict(args, device, log):

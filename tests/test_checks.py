@@ -23,6 +23,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--device", "cpu", "--emsize", "16", "--nhid", "32", "--nlayers", "1", "--nhead", "2",
         "--bptt", "16", "--batch_size", "4", "--epochs", "1"]
 DATA = ["--data-dir", "D", "--dataset", "WikiText2"]
+# The work folder holds the fixture's models, written with other settings, which a run is
+# refused to replace: the cases whose error comes after that check replace them.
+REPLACE = ["--overwrite"]
 
 
 def hashes(folder):
@@ -113,7 +116,7 @@ CASES = {
     "not a number": ("mlm_task.py", ["--lr", "fast"], "--lr: invalid float value: 'fast'"),
     "negative min sentence": ("ns_task.py", ["--min_sentence_len", "-5"],
                               "--min_sentence_len -5: must be at least 2"),
-    "huge min freq": ("mlm_task.py", [*DATA, *TINY, "--min-freq", "100000000"],
+    "huge min freq": ("mlm_task.py", [*DATA, *TINY, *REPLACE, "--min-freq", "100000000"],
                       "--min-freq 100000000: no word of the train split"),
     "unknown recipe": ("qa_task.py", ["--recipe", "roberta"],
                        "--recipe: invalid choice: 'roberta'"),
@@ -166,23 +169,23 @@ CASES = {
                              "scheduler_text.pt: its 'scheduler' is a str"),
     "state scaler a list": ("mlm_task.py", ["--checkpoint", "scaler_list.pt"],
                             "scaler_list.pt: its 'scaler' is a list"),
-    "model a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "model_list.pt"],
+    "model a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "model_list.pt"],
                      "--bert-model model_list.pt: its 'model' is a list, not a dict"),
-    "model of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "model_numbers.pt"],
+    "model of numbers": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "model_numbers.pt"],
                          "model_numbers.pt: its 'model' is not a state dict of named tensors"),
-    "config a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "config_list.pt"],
+    "config a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "config_list.pt"],
                       "config_list.pt: its 'config' is a list, not a dict"),
     "vocab text": ("qa_task.py", ["--bert-model", "vocab_text.pt"],
                    "vocab_text.pt: its 'vocab' is a str, not a list"),
-    "vocab of numbers": ("mlm_task.py", [*DATA, *TINY, "--bert-model", "vocab_numbers.pt"],
+    "vocab of numbers": ("mlm_task.py", [*DATA, *TINY, *REPLACE, "--bert-model", "vocab_numbers.pt"],
                          "vocab_numbers.pt: its 'vocab' is not a list of words"),
-    "tokenizer a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "tokenizer_list.pt"],
+    "tokenizer a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "tokenizer_list.pt"],
                          "tokenizer_list.pt: its 'tokenizer' is a list, not a dict"),
-    "tokenizer json garbage": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model",
+    "tokenizer json garbage": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model",
                                               "tokenizer_json_garbage.pt"],
                                "tokenizer_json_garbage.pt: its config or vocab is unusable "
                                "(not a tokenizer.json"),
-    "kind a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "kind_list.pt"],
+    "kind a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "kind_list.pt"],
                     "kind_list.pt: its 'kind' is a list, not a str"),
     "windowing a list": ("qa_task.py", ["--predict", "--qa-model", "windowing_list.pt",
                                         "--question", "q", "--context", "c"],
@@ -190,13 +193,13 @@ CASES = {
     "squad_v2 text": ("qa_task.py", ["--predict", "--qa-model", "squad_v2_text.pt",
                                      "--question", "q", "--context", "c"],
                       "squad_v2_text.pt: its 'squad_v2' is a str, not a bool"),
-    "pooler a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "pooler_list.pt"],
+    "pooler a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "pooler_list.pt"],
                       "pooler_list.pt: its 'pooler' is a list, not a dict"),
-    "pooler of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "pooler_numbers.pt"],
+    "pooler of numbers": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "pooler_numbers.pt"],
                           "pooler_numbers.pt: its 'pooler' is not a state dict of named tensors"),
-    "labels of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "labels_numbers.pt"],
+    "labels of numbers": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "labels_numbers.pt"],
                           "labels_numbers.pt: its 'labels' is not a list of label names"),
-    "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "negative.pt"],
+    "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "negative.pt"],
                                   "emsize -16: must be a positive integer"),
     # sizes that make no model: refused before the vocabulary is built (a new vocab file
     # would appear) or any other file is touched
@@ -208,11 +211,11 @@ CASES = {
                                       "--bert-model mlm_state.pt: a training state file (what "
                                       "--checkpoint resumes); give its run's best model, "
                                       "full_mlm_model.pt"),
-    "state file as ns --bert-model": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model",
+    "state file as ns --bert-model": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model",
                                                      "mlm_state.pt"], "full_mlm_model.pt"),
     "ns state file as qa --bert-model": ("qa_task.py", ["--bert-model", "ns_state.pt"],
                                          "give its run's best model, ns_model.pt"),
-    "state file as mlm --bert-model": ("mlm_task.py", [*DATA, *TINY[:2], "--bert-model",
+    "state file as mlm --bert-model": ("mlm_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model",
                                                        "ns_state.pt"], "a training state file"),
     "state file as --qa-model": ("qa_task.py", ["--predict", "--qa-model", "ns_state.pt",
                                                 "--question", "q", "--context", "c"],
@@ -271,7 +274,7 @@ def test_a_second_run_with_the_same_outputs_refuses(work, tmp_path, monkeypatch,
     lock = checks.OutputLock([work / "mlm_state.pt"])  # as a run still going holds it
     try:
         before = hashes(work)
-        out = run("mlm_task.py", *DATA, *TINY, cwd=work)
+        out = run("mlm_task.py", *DATA, *TINY, "--max-steps", "2", cwd=work)  # the same command
         assert out.returncode == 2
         assert (f"is an output of a run still going (PID {os.getpid()}); wait for it, or give "
                 "this run another --output-dir") in out.stderr

@@ -302,7 +302,10 @@ def bad_inputs(work, rte, tmp_path):
     return tmp_path
 
 
-COMMON = ["--bert-model", "ns_bert.pt", "--device", "cpu", "--data-dir", "D", "--bptt", "32"]
+# --overwrite: the folder holds the RTE run's glue_model.pt, of other settings, which a run
+# is refused to replace; these cases test the errors after that check.
+COMMON = ["--bert-model", "ns_bert.pt", "--device", "cpu", "--data-dir", "D", "--bptt", "32",
+          "--overwrite"]
 BAD_INPUTS = {
     "unknown --task": ([*COMMON, "--task", "GLUEY"], "--task GLUEY: not a GLUE task"),
     "--text-columns names no column": (

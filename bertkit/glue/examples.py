@@ -1,14 +1,14 @@
 """The examples of a glue_task.py run: a GLUE task's files (downloaded when absent) or your
 own, read and checked before any training (Splits), their label names, and where their
-predictions go (GLUE's submission file names).
+predictions go (GLUE's submission file names): every file a run writes (run_files).
 """
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertkit.glue import tasks as glue
 from bertkit.files import UserError, in_folder
+from bertkit.glue import tasks as glue
 
 
 @dataclass
@@ -106,3 +106,33 @@ def test_predictions_paths(args, task):
         else:
             names.append(f"{task.name}.tsv")
     return [in_folder(args.output_dir, name) for name in names]
+
+
+def dev_flag(i):
+    return "--predictions" if i == 0 else "--predictions (mismatched)"
+
+
+def test_flag(i):
+    return f"--test-predictions ({i + 1})"
+
+
+def run_files(args, task):
+    """{flag: (path, what)} of every file a glue_task.py run writes besides the Trainer's
+    own (checks.run_outputs adds those), for its checks, its locks and its writers alike:
+    `task` the GlueTask of --task (training), or of the model --predict predicts with,
+    which names its --test-file predictions (GLUE's submission names)."""
+    if args.predict:
+        if args.sentence is not None:
+            return {}
+        files = {"--predictions": (args.predictions, "predictions")} if args.dev_file else {}
+        files.update({test_flag(i): (path, "test predictions")
+                      for i, path in enumerate(test_predictions_paths(args, task))})
+        return files
+    n_dev = 1 if args.dev_file or task is None else len(task.dev_files)
+    paths = {dev_flag(i): (path, "predictions") for i, path in
+             enumerate(dev_predictions_paths(args.predictions, n_dev))}
+    paths.update({test_flag(i): (path, "test predictions")
+                  for i, path in enumerate(test_predictions_paths(args, task))})
+    return {"--save": (args.save, "best model"), **paths,
+            "the loss log": (in_folder(args.output_dir, "glue_loss.txt"), "losses"),
+            "--save-vocab": (args.save_vocab, "vocab")}

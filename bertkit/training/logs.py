@@ -211,6 +211,25 @@ class LogWindow:
         return loss, seconds
 
 
+class TrainingAccuracy:
+    """A classifier's accuracy on its training batches since the last log line (the
+    next-sentence head's, a GLUE classifier's), counted on the device until read."""
+
+    def __init__(self, device):
+        self.right = torch.zeros((), device=device)
+        self.seen = torch.zeros((), device=device)
+
+    def add(self, logits, labels):
+        self.right += (logits.detach().argmax(-1) == labels).sum()
+        self.seen += len(labels)
+
+    def read_and_reset(self):
+        accuracy = 100 * self.right.item() / max(self.seen.item(), 1)
+        self.right.zero_()
+        self.seen.zero_()
+        return {"accuracy": accuracy}
+
+
 def lr_text(lr, peak):
     """The old example's 'lr 5.00000', or '2.00e-05' in a run whose --lr is below 1e-3
     (fine-tuning's), where five decimals would print its warmup and decay as 0.00000."""
@@ -236,10 +255,20 @@ def format_metrics(split, metrics):
             mismatched = "mismatched " if base != name else ""
             parts.append(f"scored {value} {mismatched}{COUNTS[base]}")
             continue
-        spec = DISPLAY.get(base, "g")
-        shown = f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
-        parts.append(f"{split} {name} {shown}")
+        parts.append(f"{split} {name} {shown_value(base, value)}")
     return " | ".join(parts)
+
+
+def beside_loss(metrics):
+    """' | ppl   665.14', ' | accuracy 71.25%': a training log line's metrics after its
+    loss."""
+    return "".join(f" | {name} {shown_value(name, value)}" for name, value in metrics.items())
+
+
+def shown_value(name, value):
+    """A metric's value as log lines show it (DISPLAY): '665.14', '75.00%'."""
+    spec = DISPLAY.get(name, "g")
+    return f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
 
 
 def evaluation_row(split, metrics, step, epoch):

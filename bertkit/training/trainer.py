@@ -18,6 +18,10 @@ A task tells the Trainer what it needs and nothing more:
                                       # "--save-vocab" and "the loss log"
     task.write_outputs(model)         # rank 0, after the test: the task's own files
                                       # (the encoder; the predictions)
+    task.training_metrics(loss)       # optional: what a training log line shows besides
+                                      # the loss ({"ppl": ...}, {"accuracy": ...})
+    task.name                         # optional: the task its state file records (the
+                                      # GLUE task, the SQuAD version)
 
 The Trainer reads its settings from a TrainConfig, checked once when it is made. Its state
 files are bertkit/training/states.py's (kept states, --checkpoint auto, the finished mark).
@@ -57,7 +61,7 @@ class TrainConfig:
     epochs: int
     batch_size: int  # sequences per batch and per process
     seed: int
-    log_interval: int
+    log_interval: int | None  # None: default_log_interval, less on a short run (LOG_POINTS)
     state_file: str
     metrics_file: str
     max_steps: int = 0  # 0: no limit
@@ -79,6 +83,7 @@ class TrainConfig:
     slurm_requeue: bool = False  # requeue the SLURM job when stopped by SIGTERM or SIGUSR1
     tensorboard: str = None
     evaluate_only: bool = False  # evaluate the starting model, write only the metrics log
+    default_log_interval: int = 10  # the script's --log-interval when it is not given
 
     RULES: ClassVar = {
         "optimizer": (utils.one_of(*OPTIMIZERS), f"use one of {', '.join(OPTIMIZERS)}"),
@@ -114,6 +119,12 @@ class TrainConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
+    def log_every(self, total_steps):
+        """Optimizer steps between log lines: --log-interval, or when it is not given the
+        script's, less on a run too short for LOG_POINTS lines of it (a plot needs points)."""
+        return self.log_interval or max(1, min(self.default_log_interval,
+                                               total_steps // LOG_POINTS))
+
     @classmethod
     def from_flags(cls, args):
         """The settings of parsed flags (a Namespace or a dict); "None" is the old
@@ -147,6 +158,9 @@ class TrainState:
 # Without progress bars (no terminal: a batch job), a log line at least this often as well
 # as every --log-interval steps, so that a slow or short run is never silent for minutes.
 LOG_EVERY_SECONDS = 30
+# --log-interval left out: the script's default, but at least this many log lines (and
+# metrics rows, the points of plot.py's curves) over a run shorter than that gives.
+LOG_POINTS = 50
 
 
 class NonFiniteLoss(UserError):
@@ -177,6 +191,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps() if
                                         self.per_step_schedule else None)
         self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
+        self.log_interval = config.log_every(self.total_steps())
         self.metrics = logs.MetricsLog(config.metrics_file, config.tensorboard)
         # Which of the state files at state_file this run continues (states.save).
         self.continues = states.slot(config.checkpoint, config.state_file)
@@ -219,8 +234,8 @@ class Trainer:
                 "rng": rng, "args": self.flags, **self.extra,
                 # What to give a script that wants a model (checkpoint.refuse_state_file).
                 "best_model": getattr(self.task, "best_model_path", None),
-                # Which script may resume it (flags.parse_args refuses the others).
-                "script": self.flags.get("script"),
+                # Which script, and task, may resume it (flags.check_resumable).
+                "script": self.flags.get("script"), "task": getattr(self.task, "name", None),
                 "metrics_rows": self.metrics.rows,  # the log's rows a resume keeps
             }, self.config.state_file, self.config.keep_states, self.continues)
             self.state_written = True
@@ -330,8 +345,9 @@ class Trainer:
             if stopped == "signal":
                 return True
             if st.evaluated_step != st.global_step:  # not validated at this step already
-                self.validate(f"end of epoch {st.epoch:3d} | time: "
-                              f"{time.time() - epoch_start:5.2f}s")
+                where = (f"end of epoch {st.epoch:3d}" if self.epoch_complete else
+                         f"step {st.global_step:6d} | epoch {st.epoch:3d} (--max-steps)")
+                self.validate(f"{where} | time: {time.time() - epoch_start:5.2f}s")
             st.epoch += 1
             st.step_in_epoch = 0
             self.epoch_loss.zero_()
@@ -426,6 +442,7 @@ class Trainer:
                 if stopped:
                     break
         self.bar.close()
+        self.epoch_complete = st.step_in_epoch == len(batches)
         if stopped == "signal":
             return stopped
         if st.step_in_epoch:
@@ -456,7 +473,7 @@ class Trainer:
         "max_steps" to end the epoch, else None."""
         config, st = self.config, self.state
         step_in_epoch = self.steps_per_epoch(st.step_in_epoch)  # optimizer steps
-        at_log = step_in_epoch % config.log_interval == 0
+        at_log = step_in_epoch % self.log_interval == 0
         at_save = config.save_every and st.global_step % config.save_every == 0
         at_max = config.max_steps and st.global_step >= config.max_steps
         at_end = st.step_in_epoch == window.n_batches
@@ -500,14 +517,16 @@ class Trainer:
         st = self.state
         loss, seconds = window.read_and_reset()
         ms_per_step = seconds * 1000 / window.last_steps
+        # The task's own measure beside the loss: MLM's perplexity, a classifier's accuracy.
+        shown = getattr(self.task, "training_metrics", lambda loss: {})(loss)
         self.log(f"| epoch {st.epoch:3d} | {step_in_epoch:5d}/{window.n_steps:5d} batches | "
                  f"lr {logs.lr_text(self.step_lr, self.config.lr)} | ms/batch {ms_per_step:5.2f} | "
-                 f"loss {loss:5.2f} | ppl {math.exp(min(loss, 700)):8.2f}")
+                 f"loss {loss:5.2f}{logs.beside_loss(shown)}")
         if self.info.is_main:
             self.metrics.write({
                 "step": st.global_step, "epoch": st.epoch, "loss": loss, "lr": self.step_lr,
                 "tokens_per_s": window.last_tokens * self.info.world_size / seconds,
-                "ms_per_step": ms_per_step})
+                "ms_per_step": ms_per_step, **{k: v for k, v in shown.items() if k != "ppl"}})
 
     def check_finite(self, step):
         if step >= 0:
@@ -541,14 +560,16 @@ def run(task, model, args, info, device, log, start):
     weights come from), train (resuming from --checkpoint), then test the best model and
     write every output. `args`: the parsed flags."""
     config = task.config
-    log(f"{type(model).__name__} {start}: {count_parameters(model) / 1e6:.1f}M "
-        f"parameters, {config.nlayers} layers, hidden {config.emsize}, vocab {len(task.vocab)}, "
-        f"device {device}, {info.world_size} process(es)")
+    model_line = (f"{type(model).__name__} {start}: {count_parameters(model) / 1e6:.1f}M "
+                  f"parameters, {config.nlayers} layers, hidden {config.emsize}, vocab "
+                  f"{len(task.vocab)}, device {device}, {info.world_size} process(es)")
     train_config = TrainConfig.from_flags(args)
     if train_config.evaluate_only:
+        log(model_line)
         evaluate_only(task, model, train_config, info, log)
         return
     loop = Trainer(task, model, train_config, info, device, log, flags=vars(args))
+    log(model_line)  # after "resumed from ...", which the Trainer says as it loads the state
     if loop.fit():  # stopped by a signal, the state file written
         raise distributed.Stopped(loop.exit_code)
     loop.finish()
@@ -566,30 +587,3 @@ def evaluate_only(task, model, config, info, log):
             metrics_log.write(logs.evaluation_row(split, metrics, step=0, epoch=0))
     metrics_log.close()
     log(f"wrote {', '.join(metrics_log.files())}")
-
-
-def run_outputs(task_outputs, config):
-    """{flag or description: (path, what)} of every file a run writes: the task's and the
-    Trainer's own (the older states --keep-states keeps too; with --evaluate-only the
-    metrics log alone); for the path checks before the run (checks.prepare_run) and the
-    "wrote" line after it. The state a run resumes (--checkpoint) may be one of its own
-    states, never another output; a run replaces no unfinished run's states
-    (states.check_replaceable)."""
-    metrics = {"--metrics-file": (config.metrics_file, "metrics")}
-    if config.evaluate_only:
-        return metrics
-    states.check_replaceable(config.state_file, config.checkpoint)
-    older = {f"--keep-states {config.keep_states} (older state {n})":
-             (states.older(config.state_file, n), "older training state")
-             for n in range(1, config.keep_states)}
-    outputs = {**task_outputs, "--state-file": (config.state_file, "training state"), **older,
-               **metrics}
-    if config.checkpoint is not None:
-        resumed = os.path.realpath(config.checkpoint)
-        for flag, (path, _) in outputs.items():
-            if (path is not None and os.path.realpath(path) == resumed
-                    and states.slot(config.checkpoint, config.state_file) is None):
-                raise UserError(f"{flag} {path} is also --checkpoint: writing it would "
-                                "overwrite the state this run resumes")
-    return outputs
-
