@@ -461,13 +461,13 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
 def test_a_resume_never_writes_over_the_state_it_resumes(tmp_path):
     args = cli.parse_args(mlm_task.get_parser(), ["--state-file", str(tmp_path / "s.pt")])
     config = trainer.TrainConfig.from_flags(args)
-    assert "--keep-states 2 (older state 1)" in trainer.run_outputs(mlm_task.outputs(args), config)
+    assert "--keep-states 2 (older state 1)" in checks.run_outputs(mlm_task.outputs(args), config)
     other = tmp_path / "other.pt"
     other.write_bytes(b"a state from elsewhere")
     config.checkpoint = str(other)
     args.save = str(other)
     with pytest.raises(UserError, match="--save .*other.pt is also --checkpoint"):
-        trainer.run_outputs(mlm_task.outputs(args), config)
+        checks.run_outputs(mlm_task.outputs(args), config)
 
 
 def test_auto_resumes_the_command_that_started_the_run(tmp_path, monkeypatch, capsys):
