@@ -29,7 +29,8 @@ REAL_RTE = REAL_DATA / "glue" / "RTE"  # GLUE's RTE: train.tsv, dev.tsv
 def absent_reason(*paths):
     """Why a real-data test skips: its missing files, and how to point the tests at them."""
     if not os.environ.get(REAL_DATA_VARIABLE):
-        wanted = ", ".join(str(Path(p).relative_to(REAL_DATA)) for p in paths)
+        wanted = ", ".join(str(Path(p).relative_to(REAL_DATA)) if Path(p).is_relative_to(
+            REAL_DATA) else str(p) for p in paths)
         return f"real data absent: {REAL_DATA_VARIABLE} is not set (a folder with {wanted})"
     missing = ", ".join(str(p) for p in paths if not Path(p).exists())
     return f"real data absent: {missing} (set {REAL_DATA_VARIABLE} to a folder that has it)"
