@@ -191,7 +191,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps() if
                                         self.per_step_schedule else None)
         self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
-        self.log_interval = config.log_every(self.total_steps())
+        self.log_interval = config.log_interval or config.log_every(self.total_steps())
         self.metrics = logs.MetricsLog(config.metrics_file, config.tensorboard)
         # Which of the state files at state_file this run continues (states.save).
         self.continues = states.slot(config.checkpoint, config.state_file)
