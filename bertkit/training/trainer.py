@@ -28,6 +28,7 @@ files are bertkit/training/states.py's (kept states, --checkpoint auto, the fini
 """
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -191,7 +192,6 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps() if
                                         self.per_step_schedule else None)
         self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
-        self.log_interval = config.log_interval or config.log_every(self.total_steps())
         self.metrics = logs.MetricsLog(config.metrics_file, config.tensorboard)
         # Which of the state files at state_file this run continues (states.save).
         self.continues = states.slot(config.checkpoint, config.state_file)
@@ -208,6 +208,10 @@ class Trainer:
         # Compile the module, then wrap it in DDP (PyTorch's current advice for the pair).
         self.model = torch.compile(model) if config.compile else model
         self.model = distributed.wrap_ddp(self.model, device, info)
+
+    @functools.cached_property
+    def log_interval(self):  # the run's steps are counted only when --log-interval is not given
+        return self.config.log_interval or self.config.log_every(self.total_steps())
 
     def steps_per_epoch(self, n_batches):
         return -(-n_batches // self.config.grad_accum)
