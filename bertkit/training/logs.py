@@ -230,6 +230,14 @@ class TrainingAccuracy:
         return {"accuracy": accuracy}
 
 
+def epoch_end(epoch, step, complete, seconds):
+    """The validation line's start after an epoch's training: the old example's "end of
+    epoch", or where --max-steps stopped it within the epoch."""
+    where = f"end of epoch {epoch:3d}" if complete else (
+        f"step {step:6d} | epoch {epoch:3d} (--max-steps)")
+    return f"{where} | time: {seconds:5.2f}s"
+
+
 def lr_text(lr, peak):
     """The old example's 'lr 5.00000', or '2.00e-05' in a run whose --lr is below 1e-3
     (fine-tuning's), where five decimals would print its warmup and decay as 0.00000."""

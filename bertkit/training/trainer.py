@@ -349,9 +349,8 @@ class Trainer:
             if stopped == "signal":
                 return True
             if st.evaluated_step != st.global_step:  # not validated at this step already
-                where = (f"end of epoch {st.epoch:3d}" if self.epoch_complete else
-                         f"step {st.global_step:6d} | epoch {st.epoch:3d} (--max-steps)")
-                self.validate(f"{where} | time: {time.time() - epoch_start:5.2f}s")
+                self.validate(logs.epoch_end(st.epoch, st.global_step, self.epoch_complete,
+                                             time.time() - epoch_start))
             st.epoch += 1
             st.step_in_epoch = 0
             self.epoch_loss.zero_()
