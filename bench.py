@@ -462,7 +462,7 @@ def parse_args(argv=None):
     parser.add_argument("--squad-file", type=Path,
                         default=SQUAD_FILE if SQUAD_FILE.is_file() else None,
                         help="SQuAD-layout JSON file the QA benchmark reads (default "
-                             "squad/train-v1.1-notre-dame.json in $BERT_TEST_DATA (else ../shared/data), "
+                             "squad/train-v1.1-notre-dame.json in $BERT_TEST_DATA, "
                              "one article of 269 questions; synthetic text when that is absent)")
     parser.add_argument("--qa-questions", type=int, default=None,
                         help="questions in the QA benchmark, whole paragraphs, 0 for all "
@@ -496,7 +496,7 @@ def parse_args(argv=None):
                              "(default off)")
     parser.add_argument("--text-file", type=Path, default=TEXT_FILE,
                         help="text that --data repeats into its corpus, WikiText layout (default "
-                             "wikitext-2/wiki.valid.tokens in $BERT_TEST_DATA (else ../shared/data); "
+                             "wikitext-2/wiki.valid.tokens in $BERT_TEST_DATA; "
                              "--data stops with an error when it is absent)")
     parser.add_argument("--tokenizer", choices=["basic_english", "wordpiece"],
                         default="basic_english",

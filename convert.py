@@ -13,7 +13,7 @@ The weight names and the folder's files: transformers_format.py.
 import argparse
 import sys
 
-from bertkit import checkpoint
+from bertkit import checkpoint, checks
 from bertkit.files import UserError
 from bertkit.transformers_format import export
 
@@ -32,7 +32,13 @@ def main(argv=None):
     try:
         ckpt = checkpoint.load_checkpoint(args.checkpoint, "CHECKPOINT")
         checkpoint.refuse_state_file(ckpt, "CHECKPOINT", args.checkpoint)
-        lines = export(ckpt, args.out_dir, args.force, source=args.checkpoint)
+        # OUT_DIR is written whole (--force: replaced whole): it may hold no input.
+        checks.check_folder_output("OUT_DIR", args.out_dir, {"CHECKPOINT": args.checkpoint})
+        lock = checks.OutputLock([args.out_dir])  # another convert.py into it refuses
+        try:
+            lines = export(ckpt, args.out_dir, args.force, source=args.checkpoint)
+        finally:
+            lock.release()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

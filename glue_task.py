@@ -16,7 +16,6 @@ whose predictions are the --predictions file.
 """
 
 import functools
-import os
 
 import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
 
@@ -28,7 +27,7 @@ from bertkit.files import UserError
 from bertkit.glue import classifier, examples, sentences, suite
 from bertkit.glue import tasks as glue
 from bertkit.glue.classifier import Rows
-from bertkit.training import distributed, ending, logs
+from bertkit.training import distributed, logs
 from model import SequenceClassificationTask
 
 BPTT = 128
@@ -98,8 +97,12 @@ class Glue:
     def __init__(self, args, vocab, config, splits, info, device, log):
         self.args, self.vocab, self.config, self.splits = args, vocab, config, splits
         self.info, self.device, self.log = info, device, log
-        self.outputs, self.best_model_path = outputs(args), args.save
+        self.outputs = outputs(args, glue_task(args))  # every file it writes
+        self.run = checks.run_record(vars(args))
+        self.best_model_path = self.outputs["--save"][0]
         self.best_metric = (splits.task.main_metric, "max")
+        self.name = splits.glue_task  # in its state files
+        self.accuracy = logs.TrainingAccuracy(device)  # of the training examples, for the log
         encode = functools.partial(Rows.of, vocab=vocab, max_len=args.bptt, labels=splits.labels)
         self.train = encode(splits.train)
         self.dev = [encode(file) for file in splits.dev]
@@ -128,10 +131,13 @@ class Glue:
                                        seq_len=a.bptt if a.compile else None)
         return data.Batches(make_batch, order, a.batch_size)
 
-    @staticmethod
-    def loss(model, batch):
+    def loss(self, model, batch):
         logits = model(batch["inputs"], batch["token_types"], batch["padding_mask"])
+        self.accuracy.add(logits, batch["labels"])  # a classifier's (not a regression's)
         return classifier.loss(logits, batch["labels"])
+
+    def training_metrics(self, loss):
+        return self.accuracy.read_and_reset()
 
     def evaluate(self, model, split):
         """Loss, the task's metrics and the examples scored, of each dev file (MNLI's
@@ -156,14 +162,14 @@ class Glue:
         for i, (scores, logits) in enumerate(scored):
             metrics.update({name + ("_mm" if i else ""): value for name, value in scores.items()})
             if test and self.info.is_main:
-                classifier.write_predictions(self.outputs[dev_flag(i)][0], self.dev[i], logits,
-                                             self.splits.labels)
+                classifier.write_predictions(self.outputs[examples.dev_flag(i)][0],
+                                             self.dev[i], logits, self.splits.labels)
         for i, rows in enumerate(self.test if test else ()):
             logits, _ = classifier.score(model, rows, self.vocab.pad_id, a.batch_size,
                                          self.device, a.dtype, self.info)
             if self.info.is_main:
-                classifier.write_predictions(self.outputs[test_flag(i)][0], rows, logits,
-                                             self.splits.labels)
+                classifier.write_predictions(self.outputs[examples.test_flag(i)][0], rows,
+                                             logits, self.splits.labels)
         return metrics
 
     def best_model_was_scored(self):
@@ -175,9 +181,10 @@ class Glue:
     def save_best(self, model):
         self.best_scored = self.scored
         labels = self.splits.labels
-        checkpoint.save_model("glue", model, self.config, self.vocab, self.args.save,
+        checkpoint.save_model("glue", model, self.config, self.vocab, self.best_model_path,
                               labels=None if labels is None else list(labels),
-                              task=self.splits.glue_task, bptt=self.args.bptt)
+                              task=self.splits.glue_task, bptt=self.args.bptt,
+                              pairs=self.splits.train.texts_b is not None, run=self.run)
 
     def write_outputs(self, model):
         """Nothing more: --save holds the best model, the test wrote the predictions."""
@@ -187,59 +194,53 @@ def glue_task(args):
     return glue.task_by_name(args.task) if args.task else None
 
 
-def dev_flag(i):
-    return "--predictions" if i == 0 else "--predictions (mismatched)"
-
-
-def predictions_of_test_files(args, task):
-    """The paths of the --test-file predictions (examples.test_predictions_paths)."""
-    return examples.test_predictions_paths(args.test_predictions, args.test_file,
-                                           args.output_dir, task)
-
-
-def test_flag(i):
-    return f"--test-predictions ({i + 1})"
-
-
-def outputs(args):
-    """{flag: (path, what)} of the files a training run writes (besides the Trainer's)."""
-    task = glue_task(args)
-    n_dev = 1 if args.dev_file or task is None else len(task.dev_files)
-    paths = {dev_flag(i): (path, "predictions") for i, path in
-             enumerate(examples.dev_predictions_paths(args.predictions, n_dev))}
-    paths.update({test_flag(i): (path, "test predictions")
-                  for i, path in enumerate(predictions_of_test_files(args, task))})
-    return {"--save": (args.save, "best model"), **paths,
-            "the loss log": (flags.in_output_dir(args, "glue_loss.txt"), "losses"),
-            "--save-vocab": (args.save_vocab, "vocab")}
+def outputs(args, task):
+    """examples.run_files of the run's flags: every file it writes besides the Trainer's
+    own; `task` names the --test-file predictions (--predict: the model's task)."""
+    if args.predict and args.sentence is not None:
+        return {}  # the answer is printed
+    tests = examples.test_predictions_paths(args.test_predictions, args.test_file,
+                                            args.output_dir, task)
+    trains = () if args.predict else (
+        args.save, flags.in_output_dir(args, "glue_loss.txt"), args.save_vocab)
+    return examples.run_files(task, args.dev_file, args.predictions, tests, *trains)
 
 
 def check_paths(args, info, train_config):
     """glue_task.py's inputs and outputs (see checks.prepare_run), before any work;
-    `train_config`: the run's TrainConfig, None under --predict."""
+    `train_config`: the run's TrainConfig, None under --predict (check_predict)."""
     task = glue_task(args)
+    if args.regression and task is not None and not task.is_regression:
+        raise UserError(f"--regression: {task.name} is a classification task")
     inputs = {"--dev-file": args.dev_file,
               **{f"--test-file ({i + 1})": path for i, path in enumerate(args.test_file or ())}}
     if args.predict:
-        if args.sentence is None and not (args.dev_file or args.test_file):
-            raise UserError("--predict needs --sentence [--sentence2], or a --dev-file or "
-                            "--test-file to score")
-        if args.sentence2 is not None and args.sentence is None:
-            raise UserError("--sentence2 needs --sentence")
-        files = {} if args.sentence is not None else {
-            "--predictions": args.predictions if args.dev_file else None,
-            **{test_flag(i): path
-               for i, path in enumerate(predictions_of_test_files(args, task))}}
-        return checks.prepare_run(info, inputs={"--model": args.model or args.save, **inputs},
-                                  outputs=files)
-    glue_files = {} if task is None else {
-        f"{task.name}'s {name}": os.path.join(args.data_dir, "glue", task.name, name)
-        for name in task.files}
-    run_outputs = ending.run_outputs(outputs(args), train_config)
-    return checks.prepare_run(
+        return check_predict(args, info, task, inputs)
+    checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model, "--train-file": args.train_file, **inputs},
-        outputs={flag: path for flag, (path, _) in run_outputs.items()},
-        data_dir=args.data_dir, also_read=glue_files)
+        outputs=checks.run_outputs(outputs(args, task), train_config), data_dir=args.data_dir,
+        also_read=examples.task_files(task, args.data_dir), owner=checks.Owner.of(vars(args)))
+
+
+def check_predict(args, info, task, inputs):
+    """--predict's flags, its classifier (classifier.Classifier, returned), and the paths of
+    the files it writes, which the model's task names: checked and locked before any work."""
+    if args.sentence is None and not (args.dev_file or args.test_file):
+        raise UserError("--predict needs --sentence [--sentence2], or a --dev-file or "
+                        "--test-file to score")
+    if args.sentence2 is not None and args.sentence is None:
+        raise UserError("--sentence2 needs --sentence")
+    path = args.model or args.save
+    inputs = {"--model": path, **inputs}
+    made_by = {"glue_model.pt": "python glue_task.py --bert-model ns_bert.pt --task "
+                                f"{task.name if task else 'TASK'}"}
+    checks.check_inputs(inputs, made_by)
+    found = classifier.load_classifier(path, "--model", task)
+    if args.sentence is not None:
+        classifier.check_pair(found, path, args.sentence2 is not None)
+    checks.prepare_run(info, inputs=inputs, outputs=outputs(args, found.task),
+                       owner=checks.Owner.of(vars(args), trains=False), made_by=made_by)
+    return found
 
 
 def columns(args, regression=None):
@@ -248,11 +249,11 @@ def columns(args, regression=None):
     return args.text_columns and examples.Columns(args.text_columns, args.label_column, regression)
 
 
-def predict(args, device, log):
+def predict(args, found, device, log):
     """--predict: a sentence (pair)'s label and probabilities printed as a JSON line; or a
-    labeled --dev-file scored (--predictions written) and --test-files predicted."""
+    labeled --dev-file scored and --test-files predicted, into the files check_predict checked."""
     path = args.model or args.save
-    found = classifier.load_classifier(path, "--model", glue_task(args))
+    files = outputs(args, found.task)  # those check_predict checked
     bptt = found.bptt if found.bptt and args.bptt == BPTT else args.bptt
     flags.check_bptt(bptt, found.model.bert_model.config, path, logs.to_stderr)  # stdout: the answers
     model, vocab, labels, pad_id = found.model.to(device), found.vocab, found.labels, found.vocab.pad_id
@@ -264,12 +265,14 @@ def predict(args, device, log):
                         "(and --label-column) of your files, or --task")
     task, own = found.task or glue.own_task(labels), columns(args, labels is None)
     if args.dev_file:
+        out = files["--predictions"][0]
         rows = Rows.of(examples.read_file(args.dev_file, "dev", task, own), vocab, bptt, labels)
         scores, logits = classifier.evaluate(model, rows, task.metrics, pad_id, args.batch_size,
                                              device, args.dtype)
-        classifier.write_predictions(args.predictions, rows, logits, labels)
-        log(f"wrote {args.predictions} | {logs.format_metrics('dev', scores)}")
-    for test_path, out in zip(args.test_file or (), predictions_of_test_files(args, found.task)):
+        classifier.write_predictions(out, rows, logits, labels)
+        log(f"wrote {out} | {logs.format_metrics('dev', scores)}")
+    for i, test_path in enumerate(args.test_file or ()):
+        out = files[examples.test_flag(i)][0]
         rows = Rows.of(examples.read_file(test_path, "test", task, own), vocab, bptt, labels)
         logits, _ = classifier.score(model, rows, pad_id, args.batch_size, device, args.dtype)
         classifier.write_predictions(out, rows, logits, labels)

@@ -15,7 +15,7 @@ from bertkit import checkpoint, checks, flags, mains, presets, recipes
 from bertkit.files import UserError
 from bertkit.text import corpus
 from bertkit.text.tokenizer import TokenizerSpec
-from bertkit.training import distributed, ending, logs, trainer
+from bertkit.training import distributed, logs, trainer
 from model import BertConfig, MLMTask
 
 # The architecture of a model pretrained from scratch (BERT-base), flags left out.
@@ -67,7 +67,7 @@ class MLM:
 
     def __init__(self, args, vocab, splits, config, info, device):
         self.args, self.vocab, self.config, self.info, self.device = args, vocab, config, info, device
-        self.outputs = outputs(args)
+        self.outputs, self.run = outputs(args), checks.run_record(vars(args))
         self.best_model_path = self.outputs["the best model"][0]
         self.masking = flags.settings(data.Masking, args, mask_id=vocab.mask_id,
                                       word_ids=vocab.word_ids)
@@ -123,11 +123,17 @@ class MLM:
         loss_sum = self.loss(model, batch, reduction="sum").double()
         return torch.stack([loss_sum, loss_sum.new_tensor(batch["targets"].numel())])
 
+    @staticmethod
+    def training_metrics(loss):
+        return {"ppl": logs.perplexity(loss)}
+
     def save_best(self, model):
-        checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path)
+        checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path,
+                              run=self.run)
 
     def write_outputs(self, model):
-        checkpoint.save_encoder(model, self.config, self.vocab, self.args.save)
+        checkpoint.save_encoder(model, self.config, self.vocab, self.outputs["--save"][0],
+                                run=self.run)
 
 
 def outputs(args):
@@ -172,12 +178,12 @@ def main(args, info):
                             "(full_mlm_model.pt, or a transformers BERT folder with its MLM head)")
         fresh_config(args)  # sizes that make no model are refused before any file is touched
     train_config = flags.train_config(args)
-    run_outputs = ending.run_outputs(outputs(args), train_config)
     checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model,
                       "--tokenizer": None if spec.learned else spec.tokenizer},
-        outputs={flag: path for flag, (path, _) in run_outputs.items()}, data_dir=args.data_dir,
-        also_read=corpus.dataset_inputs(args.dataset, args.data_dir))
+        outputs=checks.run_outputs(outputs(args), train_config),
+        data_dir=args.data_dir, also_read=corpus.dataset_inputs(args.dataset, args.data_dir),
+        owner=checks.Owner.of(vars(args), trains=not args.evaluate_only))
     config, vocab, weights = start_from(args, log)
     # Rank 0 builds the vocab and the token caches; the other ranks then read them.
     with distributed.main_rank_first(info):

@@ -14,7 +14,7 @@ import data
 from bertkit import checkpoint, checks, flags, mains, recipes
 from bertkit.files import UserError
 from bertkit.text import corpus
-from bertkit.training import distributed, ending, trainer
+from bertkit.training import distributed, logs, trainer
 from model import NextSentenceTask
 
 
@@ -45,8 +45,9 @@ class NextSentence:
     def __init__(self, args, vocab, splits, config, info, device):
         self.args, self.vocab, self.splits, self.config = args, vocab, splits, config
         self.info, self.device = info, device
-        self.outputs = outputs(args)
+        self.outputs, self.run = outputs(args), checks.run_record(vars(args))
         self.best_model_path = self.outputs["the best model"][0]
+        self.accuracy = logs.TrainingAccuracy(device)  # of the training pairs, for the log
         self.pairs = flags.settings(data.Pairs, args)
         for split in data.SPLITS:
             n = len(splits[split].lines(self.pairs.min_sentence_len))
@@ -80,7 +81,12 @@ class NextSentence:
         return model(batch["inputs"], batch["token_types"], batch.get("padding_mask")).float()
 
     def loss(self, model, batch):
-        return F.cross_entropy(self.logits(model, batch), batch["labels"])
+        logits = self.logits(model, batch)
+        self.accuracy.add(logits, batch["labels"])
+        return F.cross_entropy(logits, batch["labels"])
+
+    def training_metrics(self, loss):
+        return self.accuracy.read_and_reset()
 
     def evaluate(self, model, split):
         """Mean loss and accuracy over the split's fixed pairs (all, or --eval-batches'
@@ -101,10 +107,12 @@ class NextSentence:
                             loss_sum.new_tensor(len(labels))])
 
     def save_best(self, model):
-        checkpoint.save_model("ns", model, self.config, self.vocab, self.best_model_path)
+        checkpoint.save_model("ns", model, self.config, self.vocab, self.best_model_path,
+                              run=self.run)
 
     def write_outputs(self, model):
-        checkpoint.save_encoder(model, self.config, self.vocab, self.args.save)
+        checkpoint.save_encoder(model, self.config, self.vocab, self.outputs["--save"][0],
+                                run=self.run)
 
 
 def outputs(args):
@@ -116,11 +124,11 @@ def main(args, info):
     log, device = mains.start(args, info)
     recipes.split_global_batch(args, info.world_size)
     train_config = flags.train_config(args)
-    run_outputs = ending.run_outputs(outputs(args), train_config)
     checks.prepare_run(info, inputs={"--bert-model": args.bert_model},
-                       outputs={flag: path for flag, (path, _) in run_outputs.items()},
+                       outputs=checks.run_outputs(outputs(args), train_config),
                        data_dir=args.data_dir,
-                       also_read=corpus.dataset_inputs(args.dataset, args.data_dir))
+                       also_read=corpus.dataset_inputs(args.dataset, args.data_dir),
+                       owner=checks.Owner.of(vars(args), trains=not args.evaluate_only))
     weights, config, vocab = flags.fine_tuning_start(args, info, log, "ns")
     with distributed.main_rank_first(info):
         _, splits = corpus.load_splits(args.dataset, args.data_dir, vocab=vocab, log=log)

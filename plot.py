@@ -22,15 +22,25 @@ def fail(message):
 
 
 def read_rows(path):
-    """The JSON objects of a metrics log, one per line (blank lines skipped)."""
+    """The JSON objects of a metrics log, one per line (blank lines skipped); anything else
+    (a checkpoint given by mistake, say) is one line naming the file."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    fail(f"{path} line {number} is not JSON: not a metrics log")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        fail(f"{path} line {number} is not JSON: not a metrics log")
+                    if not isinstance(row, dict) or not isinstance(row.get("step"), int | float):
+                        fail(f"{path} line {number} is not a row of a metrics log (a JSON "
+                             "object with its step)")
+                    rows.append(row)
+    except UnicodeDecodeError:
+        fail(f"{path}: not text (a checkpoint?): give a metrics log, e.g. mlm_metrics.jsonl")
+    except OSError as e:
+        fail(f"{path}: cannot read it ({e.strerror or e})")
     return rows
 
 
@@ -51,7 +61,11 @@ def curves(rows):
 
 
 def plot(rows, out):
-    figure(rows).savefig(out, dpi=100)
+    fig = figure(rows)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        fail(f"-o {out}: cannot write it ({e.strerror or e})")
     print(f"wrote {out}")
 
 
@@ -126,7 +140,12 @@ def main(argv=None):
         fail("give a metrics log, or --glue-table FOLDER")
     if not args.metrics.is_file():
         fail(f"{args.metrics}: no such file")
-    plot(read_rows(args.metrics), args.output or args.metrics.with_suffix(".png"))
+    out = args.output or args.metrics.with_suffix(".png")
+    if out.resolve() == args.metrics.resolve():
+        fail(f"-o {out} is the metrics log itself: writing it would overwrite that input")
+    if out.is_dir():
+        fail(f"-o {out}: is a folder; give a file name")
+    plot(read_rows(args.metrics), out)
 
 
 def glue_table(args):

@@ -28,7 +28,7 @@ from bertkit.files import UserError
 from bertkit.squad import answers
 from bertkit.squad import dataset as squad
 from bertkit.squad.windows import Windowing, count_windows, make_windows, window_batch
-from bertkit.training import distributed, ending, logs
+from bertkit.training import distributed, logs
 from model import QuestionAnswerTask
 
 
@@ -105,12 +105,14 @@ class QA:
     def __init__(self, args, vocab, config, windowing, paths, info, device, log):
         self.args, self.vocab, self.config, self.windowing = args, vocab, config, windowing
         self.info, self.device, self.log = info, device, log
-        self.outputs, self.best_model_path = outputs(args), args.save
+        self.outputs, self.run = outputs(args), checks.run_record(vars(args))
+        self.best_model_path = self.outputs["--save"][0]
         train_questions, train_dataset = squad.read_squad(paths["train"], log)
         self.dev_questions, self.dev_dataset = squad.read_squad(paths["dev"], log)
         # Trained on SQuAD v2.0 data, the model learns to answer "" (saved with it, for
         # --predict); the metric follows the dev data.
         self.squad_v2 = metrics.has_unanswerable(train_dataset)
+        self.name = "SQuAD v2.0" if self.squad_v2 else "SQuAD v1.1"  # in its state files
         self.null_threshold = args.null_threshold if self.squad_v2 else None
         self.train_windows = make_windows(train_questions, vocab, windowing, training=True)
         # Evaluations cut the dev windows as they go (answers.evaluate_all): counted here.
@@ -180,8 +182,9 @@ class QA:
                 "questions": len(best)}
 
     def save_best(self, model):
-        checkpoint.save_model("qa", model, self.config, self.vocab, self.args.save,
-                              windowing=asdict(self.windowing), squad_v2=self.squad_v2)
+        checkpoint.save_model("qa", model, self.config, self.vocab, self.best_model_path,
+                              windowing=asdict(self.windowing), squad_v2=self.squad_v2,
+                              run=self.run)
 
     def new_best(self):
         """Every rank keeps the best validation's answers, for the test (evaluate)."""
@@ -228,20 +231,21 @@ def check_paths(args, info, train_config):
         return checks.prepare_run(
             info, inputs={"--qa-model": args.qa_model or args.save,
                           "--predict-file": args.predict_file},
-            outputs=predict_file_paths(args) if writes else {})
+            outputs=predict_file_paths(args) if writes else {},
+            owner=checks.Owner.of(vars(args), trains=False))
     squad_files = {f"--{split}-file": given or os.path.join(args.data_dir, "squad",
                                                              squad.SQUAD[split].filename)
                    for split, given in (("train", args.train_file), ("dev", args.dev_file))}
-    run_outputs = ending.run_outputs(outputs(args), train_config)
     return checks.prepare_run(
         info, inputs={"--bert-model": args.bert_model, "--train-file": args.train_file,
                       "--dev-file": args.dev_file},
-        outputs={flag: path for flag, (path, _) in run_outputs.items()},
-        data_dir=args.data_dir, also_read=squad_files)
+        outputs=checks.run_outputs(outputs(args), train_config),
+        data_dir=args.data_dir, also_read=squad_files, owner=checks.Owner.of(vars(args)))
 
 
-def predict(args, device, log):
-    """--predict: answers from a fine-tuned model, printed or written as predictions."""
+def predict(args, checked, device, log):
+    """--predict: answers from a fine-tuned model, printed or written as predictions
+    (`checked`: what check_paths returned, mains.fine_tune's; nothing it loads here)."""
     path = args.qa_model or args.save
     model, vocab, saved_windowing, squad_v2 = answers.load_qa_model(path)
     # The model answers best with the windows it was trained on: the settings saved with

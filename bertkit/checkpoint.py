@@ -13,9 +13,11 @@ BERT's pooler (the dense layer on <cls>), when the model it came from trained on
 under `bert_model.` ("glue": a SequenceClassificationTask, with "labels", its label names
 in id order, None for regression, "task", the GLUE task or None, and "bptt"); "state" is a
 training state file (trainer.Trainer writes it) that also holds the optimizer, the RNG,
-the flags and the path of its run's best model. Every config records the longest sequence
-the weights were trained on (BertConfig.trained_len). A transformers BERT folder reads as
-the checkpoint of its heads (bertkit/transformers_format.py).
+the flags and the path of its run's best model. A model a training run writes records
+that run ("run": checks.run_record), so that no other run replaces it unasked. Every
+config records the longest sequence the weights were trained on (BertConfig.trained_len).
+A transformers BERT folder reads as the checkpoint of its heads
+(bertkit/transformers_format.py).
 """
 
 import os
@@ -41,11 +43,12 @@ def save_model(kind, model, config, vocab, path, **extra):
     atomic_save(model_checkpoint(kind, model, config, vocab, **extra), path)
 
 
-def save_encoder(model, config, vocab, path):
+def save_encoder(model, config, vocab, path, **extra):
     """The encoder of task model `model` as an "encoder" checkpoint (mlm_bert.pt,
     ns_bert.pt), with its pooler when it has one (NextSentenceTask's), so that a classifier
     fine-tuned from the file starts from the trained pooler, as transformers' does."""
-    extra = {"pooler": model.pooler.state_dict()} if hasattr(model, "pooler") else {}
+    if hasattr(model, "pooler"):
+        extra["pooler"] = model.pooler.state_dict()
     save_model("encoder", model.bert_model, config, vocab, path, **extra)
 
 
@@ -74,6 +77,7 @@ FIELD_TYPES = {
     "kind": str, "model": dict, "config": dict, "vocab": list, "tokenizer": dict | None,
     "windowing": dict, "squad_v2": bool, "pooler": dict,
     "labels": list | None, "task": str | None, "bptt": int, "best_model": str | None,
+    "pairs": bool, "run": dict,  # a classifier's input; the run that wrote a model
     # state files (trainer.Trainer.save_state, states.mark_finished)
     "args": dict, "script": str | None, "train_state": dict, "rng": list | dict,
     "optimizer": dict, "scheduler": dict, "scaler": dict, "metrics_rows": int, "finished": bool,

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import uuid
 
 import data
 import utils
@@ -55,9 +56,12 @@ def add_common_flags(parser, **defaults):
     parser.add_argument("--bptt", type=int, default=d["bptt"],
                         help=f"sequence length in tokens, <cls> included (default {d['bptt']})")
     parser.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
-    parser.add_argument("--log-interval", type=int, default=d["log_interval"], metavar="N",
-                        help="print the training loss every N optimizer steps (batches when "
-                             f"--grad-accum is 1) (default {d['log_interval']})")
+    parser.add_argument("--log-interval", type=int, default=None, metavar="N",
+                        help="print the training loss (and write a metrics row) every N "
+                             "optimizer steps (batches when --grad-accum is 1) (default "
+                             f"{d['log_interval']}, or less on a short run: every "
+                             f"1/{trainer.LOG_POINTS} of its steps)")
+    parser.set_defaults(default_log_interval=d["log_interval"])
     parser.add_argument("--parallel", type=str, default="None", choices=["None", "DDP"],
                         help="None: one process; DDP: DistributedDataParallel under torchrun, srun, "
                              "or --world_size local processes (default None)")
@@ -138,18 +142,24 @@ def add_run_file_flags(parser, d):
     parser.add_argument("--output-dir", type=str, default=".", metavar="DIR",
                         help="the folder of every file the run writes: models, state, logs, "
                              "vocab copy, predictions; made when absent. An output flag given "
-                             "(--save PATH, ...) is kept as typed, relative to the current "
-                             "folder; a resumed run keeps the folder of its state file "
-                             "(default .: the current folder)")
+                             "a file name alone (--save my.pt) writes it there too; a path "
+                             "with a folder (--save ./my.pt, --save models/my.pt) is kept as "
+                             "typed, relative to the current folder; a resumed run keeps the "
+                             "folder of its state file (default .: the current folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a model file that another run (of other settings) "
+                             "wrote at one of this run's outputs (default off: refuse)")
 
 
 ###############################################################################
 # --output-dir
 ###############################################################################
 
-# The flags that name a file a run writes: left at its default, the name goes into
-# --output-dir (place_outputs). A new script's output flag of one of these names follows.
-OUTPUT_FLAGS = ("save", "save_vocab", "state_file", "metrics_file", "predictions")
+# The flags that name a file a run writes: left at its default, or given a file name
+# alone, the name goes into --output-dir (place_outputs). A new script's output flag of one
+# of these names follows.
+OUTPUT_FLAGS = ("save", "save_vocab", "state_file", "metrics_file", "predictions",
+                "test_predictions", "na_probs", "tensorboard")
 # --tensorboard given without DIR.
 TENSORBOARD_IN_OUTPUT_DIR = "<output-dir>/tensorboard"
 
@@ -160,22 +170,31 @@ def in_output_dir(args, name):
 
 
 def place_outputs(parser, args, given):
-    """Every output flag left at its default (OUTPUT_FLAGS) in --output-dir; those `given`
-    on the command line stay as typed (relative to the current folder, as the old
-    example's flags were); --tensorboard without DIR: <output-dir>/tensorboard. Runs
-    first in parse_args, so whatever reads a path (a resume from --state-file) reads the
-    final one. args.explicit_outputs: the output flags given."""
+    """Every output flag (OUTPUT_FLAGS) left at its default, or given a file name alone
+    (--save my.pt), in --output-dir; one given a path with a folder (--save ./my.pt) stays
+    as typed, relative to the current folder (with --output-dir left out, every name is
+    where the old example wrote it); --tensorboard without DIR: <output-dir>/tensorboard.
+    Runs first in parse_args, so whatever reads a path (a resume from --state-file) reads
+    the final one. args.explicit_outputs: the output flags given."""
     folder = getattr(args, "output_dir", None)
     if folder is None:
         return
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--output-dir {folder}: is a file, not a folder")
+    if getattr(args, "tensorboard", None) == TENSORBOARD_IN_OUTPUT_DIR:
+        args.tensorboard = "tensorboard"
+
+    def placed(path, name):
+        if not isinstance(path, str) or (name in given and os.path.dirname(path)):
+            return path
+        return in_output_dir(args, path)
+
     dests = {action.dest for action in parser._actions}
     for name in OUTPUT_FLAGS:
-        if name in dests and name not in given and getattr(args, name) is not None:
-            setattr(args, name, in_output_dir(args, getattr(args, name)))
-    if getattr(args, "tensorboard", None) == TENSORBOARD_IN_OUTPUT_DIR:
-        args.tensorboard = in_output_dir(args, "tensorboard")
+        value = getattr(args, name, None)
+        if name in dests and value is not None:
+            setattr(args, name, [placed(v, name) for v in value] if isinstance(value, list)
+                    else placed(value, name))
     args.explicit_outputs = sorted(set(OUTPUT_FLAGS) & given)
 
 
@@ -367,11 +386,13 @@ def parse_args(parser, argv=None):
     try:
         given = explicit_flags(parser, argv)
         place_outputs(parser, args, given)  # first: --checkpoint auto reads --state-file
+        args.script = parser.prog
         auto = args.checkpoint == "auto"
-        resumed = resolve_checkpoint(args)
+        resumed = resolve_checkpoint(parser, args, given)
         if resumed:
             args = _merge_saved_flags(parser, argv, args, auto)
-        args.script = parser.prog
+        if not getattr(args, "run_id", None):  # a resumed run keeps its state's
+            args.run_id = uuid.uuid4().hex
         if getattr(args, "recipe", None) is not None:
             recipes.apply_recipe(args, given, resumed)
         presets.apply_size(args, given, resumed)
@@ -386,15 +407,21 @@ def parse_args(parser, argv=None):
     return args
 
 
-def resolve_checkpoint(args):
+def resolve_checkpoint(parser, args, given):
     """--checkpoint auto, resolved once, through the run's --state-file as it is final
     here: the newest state file there that loads (states.resumable; a line says when it
-    is an older one), or "None" for a new run, said in one line. A run that finished ends
-    the process here: exit 0, nothing touched. Returns whether the run resumes; the
-    flags saved in that state file and the Trainer then read the same file."""
-    if args.checkpoint != "auto":
+    is an older one), or "None" for a new run, said in one line. A state of another run
+    is an error (check_resumable); then a run that finished ends the process here: exit
+    0, nothing touched. Returns whether the run resumes; the flags saved in that state
+    file and the Trainer then read the same file. --evaluate-only and --predict resume
+    nothing: they evaluate, or predict."""
+    if args.checkpoint != "auto" or getattr(args, "evaluate_only", False) or getattr(
+            args, "predict", False):
+        args.checkpoint = "None" if args.checkpoint == "auto" else args.checkpoint
         return args.checkpoint != "None"
     path, state, notes = states.resumable(args.state_file)
+    if state is not None:
+        check_resumable(parser, state, args, given, path, auto=True)
     if state is not None and state.get("finished") is True:
         notes.append(f"--checkpoint auto: {path}: this run finished (step "
                      f"{states.step_of(state)}, every output written); nothing to do. To "
@@ -409,7 +436,7 @@ def resolve_checkpoint(args):
 
 
 # Flags about this start of a run, not the run: never taken from a state file.
-LAUNCH_FLAGS = {"slurm_requeue", "launched_at"}
+LAUNCH_FLAGS = {"slurm_requeue", "launched_at", "overwrite"}
 
 
 def _merge_saved_flags(parser, argv, args, auto=False):
@@ -427,17 +454,7 @@ def _merge_saved_flags(parser, argv, args, auto=False):
     except Exception as e:  # torch raises many kinds; its messages advise on unsafe loading
         raise UserError(f"--checkpoint {path}: not a state file of this project "
                         f"({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "state" or "args" not in ckpt:
-        raise UserError(f"--checkpoint {path}: not a state file (those are written to "
-                        "--state-file)")
-    check_saved_flags(parser, ckpt["args"], path)
-    script = ckpt.get("script") or ckpt["args"].get("script")
-    foreign = sorted(set(ckpt["args"]) - {a.dest for a in parser._actions} - {"script"})
-    if (script and script != parser.prog) or (not script and foreign):
-        writer = f"a state file of {script}; resume it with python {script} --checkpoint {path}"
-        raise UserError(f"--checkpoint {path}: " + (
-            writer if script else f"a state file of another script (with its flags "
-                                  f"{', '.join('--' + f for f in foreign[:3])})"))
+    check_resumable(parser, ckpt, args, given, path, auto)
     if "recipe" in given and ckpt["args"].get("recipe") != args.recipe:
         raise UserError(f"--recipe {args.recipe}: the run at {path} was started with --recipe "
                         f"{ckpt['args'].get('recipe')}; a resumed run keeps it")
@@ -446,6 +463,19 @@ def _merge_saved_flags(parser, argv, args, auto=False):
     given |= LAUNCH_FLAGS | ({"state_file"} if auto else set())
     merged.update({k: v for k, v in vars(args).items() if k in given or k not in merged})
     return argparse.Namespace(**merged)
+
+
+def check_resumable(parser, ckpt, args, given, path, auto=False):
+    """A state file this command may resume (with --checkpoint PATH, or found by --checkpoint
+    auto at `path`): a state of this project, its flags of their types, and of this
+    command's run (states.check_same_run). Else a one-line error, before "finished" or
+    "resume"."""
+    where = f"--checkpoint auto: {path}" if auto else f"--checkpoint {path}"
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "state" or "args" not in ckpt:
+        raise UserError(f"{where}: not a state file (those are written to --state-file)")
+    check_saved_flags(parser, ckpt["args"], path)
+    states.check_same_run(ckpt, parser.prog, {a.dest for a in parser._actions}, vars(args),
+                          given, path, auto)
 
 
 def check_saved_flags(parser, saved, path):

@@ -51,20 +51,21 @@ def encoder_outputs(args, best_model, loss_log):
 
 def fine_tune(args, info, kind, check_paths, predict, make_task):
     """The main of qa_task.py and glue_task.py (`kind`: "qa", "glue"). --predict: the
-    script's check_paths(args, info, None), then rank 0's predict(args, device, log).
-    Otherwise a fine-tuning of --bert-model: --recipe's global batch split over the
-    processes, check_paths(args, info, train_config) before any work, then
-    make_task(args, weights, config, vocab, info, device, log) -> (task, model), which
-    trainer.run trains, tests and writes."""
+    script's check_paths(args, info, None), which returns what it loaded to check (the
+    classifier whose task names glue_task.py's outputs; None), then rank 0's
+    predict(args, checked, device, log). Otherwise a fine-tuning of --bert-model:
+    --recipe's global batch split over the processes, check_paths(args, info,
+    train_config) before any work, then make_task(args, weights, config, vocab, info,
+    device, log) -> (task, model), which trainer.run trains, tests and writes."""
     log, device = start(args, info)
     train_config = None
     if not args.predict:
         recipes.split_global_batch(args, info.world_size)
         train_config = flags.train_config(args)
-    check_paths(args, info, train_config)
+    checked = check_paths(args, info, train_config)
     if args.predict:
         if info.is_main:
-            predict(args, device, log)
+            predict(args, checked, device, log)
         return
     weights, config, vocab = flags.fine_tuning_start(args, info, log, kind)
     task, model = make_task(args, weights, config, vocab, info, device, log)

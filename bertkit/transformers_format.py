@@ -236,8 +236,14 @@ def read_weights(folder, where):
         path = os.path.join(folder, "pytorch_model.bin")
         if not os.path.isfile(path):
             raise UserError(f"{where}: no model.safetensors or pytorch_model.bin")
-        # Never unpickle arbitrary objects from a file found on disk.
-        weights = load_torch(path)
+        # Never unpickle arbitrary objects from a file found on disk: torch refuses any
+        # but tensors and plain data, with an UnpicklingError among others.
+        try:
+            weights = load_torch(path)
+        except Exception as e:
+            raise UserError(f"{where}: its pytorch_model.bin does not load as a state dict of "
+                            f"tensors (torch.load(weights_only=True): {type(e).__name__}); "
+                            "nothing in it was run") from None
     except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as e:
         raise UserError(f"{where}: its weights are unreadable ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]})") from None

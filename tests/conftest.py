@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Real data: the folder BERT_TEST_DATA names, else ../shared/data beside the repository,
-# laid out as wikitext-2/wiki.valid.tokens, squad/train-v1.1-notre-dame.json,
+# Real data: the folder BERT_TEST_DATA names (CI sets it: .ci/run), laid out as
+# wikitext-2/wiki.valid.tokens, squad/train-v1.1-notre-dame.json,
 # squad/dev-v2.0-normans.json, bert-base-uncased/vocab.txt, glue/RTE/{train,dev}.tsv.
-# A test whose file is absent skips (real_data_skip) or runs on synthetic data instead.
+# Without it, or where a file is absent, a test skips (real_data_skip) or runs on synthetic
+# data instead.
 REAL_DATA_VARIABLE = "BERT_TEST_DATA"
-REAL_DATA = Path(os.environ.get(REAL_DATA_VARIABLE) or REPO.parent / "shared" / "data")
+REAL_DATA = Path(os.environ.get(REAL_DATA_VARIABLE) or "/nonexistent/BERT_TEST_DATA-unset")
 REAL_VALID = REAL_DATA / "wikitext-2" / "wiki.valid.tokens"
 NOTRE_DAME = REAL_DATA / "squad" / "train-v1.1-notre-dame.json"
 NORMANS = REAL_DATA / "squad" / "dev-v2.0-normans.json"
@@ -29,6 +30,10 @@ REAL_RTE = REAL_DATA / "glue" / "RTE"  # GLUE's RTE: train.tsv, dev.tsv
 
 def absent_reason(*paths):
     """Why a real-data test skips: its missing files, and how to point the tests at them."""
+    if not os.environ.get(REAL_DATA_VARIABLE):
+        wanted = ", ".join(str(Path(p).relative_to(REAL_DATA)) if Path(p).is_relative_to(
+            REAL_DATA) else str(p) for p in paths)
+        return f"real data absent: {REAL_DATA_VARIABLE} is not set (a folder with {wanted})"
     missing = ", ".join(str(p) for p in paths if not Path(p).exists())
     return f"real data absent: {missing} (set {REAL_DATA_VARIABLE} to a folder that has it)"
 

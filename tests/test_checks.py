@@ -4,6 +4,7 @@ before any work, and no file that was there before changed or lost."""
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,11 +21,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--device", "cpu", "--emsize", "16", "--nhid", "32", "--nlayers", "1", "--nhead", "2",
         "--bptt", "16", "--batch_size", "4", "--epochs", "1"]
 DATA = ["--data-dir", "D", "--dataset", "WikiText2"]
+# The work folder holds the fixture's models, written with other settings, which a run is
+# refused to replace: the cases whose error comes after that check replace them.
+REPLACE = ["--overwrite"]
 
 
 def run(script, *flags, cwd, timeout=120):
     return subprocess.run([sys.executable, str(REPO / script), *map(str, flags)], cwd=cwd,
                           env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# What the work fixture's two runs printed, by script.
+PRINTED = {}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +43,11 @@ def work(tmp_path_factory):
                    toy_lines(12, 2, 30))
     out = run("mlm_task.py", *DATA, *TINY, "--max-steps", "2", cwd=folder)
     assert out.returncode == 0, out.stderr
+    PRINTED["mlm_task.py"] = out.stdout
     out = run("ns_task.py", *DATA, *TINY, "--max-steps", "2", "--min_sentence_len", "10",
               "--save-every", "1", cwd=folder)
     assert out.returncode == 0, out.stderr
+    PRINTED["ns_task.py"] = out.stdout
     paragraphs = [{"context": line, "qas": [{"id": str(i), "question": "what?", "answers": [
         {"text": line.split()[2], "answer_start": line.index(line.split()[2])}]}]}
         for i, line in enumerate(toy_lines(6, 3, 20))]
@@ -104,7 +114,7 @@ CASES = {
     "not a number": ("mlm_task.py", ["--lr", "fast"], "--lr: invalid float value: 'fast'"),
     "negative min sentence": ("ns_task.py", ["--min_sentence_len", "-5"],
                               "--min_sentence_len -5: must be at least 2"),
-    "huge min freq": ("mlm_task.py", [*DATA, *TINY, "--min-freq", "100000000"],
+    "huge min freq": ("mlm_task.py", [*DATA, *TINY, *REPLACE, "--min-freq", "100000000"],
                       "--min-freq 100000000: no word of the train split"),
     "unknown recipe": ("qa_task.py", ["--recipe", "roberta"],
                        "--recipe: invalid choice: 'roberta'"),
@@ -157,23 +167,23 @@ CASES = {
                              "scheduler_text.pt: its 'scheduler' is a str"),
     "state scaler a list": ("mlm_task.py", ["--checkpoint", "scaler_list.pt"],
                             "scaler_list.pt: its 'scaler' is a list"),
-    "model a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "model_list.pt"],
+    "model a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "model_list.pt"],
                      "--bert-model model_list.pt: its 'model' is a list, not a dict"),
-    "model of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "model_numbers.pt"],
+    "model of numbers": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "model_numbers.pt"],
                          "model_numbers.pt: its 'model' is not a state dict of named tensors"),
-    "config a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "config_list.pt"],
+    "config a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "config_list.pt"],
                       "config_list.pt: its 'config' is a list, not a dict"),
     "vocab text": ("qa_task.py", ["--bert-model", "vocab_text.pt"],
                    "vocab_text.pt: its 'vocab' is a str, not a list"),
-    "vocab of numbers": ("mlm_task.py", [*DATA, *TINY, "--bert-model", "vocab_numbers.pt"],
+    "vocab of numbers": ("mlm_task.py", [*DATA, *TINY, *REPLACE, "--bert-model", "vocab_numbers.pt"],
                          "vocab_numbers.pt: its 'vocab' is not a list of words"),
-    "tokenizer a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "tokenizer_list.pt"],
+    "tokenizer a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "tokenizer_list.pt"],
                          "tokenizer_list.pt: its 'tokenizer' is a list, not a dict"),
-    "tokenizer json garbage": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model",
+    "tokenizer json garbage": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model",
                                               "tokenizer_json_garbage.pt"],
                                "tokenizer_json_garbage.pt: its config or vocab is unusable "
                                "(not a tokenizer.json"),
-    "kind a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "kind_list.pt"],
+    "kind a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "kind_list.pt"],
                     "kind_list.pt: its 'kind' is a list, not a str"),
     "windowing a list": ("qa_task.py", ["--predict", "--qa-model", "windowing_list.pt",
                                         "--question", "q", "--context", "c"],
@@ -181,13 +191,13 @@ CASES = {
     "squad_v2 text": ("qa_task.py", ["--predict", "--qa-model", "squad_v2_text.pt",
                                      "--question", "q", "--context", "c"],
                       "squad_v2_text.pt: its 'squad_v2' is a str, not a bool"),
-    "pooler a list": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "pooler_list.pt"],
+    "pooler a list": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "pooler_list.pt"],
                       "pooler_list.pt: its 'pooler' is a list, not a dict"),
-    "pooler of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "pooler_numbers.pt"],
+    "pooler of numbers": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "pooler_numbers.pt"],
                           "pooler_numbers.pt: its 'pooler' is not a state dict of named tensors"),
-    "labels of numbers": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "labels_numbers.pt"],
+    "labels of numbers": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "labels_numbers.pt"],
                           "labels_numbers.pt: its 'labels' is not a list of label names"),
-    "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model", "negative.pt"],
+    "negative size in a config": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model", "negative.pt"],
                                   "emsize -16: must be a positive integer"),
     # sizes that make no model: refused before the vocabulary is built (a new vocab file
     # would appear) or any other file is touched
@@ -199,11 +209,11 @@ CASES = {
                                       "--bert-model mlm_state.pt: a training state file (what "
                                       "--checkpoint resumes); give its run's best model, "
                                       "full_mlm_model.pt"),
-    "state file as ns --bert-model": ("ns_task.py", [*DATA, *TINY[:2], "--bert-model",
+    "state file as ns --bert-model": ("ns_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model",
                                                      "mlm_state.pt"], "full_mlm_model.pt"),
     "ns state file as qa --bert-model": ("qa_task.py", ["--bert-model", "ns_state.pt"],
                                          "give its run's best model, ns_model.pt"),
-    "state file as mlm --bert-model": ("mlm_task.py", [*DATA, *TINY[:2], "--bert-model",
+    "state file as mlm --bert-model": ("mlm_task.py", [*DATA, *TINY[:2], *REPLACE, "--bert-model",
                                                        "ns_state.pt"], "a training state file"),
     "state file as --qa-model": ("qa_task.py", ["--predict", "--qa-model", "ns_state.pt",
                                                 "--question", "q", "--context", "c"],
@@ -224,6 +234,45 @@ CASES = {
                                     "a model with it (ns_model.pt"),
     "evaluate-only and resume": ("ns_task.py", ["--evaluate-only", "--checkpoint", "ns_state.pt"],
                                  "--evaluate-only evaluates --bert-model; --checkpoint"),
+    # every output of every mode against every input: --evaluate-only's too, TensorBoard's
+    # folder included
+    "evaluate-only metrics over its model": (
+        "mlm_task.py", [*DATA, *TINY[:2], "--evaluate-only", "--bert-model", "full_mlm_model.pt",
+                        "--metrics-file", "full_mlm_model.pt"],
+        "--metrics-file full_mlm_model.pt is also --bert-model"),
+    "evaluate-only tensorboard in the token cache": (
+        "mlm_task.py", [*DATA, *TINY[:2], "--evaluate-only", "--bert-model", "full_mlm_model.pt",
+                        "--tensorboard", "D/wikitext-2/.cache/tb"],
+        "--tensorboard D/wikitext-2/.cache/tb is inside D/wikitext-2/.cache"),
+    "tensorboard over a file": ("mlm_task.py", [*DATA, *TINY, "--tensorboard", "a_file"],
+                                "--tensorboard a_file: is a file; give a folder"),
+    "qa predictions over a model": ("qa_task.py", [
+        "--predict", "--qa-model", "mlm_bert.pt", "--predict-file", "squad.json",
+        "--predictions", "ns_bert.pt"], "--predictions ns_bert.pt holds a model, which this "
+                                        "run's output would replace"),
+    # a model another run wrote (the fixture's, of --emsize 16): not replaced unasked
+    "a model of other sizes": ("mlm_task.py", [*DATA, *TINY, "--max-steps", "2", "--emsize", "32"],
+                               "--save mlm_bert.pt holds the model of another run (--emsize 16 "
+                               "(this run: 32)): give this run another --output-dir (or --save "
+                               "path), or --overwrite to replace it"),
+    "a model of other settings under another name": (
+        "mlm_task.py", [*DATA, *TINY, "--save", "ns_bert.pt"],
+        "--save ns_bert.pt holds the model of another run"),
+    # --checkpoint auto compares the state's run before "finished" (mlm_state.pt is)
+    "auto over a finished run of other sizes": (
+        "mlm_task.py", [*DATA, *TINY, "--max-steps", "2", "--nhid", "64", "--checkpoint", "auto"],
+        "--checkpoint auto: mlm_state.pt: the state of another run (--nhid 32, not 64); give "
+        "this run another --output-dir or --state-file"),
+    "auto over a finished run of other data": (
+        "mlm_task.py", [*TINY, "--dataset", "D/wikitext-2", "--checkpoint", "auto"],
+        "the state of another run (--dataset WikiText2, not D/wikitext-2)"),
+    "auto over another script's finished state": (
+        "qa_task.py", [*QA, "--state-file", "ns_state.pt", "--checkpoint", "auto"],
+        "--checkpoint auto: ns_state.pt: a state file of ns_task.py; resume it with python "
+        "ns_task.py"),
+    "a resume of other sizes": ("mlm_task.py", ["--checkpoint", "mlm_state.pt", "--emsize", "32"],
+                                "--checkpoint mlm_state.pt: the state of another run (--emsize "
+                                "16, not 32); a resumed run keeps them"),
 }
 
 
@@ -256,7 +305,7 @@ def test_a_second_run_with_the_same_outputs_refuses(work, tmp_path, monkeypatch,
     lock = checks.OutputLock([work / "mlm_state.pt"])  # as a run still going holds it
     try:
         before = hashes(work)
-        out = run("mlm_task.py", *DATA, *TINY, cwd=work)
+        out = run("mlm_task.py", *DATA, *TINY, "--max-steps", "2", cwd=work)  # the same command
         assert out.returncode == 2
         assert (f"is an output of a run still going (PID {os.getpid()}); wait for it, or give "
                 "this run another --output-dir") in out.stderr
@@ -402,3 +451,110 @@ def test_every_output_of_the_readme_commands_is_git_ignored():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=REPO,
                              capture_output=True, text=True).stdout.splitlines()
     assert sorted(outputs - set(ignored)) == []
+
+
+# -- what a run writes, decided once -----------------------------------------------------
+
+
+def test_log_lines_show_the_tasks_measure_and_where_max_steps_stopped(work):
+    """--log-interval left out on a run of 2 steps: a line (and a metrics row) each step,
+    with MLM's perplexity, NS's accuracy (no perplexity); --max-steps stopped both within
+    their first epoch, which their validation line says, not "end of epoch"."""
+    for script, measure in (("mlm_task.py", r"ppl +\d+\.\d\d"),
+                            ("ns_task.py", r"accuracy +\d+\.\d\d%")):
+        printed = PRINTED[script]
+        steps = [line for line in printed.splitlines() if line.startswith("| epoch")]
+        assert len(steps) == 2, printed
+        assert all(re.search(rf"\| loss +\d+\.\d\d \| {measure}$", line) for line in steps), steps
+        assert "end of epoch" not in printed
+        assert "| step      2 | epoch   1 (--max-steps) | time:" in printed
+    rows = [json.loads(line) for line in (work / "ns_metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+    assert all(0 <= row["accuracy"] <= 100 for row in rows if "loss" in row)
+
+
+def test_a_file_name_given_to_an_output_flag_goes_into_the_output_dir(tmp_path, monkeypatch):
+    """--save my.pt under --output-dir runs/a writes runs/a/my.pt: two runs keep two
+    models; a path with a folder is kept as typed; without --output-dir, as before."""
+    import glue_task
+    import mlm_task
+
+    monkeypatch.chdir(tmp_path)
+    parser = mlm_task.get_parser()
+    placed = cli.parse_args(parser, ["--output-dir", "runs/a", "--save", "my.pt", "--metrics-file",
+                                     "./m.jsonl", "--tensorboard", "tb"])
+    assert (placed.save, placed.metrics_file, placed.tensorboard, placed.state_file) == (
+        "runs/a/my.pt", "./m.jsonl", "runs/a/tb", "runs/a/mlm_state.pt")
+    assert cli.parse_args(parser, ["--save", "my.pt"]).save == "my.pt"
+    glue = cli.parse_args(glue_task.get_parser(), [
+        "--output-dir", "o", "--test-file", "a.tsv", "b.tsv", "--test-predictions", "A.tsv",
+        "./B.tsv"])
+    assert glue.test_predictions == ["o/A.tsv", "./B.tsv"]
+
+
+def test_a_run_replaces_its_own_models_and_another_runs_only_with_overwrite(
+        work, tmp_path, monkeypatch, capsys):
+    """The same command again replaces the models it wrote; a run of other settings is
+    refused (the case above), and replaces them with --overwrite; its models record it."""
+    import mlm_task
+
+    folder = tmp_path / "again"
+    shutil.copytree(work / "D", folder / "D")
+    for name in ("mlm_bert.pt", "full_mlm_model.pt", "mlm_state.pt"):
+        shutil.copy(work / name, folder / name)
+    monkeypatch.chdir(folder)
+    for flags in ([*DATA, *TINY, "--max-steps", "2"],  # the fixture's command
+                  [*DATA, *TINY, "--max-steps", "2", "--emsize", "32", "--overwrite"]):
+        with one_thread():
+            mains.launch(mlm_task.main, cli.parse_args(mlm_task.get_parser(), flags))
+        checks.release_outputs()
+        assert "End of training" in capsys.readouterr().out
+    saved = torch.load(folder / "mlm_bert.pt", weights_only=True)
+    assert saved["config"]["emsize"] == 32 and saved["run"]["settings"]["emsize"] == 32
+    assert saved["run"]["id"] == torch.load(folder / "mlm_state.pt", weights_only=True)["args"][
+        "run_id"]
+
+
+def test_evaluate_only_with_checkpoint_auto_beside_a_finished_run_evaluates(
+        work, tmp_path, monkeypatch, capsys):
+    import mlm_task
+
+    monkeypatch.chdir(work)
+    before = hashes(work)
+    metrics = tmp_path / "eval.jsonl"
+    with one_thread():
+        mains.launch(mlm_task.main, cli.parse_args(mlm_task.get_parser(), [
+            *DATA, *TINY, "--evaluate-only", "--bert-model", "full_mlm_model.pt", "--checkpoint",
+            "auto", "--metrics-file", str(metrics)]))
+    checks.release_outputs()
+    out = capsys.readouterr().out
+    assert "| evaluation | test loss" in out and "nothing to do" not in out
+    assert [sorted(json.loads(line))[-1] for line in metrics.read_text().splitlines()] == [
+        "valid_tokens", "test_tokens"]
+    assert hashes(work) == before
+
+
+def test_a_refused_run_leaves_no_output_dir_behind(work, monkeypatch, capsys, closed_url):
+    """Refused after its outputs are locked (a damaged --bert-model; a failed download):
+    the --output-dir made for the locks goes again, as the data folders of the download."""
+    import dataclasses
+
+    import ns_task
+    import qa_task
+    from bertkit.squad import dataset as squad
+
+    monkeypatch.chdir(work)
+    for split in ("train", "dev"):
+        monkeypatch.setitem(squad.SQUAD, split, dataclasses.replace(
+            squad.SQUAD[split], urls=(f"{closed_url}/{split}.json",)))
+    before = hashes(work)
+    for module, flags in ((ns_task, [*DATA, *TINY, "--bert-model", "model_list.pt"]),
+                          (qa_task, [*TINY, "--bert-model", "mlm_bert.pt", "--data-dir", "D"])):
+        with pytest.raises(SystemExit) as exit_info:
+            mains.launch(module.main, cli.parse_args(module.get_parser(), [
+                *flags, "--output-dir", "new/run"]))
+        checks.release_outputs()
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert not (work / "new").exists() and not (work / "D" / "squad").exists()
+    assert hashes(work) == before

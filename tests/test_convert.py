@@ -7,6 +7,7 @@ value. transformers is a test dependency only: without it the module is skipped.
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,60 @@ def test_folder_without_weights_is_refused(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(checkpoint.UserError, match="no model.safetensors or pytorch_model.bin"):
         checkpoint.load_checkpoint(str(folder), "--bert-model")
+
+
+def test_a_pickle_payload_in_pytorch_model_bin_is_one_error_line_and_never_runs(
+        tmp_path, capsys):
+    """A folder whose only weights are a pytorch_model.bin holding objects torch's
+    weights_only loading refuses (an UnpicklingError): exit 2, one line; nothing run."""
+    folder = save_their(their_model(transformers.BertModel), tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(Payload(str(marker)))
+    (folder / "pytorch_model.bin").write_bytes(payload)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main([str(folder), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: CHECKPOINT {folder}: its pytorch_model.bin does not load as "
+                          "a state dict of tensors (torch.load(weights_only=True): "
+                          "UnpicklingError)")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+class Payload:
+    """An object whose unpickling would run a command (touch a file)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_force_never_replaces_a_folder_that_holds_its_input(tmp_path, capsys, inside):
+    """convert.py run/glue_model.pt run --force would delete its own input; so would a
+    transformers folder converted over itself."""
+    ckpt, _ = our_checkpoint(tmp_path, "qa", QuestionAnswerTask)
+    run = tmp_path / "run"
+    run.mkdir()
+    if inside:
+        source = run / "qa_model.pt"
+        torch.save(ckpt, source)
+    else:
+        source = export_to(tmp_path, ckpt)
+        run = source
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main([str(source), str(run), "--force"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: OUT_DIR {run} holds CHECKPOINT {source}: writing {run} "
+                          "would replace that input; give another OUT_DIR")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_a_folder_is_no_state_file(tmp_path):

@@ -70,3 +70,61 @@ def test_every_command_in_the_docs_parses(doc, script, argv, capsys, monkeypatch
     except SystemExit:
         pytest.fail(f"{doc}: python {script}.py {shlex.join(argv)}: "
                     f"{capsys.readouterr().err.strip()}")
+
+
+def what_a_run_writes(doc, script):
+    """The text of `script`'s row of the table of what a run writes in `doc`."""
+    text = (REPO / doc).read_text(encoding="utf-8")
+    start = text.index(f"``{script}``", text.index("=" * 16, text.index("What ")))
+    rows = text[start:].split("\n\n")[0].splitlines()
+    row = [rows[0]] + [line for line in rows[1:] if line.startswith(" ")
+                       and not line.lstrip().startswith("=")]
+    ends = next((i for i, line in enumerate(row[1:], 1) if not line.startswith(" ")), len(row))
+    return " ".join(row[:ends])
+
+
+@pytest.mark.parametrize("doc", ["README.rst", "docs/runs.rst"])
+@pytest.mark.parametrize("script", TASK_SCRIPTS)
+def test_the_tables_of_what_a_run_writes_name_every_default_output(doc, script):
+    """Each script's row names every file a run with the defaults writes: its model, state,
+    metrics log, loss log, vocabulary copy (bert_vocab.pt) and predictions."""
+    parser = importlib.import_module(script).get_parser()
+    defaults = {action.default for action in parser._actions if action.dest in (
+        "save", "state_file", "metrics_file", "save_vocab", "predictions")}
+    row = what_a_run_writes(doc, f"{script}.py")
+    for name in sorted(defaults | {f"{script.split('_')[0]}_loss.txt"}):
+        assert f"``{name}``" in row, f"{doc}: {script}.py's row lacks {name}: {row}"
+
+
+def test_no_paragraph_of_the_docs_begins_with_a_stray_comma():
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            assert not line.startswith(", "), f"{doc.name}, line {number}: {line[:40]}"
+
+
+def test_the_end_of_training_lines_quoted_are_as_printed():
+    """An ``| End of training | ...`` quoted in the docs is what the run prints for its
+    numbers (logs.format_metrics: a loss of five decimals, ...); and no doc calls it the
+    last line, which names the files written."""
+    from bertkit.training import logs
+
+    units = {v: k for k, v in logs.COUNTS.items()}
+    quoted = 0
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        assert "the last line it prints" not in text, doc.name
+        inline = re.findall(r"``\| End of training \| (.*?)``", text, re.S)
+        for quote in inline + re.findall(r"^ +\| End of training \| (.*)$", text, re.M):
+            if quote.strip() in ("", "..."):  # the line named, not quoted
+                continue
+            metrics = {}
+            for part in " ".join(quote.split()).split(" | "):
+                words = part.split()
+                if words[0] == "scored":
+                    metrics[units[" ".join(words[2:])]] = int(words[1])
+                else:
+                    metrics[words[1]] = float(words[2].rstrip("%"))
+            printed = logs.format_metrics("test", metrics)
+            assert " ".join(printed.split()) == " ".join(quote.split()), (doc.name, quote)
+            quoted += 1
+    assert quoted >= 1

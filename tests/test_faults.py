@@ -5,6 +5,7 @@ a finished run is left untouched; an unfinished one is never replaced; SLURM's r
 the pieces (kept states, the log cut, the start token of a restart) in-process."""
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -23,12 +24,13 @@ import torch
 import torch.distributed as dist
 from conftest import REPO, hashes, one_error_line, toy_lines, write_wikitext
 
+import glue_task
 import mlm_task
 import qa_task
+from bertkit import checks, recipes
 from bertkit import flags as cli
-from bertkit import recipes
 from bertkit.files import UserError
-from bertkit.training import distributed, ending, logs, states
+from bertkit.training import distributed, logs, states
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 for name in [n for n in ENV if n.startswith(("SLURM_", "TORCHELASTIC_"))] + ["RANK"]:
@@ -448,13 +450,13 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
 def test_a_resume_never_writes_over_the_state_it_resumes(tmp_path):
     args = cli.parse_args(mlm_task.get_parser(), ["--state-file", str(tmp_path / "s.pt")])
     config = cli.train_config(args)
-    assert "--keep-states 2 (older state 1)" in ending.run_outputs(mlm_task.outputs(args), config)
+    assert "--keep-states 2 (older state 1)" in checks.run_outputs(mlm_task.outputs(args), config)
     other = tmp_path / "other.pt"
     other.write_bytes(b"a state from elsewhere")
     config.checkpoint = str(other)
     args.save = str(other)
     with pytest.raises(UserError, match="--save .*other.pt is also --checkpoint"):
-        ending.run_outputs(mlm_task.outputs(args), config)
+        checks.run_outputs(mlm_task.outputs(args), config)
 
 
 def test_auto_resumes_the_command_that_started_the_run(tmp_path, monkeypatch, capsys):
@@ -480,6 +482,77 @@ def test_auto_resumes_the_command_that_started_the_run(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err.strip() == (
         f"error: --recipe bert: the run at {state} was started with --recipe None; a resumed "
         "run keeps it")
+
+
+def glue_state(folder, finished, *flags, script="glue_task.py", task="RTE"):
+    """A state file of a glue_task.py (or `script`) run of `flags` at folder/glue_state.pt,
+    as the Trainer writes it, as far as --checkpoint auto reads it."""
+    parser = importlib.import_module(script.removesuffix(".py")).get_parser()
+    args = vars(cli.parse_args(parser, [*flags, "--state-file", str(folder / "glue_state.pt")]))
+    state = {"kind": "state", "args": args, "script": script, "task": task,
+             "config": {"emsize": 16, "nhid": 32, "nlayers": 1, "nhead": 2},
+             "train_state": {"global_step": 7}}
+    torch.save({**state, **({"finished": True} if finished else {})}, folder / "glue_state.pt")
+
+
+RTE = ["--bert-model", "ns_bert.pt", "--task", "RTE", "--recipe", "bert"]
+
+
+@pytest.mark.parametrize("finished", [True, False])
+@pytest.mark.parametrize("case, flags, expected", [
+    # the README's loop over GLUE's tasks without --output-dir: CoLA finds RTE's state
+    ("another task", ["--task", "CoLA"], "the state of another run (RTE: --task RTE, not CoLA)"),
+    ("other data", ["--train-file", "own.tsv"], "(RTE: --train-file none, not own.tsv)"),
+    ("another model", ["--bert-model", "mlm_bert.pt"],
+     "(RTE: --bert-model ns_bert.pt, not mlm_bert.pt)"),
+    ("other sizes", ["--nlayers", "3"], "(RTE: --nlayers 1, not 3)"),
+])
+def test_auto_refuses_the_state_of_another_run_finished_or_not(
+        tmp_path, monkeypatch, capsys, finished, case, flags, expected):
+    """Before "finished; nothing to do" or a resume, --checkpoint auto compares the state's
+    run with the command's: another task, other data, another starting model or other
+    sizes given is one error line, exit 2, nothing touched."""
+    monkeypatch.chdir(tmp_path)
+    glue_state(tmp_path, finished, *RTE)
+    before = hashes(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(glue_task.get_parser(), [*RTE, *flags, "--checkpoint", "auto"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == "", (out, err)
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: --checkpoint auto: glue_state.pt: the state of another run (")
+    assert expected in line and line.endswith(
+        "; give this run another --output-dir or --state-file (or remove glue_state.pt and the "
+        "states beside it)")
+    assert hashes(tmp_path) == before
+
+
+def test_auto_goes_on_with_the_state_of_its_own_run(tmp_path, monkeypatch, capsys):
+    """The same task in transformers' spelling is the same run: finished, nothing to do;
+    unfinished, resumed. --evaluate-only and --predict resume nothing: they do their work."""
+    monkeypatch.chdir(tmp_path)
+    glue_state(tmp_path, True, *RTE)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(glue_task.get_parser(), [*RTE[:3], "rte", "--checkpoint", "auto"])
+    assert exit_info.value.code == 0 and "this run finished" in capsys.readouterr().out
+    predict = cli.parse_args(glue_task.get_parser(), [
+        "--predict", "--sentence", "a", "--checkpoint", "auto"])
+    assert predict.checkpoint == "None" and capsys.readouterr().out == ""
+    glue_state(tmp_path, False, *RTE)
+    resumed = cli.parse_args(glue_task.get_parser(), [*RTE[:3], "rte", "--checkpoint", "auto"])
+    assert resumed.checkpoint == "glue_state.pt" and resumed.task == "rte"
+
+
+def test_auto_refuses_a_finished_state_of_another_script(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    glue_state(tmp_path, True, script="qa_task.py", task="SQuAD v1.1")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(glue_task.get_parser(), [
+            *RTE, "--state-file", "glue_state.pt", "--checkpoint", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == (
+        "error: --checkpoint auto: glue_state.pt: a state file of qa_task.py; resume it with "
+        "python qa_task.py --checkpoint glue_state.pt")
 
 
 @pytest.fixture

@@ -287,10 +287,18 @@ def bad_inputs(work, rte, tmp_path):
     cola = write_task(tmp_path / "D", "CoLA", {}, [])
     (cola / "train.tsv").write_text("src\t1\t\tw1 w2\nsrc\t0\t*\tw2 w1\n")
     (tmp_path / "sst2_dev.tsv").write_text("sentence\tlabel\nw1 w2\t1\n")
+    # GLUE's test files where --predict's default outputs would be: an RTE model names its
+    # predictions of a file RTE.tsv, and of the diagnostic set AX.tsv.
+    for name in ("AX.tsv", "RTE.tsv", "test.tsv"):
+        (tmp_path / name).write_bytes((work / "D" / "glue" / "RTE" / "test.tsv").read_bytes())
+    (tmp_path / "dev.tsv").write_bytes((work / "D" / "glue" / "RTE" / "dev.tsv").read_bytes())
     return tmp_path
 
 
-COMMON = ["--bert-model", "ns_bert.pt", "--device", "cpu", "--data-dir", "D", "--bptt", "32"]
+# --overwrite: the folder holds the RTE run's glue_model.pt, of other settings, which a run
+# is refused to replace; these cases test the errors after that check.
+COMMON = ["--bert-model", "ns_bert.pt", "--device", "cpu", "--data-dir", "D", "--bptt", "32",
+          "--overwrite"]
 BAD_INPUTS = {
     "unknown --task": ([*COMMON, "--task", "GLUEY"], "--task GLUEY: not a GLUE task"),
     "--text-columns names no column": (
@@ -316,6 +324,41 @@ BAD_INPUTS = {
     "--model of other labels": (["--predict", "--model", "glue_model.pt", "--task", "MNLI",
                                  "--sentence", "w1", "--device", "cpu"],
                                 "its labels are entailment, not_entailment, not MNLI's"),
+    "--regression for a classification task": ([*COMMON, "--task", "RTE", "--regression"],
+                                               "--regression: RTE is a classification task"),
+    "a pair model given one sentence": (["--predict", "--model", "glue_model.pt", "--sentence",
+                                         "w1 w2", "--device", "cpu"],
+                                        "--model glue_model.pt was trained on sentence pairs "
+                                        "(RTE): give --sentence2 too"),
+    "the missing model of the task given": (
+        ["--predict", "--model", "nope/glue_model.pt", "--task", "QQP", "--sentence", "w1",
+         "--device", "cpu"], "--model nope/glue_model.pt: no such file (python glue_task.py "
+                             "--bert-model ns_bert.pt --task QQP writes it)"),
+    # every output of every mode against every input: --predict's are named by the model's
+    # task (RTE), with or without --task
+    "--predict of the diagnostic set into itself": (
+        ["--predict", "--model", "glue_model.pt", "--test-file", "AX.tsv", "--device", "cpu"],
+        "--test-predictions (1) AX.tsv is also --test-file (1): writing it would overwrite "
+        "that input"),
+    "--predict of RTE.tsv into itself": (
+        ["--predict", "--model", "glue_model.pt", "--test-file", "test.tsv", "RTE.tsv",
+         "--device", "cpu"], "--test-predictions (1) RTE.tsv is also --test-file (2)"),
+    "--predict's dev predictions over the dev file": (
+        ["--predict", "--model", "glue_model.pt", "--dev-file", "dev.tsv", "--predictions",
+         "dev.tsv", "--device", "cpu"], "--predictions dev.tsv is also --dev-file"),
+    "--predict's test predictions over the model": (
+        ["--predict", "--model", "glue_model.pt", "--test-file", "test.tsv",
+         "--test-predictions", "glue_model.pt", "--device", "cpu"],
+        "--test-predictions (1) glue_model.pt is also --model"),
+    "--predict's predictions over another model": (
+        ["--predict", "--model", "glue_model.pt", "--dev-file", "dev.tsv", "--predictions",
+         "ns_bert.pt", "--device", "cpu"],
+        "--predictions ns_bert.pt holds a model, which this run's output would replace"),
+    "a training run's test predictions over its test file": (
+        [*COMMON, "--task", "RTE", "--test-file", "RTE.tsv"],
+        "--test-predictions (1) RTE.tsv is also --test-file (1)"),
+    "a model of another task": (
+        [*COMMON[:-1], "--task", "CoLA"], "--save glue_model.pt holds the model of another run"),
 }
 
 
@@ -329,6 +372,40 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, bad_inputs, monke
     assert expected in line, line
     assert "End of training" not in out and "| epoch" not in out
     assert hashes(bad_inputs) == before
+
+
+def test_predict_names_its_files_by_the_models_task_and_writes_those_it_checked(
+        bad_inputs, monkeypatch, capsys):
+    """Without --task, an RTE model's predictions of AX.tsv and test.tsv go to AX.tsv and
+    RTE.tsv in --output-dir, the names the checks locked: the inputs stay as they were."""
+    monkeypatch.chdir(bad_inputs)
+    before = hashes(bad_inputs)
+    mains.launch(glue_task.main, cli.parse_args(glue_task.get_parser(), [
+        "--predict", "--model", "glue_model.pt", "--test-file", "AX.tsv", "test.tsv",
+        "--output-dir", "sub", "--device", "cpu"]))
+    checks.release_outputs()
+    out = capsys.readouterr().out
+    assert "wrote sub/AX.tsv: 12 predictions for AX.tsv" in out
+    assert "wrote sub/RTE.tsv: 12 predictions for test.tsv" in out
+    assert sorted(os.listdir(bad_inputs / "sub")) == ["AX.tsv", "RTE.tsv"]
+    assert {k: v for k, v in hashes(bad_inputs).items() if not k.startswith("sub/")} == before
+
+
+def test_the_rte_run_says_what_it_is_in_its_lines_state_and_model(rte):
+    """Its training lines give the accuracy of the training batches, not a perplexity; its
+    state file records its task; its model, that it reads pairs, and the run."""
+    folder, out = rte
+    lines = [line for line in out.splitlines() if line.startswith("| epoch")]
+    assert lines and all(re.search(r"\| loss +[\d.]+ \| accuracy +[\d.]+%$", line)
+                         for line in lines), lines[:3]
+    assert "ppl" not in out
+    rows = metrics_rows(folder / "glue_metrics.jsonl")
+    assert all(0 <= row["accuracy"] <= 100 for row in rows if "loss" in row)
+    state = torch.load(folder / "glue_state.pt", weights_only=True)
+    assert (state["script"], state["task"], state["finished"]) == ("glue_task.py", "RTE", True)
+    saved = torch.load(folder / "glue_model.pt", weights_only=True)
+    assert saved["pairs"] is True and saved["run"]["id"] == state["args"]["run_id"]
+    assert saved["run"]["settings"]["task"] == "rte"
 
 
 def test_classifier_head_from_a_classifier_of_other_labels_keeps_its_pooler():

@@ -238,6 +238,17 @@ def test_own_tsv_csv_and_jsonl_read_alike(tmp_path):
     assert glue.sorted_labels(["pos", "neg", "pos"]) == ("neg", "pos")
 
 
+def test_a_csv_field_longer_than_pythons_csv_limit_is_read(tmp_path):
+    """Python's csv refuses a field over 131,072 characters by default: a 1 MB sentence
+    (quoted, with a comma) reads from a .csv as from a .tsv."""
+    sentence = " ".join(["word"] * 200_000) + ", and more"
+    assert len(sentence) > 131072  # the csv module's default limit
+    path = tmp_path / "long.csv"
+    path.write_text(f'text,label\n"{sentence}",a\nshort,b\n')
+    examples = glue.read_own_file(path, ["text"], "label")
+    assert examples.texts_a == [sentence, "short"] and examples.labels == ["a", "b"]
+
+
 def test_own_pairs_unlabeled_files_and_an_index_column(tmp_path):
     path = write(tmp_path / "pairs.tsv", ["index\tq\tp\tanswer", "a7\tWho?\tHim.\tyes",
                                           "b2\tWhat?\tIt.\tno"])
@@ -347,6 +358,15 @@ def test_offline_the_error_names_the_file_to_place(tmp_path, closed_url, monkeyp
     message = str(error.value)
     assert str(data_dir / "glue" / "MNLI" / "dev_mismatched.tsv") in message
     assert f"place MNLI.zip (SHA-256 {archive.sha256}) in {data_dir / 'glue'}/" in message
+    # every file a run needs that is missing: its train and dev files too
+    for name in ("train.tsv", "dev_matched.tsv"):
+        assert str(data_dir / "glue" / "MNLI" / name) in message, message
+    rte = glue.ARCHIVES["RTE"]
+    monkeypatch.setitem(glue.ARCHIVES, "RTE", replace(rte, urls=(f"{closed_url}/RTE.zip",)))
+    with pytest.raises(DataError) as error:
+        glue.task_file(glue.TASKS["RTE"], "train.tsv", data_dir, QUIET)
+    assert (f"or its files ({data_dir / 'glue' / 'RTE' / 'train.tsv'}, "
+            f"{data_dir / 'glue' / 'RTE' / 'dev.tsv'})") in str(error.value)
     assert "\n" not in message and not data_dir.exists()
     with pytest.raises(UserError, match="RTE has no file dev_matched.tsv"):
         glue.task_file(glue.TASKS["RTE"], "dev_matched.tsv", data_dir, QUIET)

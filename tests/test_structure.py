@@ -208,8 +208,8 @@ def test_readme_links_every_doc_and_every_link_has_its_file():
 
 
 def test_real_data_is_looked_for_where_BERT_TEST_DATA_says(tmp_path):
-    """The real-data tests read the folder the variable names (../shared/data without it),
-    and skip with a reason that names what is missing and the variable."""
+    """The real-data tests read the folder the variable names, nothing without it (.ci/run
+    sets it), and skip with a reason that names what is missing and the variable."""
     (tmp_path / "squad").mkdir()
     (tmp_path / "squad" / "train-v1.1-notre-dame.json").write_text("{}")
     code = ("import conftest as c; print(c.REAL_DATA); print(c.NOTRE_DAME.exists()); "
@@ -223,4 +223,8 @@ def test_real_data_is_looked_for_where_BERT_TEST_DATA_says(tmp_path):
     assert shown[str(tmp_path)] == [
         str(tmp_path), "True", f"real data absent: {tmp_path}/squad/dev-v2.0-normans.json (set "
                                "BERT_TEST_DATA to a folder that has it)"]
-    assert shown[""][0] == str(REPO.parent / "shared" / "data")
+    assert not Path(shown[""][0]).exists() and shown[""][1] == "False"
+    assert shown[""][2] == ("real data absent: BERT_TEST_DATA is not set (a folder with "
+                            "squad/dev-v2.0-normans.json)")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "BERT_TEST_DATA" in ci and "../shared/data" in ci

@@ -154,7 +154,9 @@ BAD_INPUTS = {
     "missing --bert-model": (None, [*NS, "--bert-model", "missing.pt"], "missing.pt"),
     "--bert-model not a checkpoint": (_garbage, [*NS, "--bert-model", "garbage.pt"], "garbage.pt"),
     "config does not fit the flags": (
-        None, [*NS, "--bert-model", "mlm_bert.pt", "--emsize", "48"], "--emsize 48"),
+        # --overwrite: the folder's ns_bert.pt is another run's, refused before this
+        None, [*NS, "--bert-model", "mlm_bert.pt", "--emsize", "48", "--overwrite"],
+        "--emsize 48"),
     "unknown --dataset": (None, [*MLM, "--dataset", "NoSuchSet"], "NoSuchSet"),
     "fewer tokens than one batch": (_tiny_corpus, MLM, "fewer than one batch"),
     "non-UTF-8 data file": (_non_utf8, MLM, "wiki.train.tokens is not UTF-8"),

@@ -233,9 +233,10 @@ def test_continue_pretraining_from_a_checkpoint(tmp_path):
     # Continuing from the file a run writes as its best model is refused: copy it first.
     (tmp_path / "first.pt").write_bytes((tmp_path / "full_mlm_model.pt").read_bytes())
     first = torch.load(tmp_path / "first.pt", weights_only=True)
+    # Its best model replaces the first run's full_mlm_model.pt: told so (--overwrite).
     out = run("mlm_task.py", *data_flags, "--bert-model", "first.pt", "--device", "cpu",
               "--bptt", "48", "--batch_size", "8", "--epochs", "1", "--max-steps", "1",
-              "--lr", "1e-9", "--save", "again.pt", cwd=tmp_path)
+              "--lr", "1e-9", "--save", "again.pt", "--overwrite", cwd=tmp_path)
     assert "End of training" in out
     again = torch.load(tmp_path / "full_mlm_model.pt", weights_only=True)
     assert again["tokenizer"] == first["tokenizer"]

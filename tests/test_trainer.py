@@ -391,6 +391,46 @@ def test_plot_writes_a_png(modern_run, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("given, expected", [
+    ("checkpoint", "not text (a checkpoint?): give a metrics log"),
+    ("itself", "is the metrics log itself: writing it would overwrite that input"),
+    ("rows of lists", "line 1 is not a row of a metrics log"),
+])
+def test_plot_refuses_what_is_no_metrics_log_in_one_line(modern_run, tmp_path, given, expected,
+                                                        capsys):
+    import plot
+
+    work, _ = modern_run
+    metrics, out = work / "mlm_metrics.jsonl", tmp_path / "curves.png"
+    if given == "checkpoint":
+        metrics = work / "mlm_bert.pt"
+    elif given == "itself":
+        out = metrics
+    else:
+        metrics = tmp_path / "lists.jsonl"
+        metrics.write_text("[1, 2]\n")
+    before = {p.name: p.read_bytes() for p in (*work.iterdir(), *tmp_path.iterdir()) if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(metrics), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and expected in err, err
+    assert len(err.splitlines()) == 1
+    after = {p.name: p.read_bytes() for p in (*work.iterdir(), *tmp_path.iterdir()) if p.is_file()}
+    assert after == before
+
+
+def test_the_default_log_interval_gives_a_short_run_points_to_plot():
+    """--log-interval left out: the script's, but at least LOG_POINTS lines and metrics
+    rows over a short run (the laptop QA step's 500 steps: 50 rows, not 2)."""
+    assert mlm_task.get_parser().parse_args([]).log_interval is None
+    config = trainer.TrainConfig(lr=1.0, clip=1.0, epochs=1, batch_size=1, seed=0,
+                                 log_interval=None, state_file="s.pt", metrics_file="m.jsonl",
+                                 default_log_interval=200)
+    assert (config.log_every(500), config.log_every(10**6), config.log_every(20)) == (10, 200, 1)
+    config.log_interval = 7  # given: as given
+    assert config.log_every(500) == 7
+
+
 def test_plot_writes_plain_numbers_and_shows_a_single_valid_point():
     pytest.importorskip("matplotlib")
     import plot
@@ -434,6 +474,10 @@ def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_pa
     assert state["scheduler"]["last_epoch"] == state["train_state"]["global_step"]
     resumed = run_mlm("--checkpoint", "mlm_state.pt", cwd=part)
     assert resumed.returncode == 0, resumed.stderr
+    # "resumed from" first, then the model line (no longer a "new" model before it)
+    lines = resumed.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("resumed from"))
+    assert lines[first + 1].startswith("MLMTask "), lines[:first + 2]
     a = torch.load(full / "full_mlm_model.pt", weights_only=True)["model"]
     b = torch.load(part / "full_mlm_model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -482,6 +526,10 @@ def test_eval_every_validates_mid_epoch_and_a_resume_is_bitwise(tmp_path):
     assert proc.wait(timeout=120) == 143 and "stopped by a signal (SIGTERM)" in rest, rest
     resumed = run_mlm("--checkpoint", "mlm_state.pt", cwd=part)
     assert resumed.returncode == 0, resumed.stderr
+    # "resumed from" first, then the model line (no longer a "new" model before it)
+    lines = resumed.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("resumed from"))
+    assert lines[first + 1].startswith("MLMTask "), lines[:first + 2]
     a = torch.load(full / "full_mlm_model.pt", weights_only=True)["model"]
     b = torch.load(part / "full_mlm_model.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

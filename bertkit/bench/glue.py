@@ -7,8 +7,8 @@ the same architecture, weights, optimizer (AdamW, clipping) and the same pairs, 
 run_glue.py feeds it: every pair padded to 128 tokens (its default, pad_to_max_length),
 or batches padded to their longest pair (DataCollatorWithPadding), in the same order as
 ours in training and in file order in evaluation (transformers' Trainer evaluates in
-order). The text is GLUE's RTE when it is there (glue/RTE in the folder $BERT_TEST_DATA names, else ../shared/data beside the
-repo), else synthetic sentences of SST-2's length distribution. Timed in one process,
+order). The text is GLUE's RTE when it is there (glue/RTE in the folder $BERT_TEST_DATA
+names), else synthetic sentences of SST-2's length distribution. Timed in one process,
 interleaved (ours, theirs padded, theirs dynamic, ...), medians.
 
 Fine-tuning throughput counts the pairs' real tokens per second (padding is work, not

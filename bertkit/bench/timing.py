@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-# Real data slices (the tests' too: BERT_TEST_DATA, else ../shared/data beside the repo);
-# each benchmark falls back to synthetic text, or asks for a file, when one is absent.
-REAL_DATA = Path(os.environ.get("BERT_TEST_DATA")
-                 or Path(__file__).resolve().parent.parent / "shared" / "data")
+# Real data slices, in the folder BERT_TEST_DATA names (the tests' too); each benchmark
+# falls back to synthetic text, or asks for a file, when one is absent.
+REAL_DATA = Path(os.environ.get("BERT_TEST_DATA") or "/nonexistent/BERT_TEST_DATA-unset")
 
 
 def seconds_per_call(fn, calls, device):

@@ -132,6 +132,7 @@ class Classifier:
     labels: tuple | None  # label names in id order; None: regression
     task: glue.GlueTask | None  # the GLUE task it was fine-tuned on, if one
     bptt: int | None  # the --bptt it was fine-tuned with (None: a transformers folder)
+    pairs: bool | None = None  # trained on sentence pairs (None: not known)
 
 
 def start_head(weights, labels, path, log):
@@ -179,8 +180,11 @@ def load_classifier(path, flag="--model", task=None):
         raise UserError(f"{flag} {path}: a {'regression' if labels is None else 'classification'}"
                         f" model, but {task.name} is a "
                         f"{'regression' if task.is_regression else 'classification'} task")
+    pairs = ckpt.get("pairs")  # its task's layout where the checkpoint does not say
+    if pairs is None and task is not None and task.train_layout is not None:
+        pairs = task.train_layout.text_b is not None
     return Classifier(model, vocab, None if labels is None else tuple(labels), task,
-                      ckpt.get("bptt"))
+                      ckpt.get("bptt"), pairs)
 
 
 def _glue_task(name):
@@ -190,6 +194,16 @@ def _glue_task(name):
         return glue.task_by_name(name) if name else None
     except UserError:
         return None
+
+
+def check_pair(found, path, pair):
+    """A sentence alone for a model trained on pairs (RTE, STS-B), or a pair for one trained
+    on single sentences (SST-2, CoLA): one line saying which (nothing when not known)."""
+    if found.pairs is not None and found.pairs != pair:
+        trained = ("sentence pairs" if found.pairs else "single sentences") + (
+            f" ({found.task.name})" if found.task else "")
+        raise UserError(f"--model {path} was trained on {trained}: "
+                        + ("give --sentence2 too" if found.pairs else "leave --sentence2 out"))
 
 
 def classify(found, sentence, sentence2, max_len, device, dtype="fp32"):

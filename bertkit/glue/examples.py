@@ -1,6 +1,6 @@
 """The examples of a glue_task.py run: a GLUE task's files (downloaded when absent) or your
 own, read and checked before any training (Splits), their label names, and where their
-predictions go (GLUE's submission file names).
+predictions go (GLUE's submission file names): every file a run writes (run_files).
 """
 
 import os
@@ -77,6 +77,14 @@ def read_splits(task, columns, train_file, dev_file, test_files, data_dir, log):
                   dev, test)
 
 
+def task_files(task, data_dir):
+    """{what: path} of a GLUE task's own files a run reads, in <data_dir>/glue/<TASK>/
+    (downloaded when absent); none without a task."""
+    return {} if task is None else {
+        f"{task.name}'s {name}": os.path.join(data_dir, "glue", task.name, name)
+        for name in task.files}
+
+
 def dev_predictions_paths(predictions, n_dev):
     """--predictions, and beside it with _mm the mismatched set's (MNLI)."""
     stem, suffix = os.path.splitext(predictions)
@@ -107,3 +115,30 @@ def test_predictions_paths(given, test_files, output_dir, task):
         else:
             names.append(f"{task.name}.tsv")
     return [in_folder(output_dir, name) for name in names]
+
+
+def dev_flag(i):
+    return "--predictions" if i == 0 else "--predictions (mismatched)"
+
+
+def test_flag(i):
+    return f"--test-predictions ({i + 1})"
+
+
+def run_files(task, dev_file, predictions, test_paths, save=None, loss_log=None,
+              save_vocab=None):
+    """{flag: (path, what)} of every file a glue_task.py run writes besides the Trainer's
+    own (checks.run_outputs adds those), for its checks, its locks and its writers alike:
+    `task` the GlueTask of --task (training), or of the model --predict predicts with;
+    `dev_file` (--dev-file), `predictions` (--predictions) and `test_paths` (the --test-file
+    predictions, test_predictions_paths: GLUE's submission names for `task`). `save`,
+    `loss_log`, `save_vocab`: a training run's model, loss log and vocab copy; `save` None:
+    --predict, which writes the predictions alone."""
+    tests = {test_flag(i): (path, "test predictions") for i, path in enumerate(test_paths)}
+    if save is None:
+        return {**({"--predictions": (predictions, "predictions")} if dev_file else {}), **tests}
+    n_dev = 1 if dev_file or task is None else len(task.dev_files)
+    dev = {dev_flag(i): (path, "predictions")
+           for i, path in enumerate(dev_predictions_paths(predictions, n_dev))}
+    return {"--save": (save, "best model"), **dev, **tests, "the loss log": (loss_log, "losses"),
+            "--save-vocab": (save_vocab, "vocab")}

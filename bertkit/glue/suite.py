@@ -53,7 +53,8 @@ def task_names(given):
 def check_flags(parser, args, argv):
     """The flags that cannot go with several tasks: one line naming the first."""
     given = flags.explicit_flags(parser, argv)
-    for dest in (*ONE_TASK_FLAGS, *flags.OUTPUT_FLAGS):
+    # --tensorboard is an output flag too, and may be given without DIR: below.
+    for dest in (*ONE_TASK_FLAGS, *(f for f in flags.OUTPUT_FLAGS if f != "tensorboard")):
         if dest in given:
             option = flags.flag_name(parser, dest)
             why = ("each task writes its own, in <output-dir>/<TASK>/; give --output-dir"

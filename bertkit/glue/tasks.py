@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -315,7 +316,13 @@ def _own_records(path):
     return header, rows
 
 
+# Python's csv module refuses a field over 131,072 characters by default; a sentence of
+# your own may be longer (a .tsv line has no limit), so the limit is the largest C long.
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
 def _csv_rows(path):
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     lines = _lines(path)
     reader = csv.reader(line for _, line in lines)
     try:
@@ -470,9 +477,12 @@ def _fetch_task_archive(task, path, log):
     made = [p for p in (folder, glue_dir, *glue_dir.parents) if not p.exists()]
     staging = glue_dir / f".{task.name}.download"
     shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+    # The offline error names every file a run needs that is missing: train and dev too.
+    needed = [p for p in (path, *(folder / name for name in (task.train_file, *task.dev_files)))
+              if not p.is_file()]
     try:
         archive = replace(ARCHIVES[task.name], extract_to=staging.name)
-        corpus.download_archive(archive, glue_dir, log, expected=[path])
+        corpus.download_archive(archive, glue_dir, log, expected=list(dict.fromkeys(needed)))
         extracted = staging / task.name
         if not (extracted / path.name).is_file():
             raise DataError(f"{archive.filename} holds no {task.name}/{path.name}; place "
@@ -498,8 +508,10 @@ def _fetch_mrpc(path, log):
     written, each atomically; the sources stay beside them, as the script leaves them."""
     folder = path.parent
     sources = ["test"] if path.name == "test.tsv" else ["train", "dev_ids"]
+    needed = [path] if path.name == "test.tsv" else [
+        p for p in (folder / "train.tsv", folder / "dev.tsv") if not p.is_file()]
     for key in sources:
-        corpus.download_archive(MRPC_SOURCES[key], folder, log, expected=[path])
+        corpus.download_archive(MRPC_SOURCES[key], folder, log, expected=needed)
     if path.name == "test.tsv":
         header, rows = _mrpc_rows(folder / MRPC_SOURCES["test"].filename)
         text = "index\t#1 ID\t#2 ID\t#1 String\t#2 String\n" + "".join(

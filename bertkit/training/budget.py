@@ -165,6 +165,8 @@ class TimeBudget:
             utils.set_rng_state(rng, device)
             trainer.scaler.load_state_dict(scaler)
             trainer.step_lr = config.lr
+            # Read and reset: a classifier's first training line counts no measured step.
+            trainer.run_log.training_metrics(0.0)
             model.train()
         times = torch.tensor([sum(steps[WARMUP_STEPS:]) / TIMED_STEPS, evaluation, save],
                              dtype=torch.float64, device=device)

@@ -1,6 +1,6 @@
-"""The end of a run: every file it writes, listed before it starts (run_outputs, for the path
-checks) and after it ends (the "wrote" line); after Trainer.fit, the test of the best model
-and the writing of every output (finish); a stop by a signal, its line and exit code
+"""The end of a run: after Trainer.fit, the test of the best model, the writing of every
+output and the "wrote" line listing them (finish; the list of every file a run writes is
+checks.run_outputs, made before it starts); a stop by a signal, its line and exit code
 (stopped).
 """
 
@@ -8,34 +8,7 @@ import os
 import signal
 
 from bertkit import checkpoint
-from bertkit.files import UserError
 from bertkit.training import distributed, logs, states
-
-
-def run_outputs(task_outputs, config):
-    """{flag or description: (path, what)} of every file a run writes: the task's and the
-    Trainer's own (the older states --keep-states keeps too; with --evaluate-only the
-    metrics log alone); for the path checks before the run (checks.prepare_run) and the
-    "wrote" line after it. The state a run resumes (--checkpoint) may be one of its own
-    states, never another output; a run replaces no unfinished run's states
-    (states.check_replaceable)."""
-    metrics = {"--metrics-file": (config.metrics_file, "metrics")}
-    if config.evaluate_only:
-        return metrics
-    states.check_replaceable(config.state_file, config.checkpoint)
-    older = {f"--keep-states {config.keep_states} (older state {n})":
-             (states.older(config.state_file, n), "older training state")
-             for n in range(1, config.keep_states)}
-    outputs = {**task_outputs, "--state-file": (config.state_file, "training state"), **older,
-               **metrics}
-    if config.checkpoint is not None:
-        resumed = os.path.realpath(config.checkpoint)
-        for flag, (path, _) in outputs.items():
-            if (path is not None and os.path.realpath(path) == resumed
-                    and states.slot(config.checkpoint, config.state_file) is None):
-                raise UserError(f"{flag} {path} is also --checkpoint: writing it would "
-                                "overwrite the state this run resumes")
-    return outputs
 
 
 def finish(loop):

@@ -220,10 +220,13 @@ class RunLog:
     """What a training run shows and records (trainer.Trainer): the old example's line of
     the training loss and each evaluation's, with their rows in the metrics log (a
     MetricsLog). `log` prints rank 0's lines; `peak_lr`: --lr. `state`, below: the
-    Trainer's TrainState (epoch, step_in_epoch, global_step)."""
+    Trainer's TrainState (epoch, step_in_epoch, global_step). `training_metrics(loss)`:
+    the task's own measure a training line shows beside its loss ({"ppl": ...} of MLM,
+    {"accuracy": ...} of a classifier: TrainingAccuracy), None for none."""
 
-    def __init__(self, log, metrics, info, peak_lr):
+    def __init__(self, log, metrics, info, peak_lr, training_metrics=None):
         self.log, self.metrics, self.info, self.peak_lr = log, metrics, info, peak_lr
+        self.training_metrics = training_metrics or (lambda loss: {})
 
     def resume(self, ckpt, step, metrics_file):
         """A run resumed from state file `ckpt` at optimizer step `step` (rank 0): the rows
@@ -243,14 +246,16 @@ class RunLog:
         last (`window`), and its metrics row; `lr`: the last step's."""
         loss, seconds = window.read_and_reset()
         ms_per_step = seconds * 1000 / window.last_steps
+        # The task's own measure beside the loss: MLM's perplexity, a classifier's accuracy.
+        shown = self.training_metrics(loss)
         self.log(f"| epoch {state.epoch:3d} | {step_in_epoch:5d}/{window.n_steps:5d} batches | "
                  f"lr {lr_text(lr, self.peak_lr)} | ms/batch {ms_per_step:5.2f} | "
-                 f"loss {loss:5.2f} | ppl {math.exp(min(loss, 700)):8.2f}")
+                 f"loss {loss:5.2f}{beside_loss(shown)}")
         if self.info.is_main:
             self.metrics.write({
                 "step": state.global_step, "epoch": state.epoch, "loss": loss, "lr": lr,
                 "tokens_per_s": window.last_tokens * self.info.world_size / seconds,
-                "ms_per_step": ms_per_step})
+                "ms_per_step": ms_per_step, **{k: v for k, v in shown.items() if k != "ppl"}})
 
     def evaluation(self, split, metrics, state, where, rule="-"):
         """An evaluation's row of the metrics log (rank 0): its numbers as they are, at the
@@ -263,6 +268,35 @@ class RunLog:
         self.log(rule * 89)
         self.log(f"| {where} | {format_metrics(split, metrics)}")
         self.log(rule * 89)
+
+
+class TrainingAccuracy:
+    """A classifier's accuracy on its training batches since the last log line (the
+    next-sentence head's, a GLUE classifier's), counted on the device until read. A
+    regression's one output has none: read_and_reset gives {}."""
+
+    def __init__(self, device):
+        self.right = torch.zeros((), device=device)
+        self.seen = torch.zeros((), device=device)
+
+    def add(self, logits, labels):
+        if logits.size(-1) > 1:
+            self.right += (logits.detach().argmax(-1) == labels).sum()
+            self.seen += len(labels)
+
+    def read_and_reset(self):
+        right, seen = self.right.item(), self.seen.item()
+        self.right.zero_()
+        self.seen.zero_()
+        return {"accuracy": 100 * right / seen} if seen else {}
+
+
+def epoch_end(epoch, step, complete, seconds):
+    """The validation line's start after an epoch's training: the old example's "end of
+    epoch", or where --max-steps stopped it within the epoch."""
+    where = f"end of epoch {epoch:3d}" if complete else (
+        f"step {step:6d} | epoch {epoch:3d} (--max-steps)")
+    return f"{where} | time: {seconds:5.2f}s"
 
 
 def lr_text(lr, peak):
@@ -290,10 +324,20 @@ def format_metrics(split, metrics):
             mismatched = "mismatched " if base != name else ""
             parts.append(f"scored {value} {mismatched}{COUNTS[base]}")
             continue
-        spec = DISPLAY.get(base, "g")
-        shown = f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
-        parts.append(f"{split} {name} {shown}")
+        parts.append(f"{split} {name} {shown_value(base, value)}")
     return " | ".join(parts)
+
+
+def beside_loss(metrics):
+    """' | ppl   665.14', ' | accuracy 71.25%': a training log line's metrics after its
+    loss."""
+    return "".join(f" | {name} {shown_value(name, value)}" for name, value in metrics.items())
+
+
+def shown_value(name, value):
+    """A metric's value as log lines show it (DISPLAY): '665.14', '75.00%'."""
+    spec = DISPLAY.get(name, "g")
+    return f"{value:{spec.rstrip('%')}}" + ("%" if spec.endswith("%") else "")
 
 
 def evaluation_row(split, metrics, step, epoch):

@@ -7,11 +7,15 @@ atomically; which one --checkpoint auto resumes from; and whether their run fini
     mark_finished(path)                 # rank 0, once every end-of-run output is written
     resumable(path)                     # --checkpoint auto: the newest state that loads
     check_replaceable(path, resumes)    # no run replaces an unfinished run's states
+    same_run(state, flags, given)       # a resume: the command names the state's run
     restore(ckpt, path, model, ...)     # a resume: every part of the run from its state
 
 A state file of a finished run holds "finished": True. Such a run is done: --checkpoint auto
 exits at once, and a new run without --checkpoint may replace its states. An unfinished
-run's states are never replaced by a run that did not resume from them.
+run's states are never replaced by a run that did not resume from them. A state records
+the run it is of: its script ("script"), its task ("task": the GLUE task, the SQuAD
+version), its data and architecture (its flags, "args", and its model's "config"); it is
+resumed, or found finished, only by a command of the same run (same_run).
 """
 
 import os
@@ -148,6 +152,78 @@ def check_replaceable(path, resumes):
                     "it)")
 
 
+# The flags that say which run a state is of, besides its script: its task, its data, and
+# its architecture (the model it starts from; its sizes, compared with the state's model).
+RUN_FLAGS = {
+    "task": ("task",),
+    "data": ("dataset", "train_file", "dev_file", "text_columns", "label_column",
+             "regression", "tokenizer", "vocab_size", "min_freq"),
+    "architecture": ("bert_model", "from_scratch", "size", "emsize", "nhid", "nlayers",
+                     "nhead", "qa_gelu"),
+}
+SIZES = ("emsize", "nhid", "nlayers", "nhead")  # compared with the state's model config
+
+
+# What a run's flags hold besides the flags (saved in its state file with them).
+NOT_FLAGS = {"script", "run_id", "explicit_outputs", "given_flags", "given_batch_flags",
+             "global_batch", "default_log_interval", "launched_at"}
+
+
+def check_same_run(state, script, flag_names, flags, given, path, auto=False):
+    """A state file (found by --checkpoint auto, or --checkpoint `path`) that a command of
+    `script` may resume: one of that script (one without its name: with no flag the script
+    lacks, `flag_names`), and of the run the command names (same_run); else a UserError."""
+    where = f"--checkpoint auto: {path}" if auto else f"--checkpoint {path}"
+    saved = state.get("script") or state["args"].get("script")
+    foreign = sorted(set(state["args"]) - set(flag_names) - NOT_FLAGS)
+    if (saved and saved != script) or (not saved and foreign):
+        raise UserError(f"{where}: " + (
+            f"a state file of {saved}; resume it with python {saved} --checkpoint {path}"
+            if saved else f"a state file of another script (with its flags "
+                          f"{', '.join('--' + f for f in foreign[:3])})"))
+    differences = same_run(state, flags, given)
+    if differences:
+        hint = ("give this run another --output-dir or --state-file (or remove "
+                f"{path} and the states beside it)") if auto else (
+            "a resumed run keeps them: leave those flags out")
+        raise UserError(f"{where}: the state of another run ({differences}); {hint}")
+
+
+def same_run(state, flags, given):
+    """The differences, as text ("--task RTE, not CoLA"), between the run of state file
+    `state` and the run a command names: each flag of RUN_FLAGS `given` on its command line
+    (`flags`: its values) against the state's (the model's own sizes for SIZES). "" when
+    it names the state's run: flags left out take the state's, as a resume does."""
+    saved, config = state.get("args") or {}, state.get("config") or {}
+    differences = []
+    for name in [name for names in RUN_FLAGS.values() for name in names]:
+        if name not in given or name not in flags:
+            continue
+        theirs = config.get(name) if name in SIZES else saved.get(name)
+        if not _same_value(theirs, flags[name], name == "task"):
+            differences.append(f"--{name.replace('_', '-')} {_shown(theirs)}, not "
+                               f"{_shown(flags[name])}")
+    text = "; ".join(differences)
+    return f"{state['task']}: {text}" if text and isinstance(state.get("task"), str) else text
+
+
+def _same_value(saved, given, task=False):
+    if isinstance(saved, list | tuple) and isinstance(given, list | tuple):
+        return len(saved) == len(given) and all(map(_same_value, saved, given))
+    if isinstance(saved, str) and isinstance(given, str):
+        if task:  # GLUE's spelling or transformers' (RTE, rte; SST-2, sst2)
+            return saved.lower().replace("-", "").replace("_", "") == \
+                given.lower().replace("-", "").replace("_", "")
+        return saved == given or os.path.realpath(saved) == os.path.realpath(given)
+    return saved == given
+
+
+def _shown(value):
+    if value is None:
+        return "none"
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
 def restore(ckpt, path, model, optimizer, scheduler, scaler, config, rank, device):
     """Load state file `ckpt` (read from `path`, the resolved --checkpoint) into the model,
     optimizer, scheduler and scaler, and this rank's random streams; returns its training
@@ -192,14 +268,15 @@ class StateFiles:
     """The state files of one run (config: its TrainConfig): written at --state-file,
     --keep-states of them kept (save); which of them the run continues (slot); and what
     each holds besides the training's own parts: the run's `flags` (a resume needs none
-    repeated), its vocabulary and tokenizer, and every rank's random streams."""
+    repeated), its vocabulary and tokenizer, its `task` (the GLUE task, the SQuAD version;
+    check_same_run compares it) and every rank's random streams."""
 
-    def __init__(self, config, info, device, flags, vocab):
+    def __init__(self, config, info, device, flags, vocab, task=None):
         self.path, self.keep, self.info, self.device = (config.state_file, config.keep_states,
                                                         info, device)
         self.flags = flags
         # What every state file holds besides the training state and the config, built once.
-        self.extra = {"vocab": vocab.itos, "tokenizer": vocab.state()}
+        self.extra = {"vocab": vocab.itos, "tokenizer": vocab.state(), "task": task}
         # Which of the state files at --state-file this run continues (save).
         self.continues = slot(config.checkpoint, config.state_file)
         self.written = False
@@ -218,7 +295,7 @@ class StateFiles:
                 "kind": "state", **parts, "rng": rng, "args": self.flags, **self.extra,
                 # What to give a script that wants a model (checkpoint.refuse_state_file).
                 "best_model": best_model,
-                # Which script may resume it (flags.parse_args refuses the others).
+                # Which script, and task, may resume it (flags.check_resumable).
                 "script": self.flags.get("script"),
                 "metrics_rows": metrics_rows,  # the log's rows a resume keeps
             }, self.path, self.keep, self.continues)

@@ -20,11 +20,16 @@ A task tells the Trainer what it needs and nothing more:
                                       # "--save-vocab" and "the loss log"
     task.write_outputs(model)         # rank 0, after the test: the task's own files
                                       # (the encoder; the predictions)
+    task.training_metrics(loss)       # optional: what a training log line shows besides
+                                      # the loss ({"ppl": ...}, {"accuracy": ...})
+    task.name                         # optional: the task its state file records (the
+                                      # GLUE task, the SQuAD version)
 
 The Trainer reads its settings from a TrainConfig, checked once when it is made
 (bertkit/flags.py makes it of the flags: flags.train_config).
 """
 
+import functools
 import importlib.util
 import math
 import os
@@ -56,7 +61,7 @@ class TrainConfig:
     epochs: int
     batch_size: int  # sequences per batch and per process
     seed: int
-    log_interval: int
+    log_interval: int | None  # None: default_log_interval, less on a short run (LOG_POINTS)
     state_file: str
     metrics_file: str
     max_steps: int = 0  # 0: no limit
@@ -78,6 +83,7 @@ class TrainConfig:
     slurm_requeue: bool = False  # requeue the SLURM job when stopped by SIGTERM or SIGUSR1
     tensorboard: str = None
     evaluate_only: bool = False  # evaluate the starting model, write only the metrics log
+    default_log_interval: int = 10  # the script's --log-interval when it is not given
 
     RULES: ClassVar = {
         "optimizer": (utils.one_of(*OPTIMIZERS), f"use one of {', '.join(OPTIMIZERS)}"),
@@ -112,6 +118,17 @@ class TrainConfig:
                             f"{self.checkpoint} would resume a training: give one of them")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+    def log_every(self, total_steps):
+        """Optimizer steps between log lines: --log-interval, or when it is not given the
+        script's, less on a run too short for LOG_POINTS lines of it (a plot needs points)."""
+        return self.log_interval or max(1, min(self.default_log_interval,
+                                               total_steps // LOG_POINTS))
+
+
+# --log-interval left out: the script's default, but at least this many log lines (and
+# metrics rows, the points of plot.py's curves) over a run shorter than that gives.
+LOG_POINTS = 50
 
 
 ###############################################################################
@@ -161,8 +178,9 @@ class Trainer:
                                         self.per_step_schedule else None)
         self.step_lr = config.lr  # the lr of the last optimizer step, for the logs
         self.run_log = logs.RunLog(log, logs.MetricsLog(config.metrics_file, config.tensorboard),
-                                   info, config.lr)
-        self.state_files = states.StateFiles(config, info, device, self.flags, task.vocab)
+                                   info, config.lr, getattr(task, "training_metrics", None))
+        self.state_files = states.StateFiles(config, info, device, self.flags, task.vocab,
+                                             getattr(task, "name", None))
         self.exit_code = 0
         if config.checkpoint is not None:
             self.resume(ckpt, model)
@@ -175,6 +193,10 @@ class Trainer:
         self.model = torch.compile(model) if config.compile else model
         self.model = distributed.wrap_ddp(self.model, device, info)
         self.budget.start(self)  # --time-budget: the steps that fit, measured
+
+    @functools.cached_property
+    def log_interval(self):  # the run's steps are counted only when --log-interval is not given
+        return self.config.log_interval or self.config.log_every(self.total_steps())
 
     def steps_per_epoch(self, n_batches):
         return -(-n_batches // self.config.grad_accum)
@@ -221,8 +243,8 @@ class Trainer:
             if stopped == "signal":
                 return True
             if st.evaluated_step != st.global_step:  # not validated at this step already
-                self.validate(f"end of epoch {st.epoch:3d} | time: "
-                              f"{time.time() - epoch_start:5.2f}s")
+                self.validate(logs.epoch_end(st.epoch, st.global_step, self.epoch_complete,
+                                             time.time() - epoch_start))
             st.epoch += 1
             st.step_in_epoch = 0
             self.epoch_loss.zero_()
@@ -307,6 +329,7 @@ class Trainer:
                 if stopped:
                     break
         self.bar.close()
+        self.epoch_complete = st.step_in_epoch == len(batches)
         if stopped == "signal":
             return stopped
         if st.step_in_epoch:
@@ -337,7 +360,7 @@ class Trainer:
         "max_steps" to end the epoch, else None."""
         config, st = self.config, self.state
         step_in_epoch = self.steps_per_epoch(st.step_in_epoch)  # optimizer steps
-        at_log = step_in_epoch % config.log_interval == 0
+        at_log = step_in_epoch % self.log_interval == 0
         at_save = config.save_every and st.global_step % config.save_every == 0
         at_max = self.max_steps_done() or self.budget.out_of_time(st.global_step)
         at_end = st.step_in_epoch == window.n_batches
@@ -439,13 +462,15 @@ def run(task, model, config, info, device, log, start, flags=None):
     write every output (ending.finish). `config`: the TrainConfig; `flags`: every flag of
     the run, as the Trainer saves them."""
     task_config = task.config
-    log(f"{type(model).__name__} {start}: {count_parameters(model) / 1e6:.1f}M "
-        f"parameters, {task_config.nlayers} layers, hidden {task_config.emsize}, vocab "
-        f"{len(task.vocab)}, device {device}, {info.world_size} process(es)")
+    model_line = (f"{type(model).__name__} {start}: {count_parameters(model) / 1e6:.1f}M "
+                  f"parameters, {task_config.nlayers} layers, hidden {task_config.emsize}, "
+                  f"vocab {len(task.vocab)}, device {device}, {info.world_size} process(es)")
     if config.evaluate_only:
+        log(model_line)
         evaluate_only(task, model, config, info, log)
         return
     loop = Trainer(task, model, config, info, device, log, flags=flags)
+    log(model_line)  # after "resumed from ...", which the Trainer says as it loads the state
     if loop.fit():  # stopped by a signal, the state file written
         raise distributed.Stopped(loop.exit_code)
     ending.finish(loop)
