@@ -59,18 +59,24 @@ def write_task(folder, name, files, labels, header="index\tsentence1\tsentence2\
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A folder with two tiny encoders of the task's words (ns_bert.pt with a pooler,
-    mlm_bert.pt without), an RTE-layout and an MNLI-layout data folder."""
-    folder = tmp_path_factory.mktemp("glue")
+def write_encoders(folder, nlayers):
+    """Two tiny encoders of the task's words in `folder`: ns_bert.pt with a pooler,
+    mlm_bert.pt without."""
     vocab = tok.Vocab(list(tok.SPECIALS) + WORDS + sorted(set(MARKS.values())))
-    config = BertConfig(vocab_size=len(vocab), emsize=32, nhead=2, nhid=64, nlayers=2,
+    config = BertConfig(vocab_size=len(vocab), emsize=32, nhead=2, nhid=64, nlayers=nlayers,
                         dropout=0.1, max_len=64, pad_id=vocab.pad_id)
     torch.manual_seed(0)
     ns = NextSentenceTask(config)
     checkpoint.save_encoder(ns, config, vocab, folder / "ns_bert.pt")
     checkpoint.save_model("encoder", ns.bert_model, config, vocab, folder / "mlm_bert.pt")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder with two tiny encoders of the task's words (ns_bert.pt with a pooler,
+    mlm_bert.pt without), an RTE-layout and an MNLI-layout data folder."""
+    folder = tmp_path_factory.mktemp("glue")
+    write_encoders(folder, nlayers=2)
     rte = ["entailment", "not_entailment"]
     write_task(folder / "D", "RTE", {"train.tsv": (160, 0), "dev.tsv": (40, 1),
                                      "test.tsv": (12, 2)}, rte)

@@ -12,15 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, write_rte
-from test_glue import MARKS, WORDS, write_task
+from test_glue import write_encoders, write_task
 
 import glue_task
-from bertkit import checkpoint, checks
+from bertkit import checks
 from bertkit.glue import suite
-from bertkit.text import tokenizer as tok
-from model import BertConfig, NextSentenceTask
 
 ENV = {"OMP_NUM_THREADS": "1"}
 TINY = ["--data-dir", "../D", "--device", "cpu", "--lr", "5e-3", "--batch_size", "16",
@@ -31,13 +28,7 @@ TINY = ["--data-dir", "../D", "--device", "cpu", "--lr", "5e-3", "--batch_size",
 def work(tmp_path_factory):
     """Tiny encoders (ns_bert.pt, mlm_bert.pt), an RTE and an MNLI data folder."""
     folder = tmp_path_factory.mktemp("suite")
-    vocab = tok.Vocab(list(tok.SPECIALS) + WORDS + sorted(set(MARKS.values())))
-    config = BertConfig(vocab_size=len(vocab), emsize=32, nhead=2, nhid=64, nlayers=1,
-                        dropout=0.1, max_len=64, pad_id=vocab.pad_id)
-    torch.manual_seed(0)
-    ns = NextSentenceTask(config)
-    checkpoint.save_encoder(ns, config, vocab, folder / "ns_bert.pt")
-    checkpoint.save_model("encoder", ns.bert_model, config, vocab, folder / "mlm_bert.pt")
+    write_encoders(folder, nlayers=1)
     write_rte(folder / "D" / "glue" / "RTE", 48, 24)
     write_task(folder / "D", "MNLI", {"train.tsv": (48, 3), "dev_matched.tsv": (18, 4),
                                       "dev_mismatched.tsv": (12, 5)},

@@ -454,6 +454,18 @@ def test_plot_writes_plain_numbers_and_shows_a_single_valid_point():
         plt.close(fig)
 
 
+def resume_and_load_best_models(full, part):
+    """Resume the stopped run in `part`: its "resumed from" line comes first, then the model
+    line (no longer a "new" model before it); the best models of both runs' weights."""
+    resumed = run_mlm("--checkpoint", "mlm_state.pt", cwd=part)
+    assert resumed.returncode == 0, resumed.stderr
+    lines = resumed.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("resumed from"))
+    assert lines[first + 1].startswith("MLMTask "), lines[:first + 2]
+    return (torch.load(full / "full_mlm_model.pt", weights_only=True)["model"],
+            torch.load(part / "full_mlm_model.pt", weights_only=True)["model"])
+
+
 def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_path):
     flags = [*TINY, *MODERN, "--epochs", "4", "--dropout", "0.1", "--log-interval", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -472,14 +484,7 @@ def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_pa
     state = torch.load(part / "mlm_state.pt", weights_only=True)
     assert state["train_state"]["global_step"] < 30  # at least one epoch boundary to cross
     assert state["scheduler"]["last_epoch"] == state["train_state"]["global_step"]
-    resumed = run_mlm("--checkpoint", "mlm_state.pt", cwd=part)
-    assert resumed.returncode == 0, resumed.stderr
-    # "resumed from" first, then the model line (no longer a "new" model before it)
-    lines = resumed.stdout.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("resumed from"))
-    assert lines[first + 1].startswith("MLMTask "), lines[:first + 2]
-    a = torch.load(full / "full_mlm_model.pt", weights_only=True)["model"]
-    b = torch.load(part / "full_mlm_model.pt", weights_only=True)["model"]
+    a, b = resume_and_load_best_models(full, part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full_state = torch.load(full / "mlm_state.pt", weights_only=True)
     part_state = torch.load(part / "mlm_state.pt", weights_only=True)
@@ -524,14 +529,7 @@ def test_eval_every_validates_mid_epoch_and_a_resume_is_bitwise(tmp_path):
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 143 and "stopped by a signal (SIGTERM)" in rest, rest
-    resumed = run_mlm("--checkpoint", "mlm_state.pt", cwd=part)
-    assert resumed.returncode == 0, resumed.stderr
-    # "resumed from" first, then the model line (no longer a "new" model before it)
-    lines = resumed.stdout.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("resumed from"))
-    assert lines[first + 1].startswith("MLMTask "), lines[:first + 2]
-    a = torch.load(full / "full_mlm_model.pt", weights_only=True)["model"]
-    b = torch.load(part / "full_mlm_model.pt", weights_only=True)["model"]
+    a, b = resume_and_load_best_models(full, part)
     assert all(torch.equal(a[k], b[k]) for k in a)
     evaluations = [row for row in rows if "loss" not in row]
     assert [row for row in _rows(part) if "loss" not in row] == evaluations
