@@ -112,6 +112,34 @@ def mlm_batch(windows, cls_id, masking, seed, epoch, i, rows):
     return {"inputs": inputs, "targets": targets, "masked_positions": masked_positions}
 
 
+def mlm_pair_batch(windows, specials, masking, seed, epoch, i, rows):
+    """Batch i of an epoch for MLM with next-sentence prediction (--next-sentence, BERT's
+    two pretraining tasks at once): each row `<cls> A <sep> B <sep>`, the `bptt` tokens of
+    mlm_batch. A is the first `cut` tokens of its window (cut uniform in 1 .. bptt - 4), B
+    the rest of the window (label 1) or, for half the rows, the same positions of a random
+    other window (label 0). Token types are 0 up to the first <sep>, 1 after it. Masks as
+    mlm_batch's, never on <cls> or <sep>; every draw from batch_generator(seed, "mask",
+    epoch, i), so a batch is the same after a resume. `specials`: (cls_id, sep_id)."""
+    cls_id, sep_id = specials
+    generator = batch_generator(seed, "mask", epoch, i)
+    text = windows[rows, :-2].long()  # bptt - 3 tokens: room for the two <sep>
+    n, length = text.shape
+    other = windows[torch.randint(len(windows), (n,), generator=generator), :-2].long()
+    labels = (torch.rand(n, generator=generator) < 0.5).long()  # 1: B continues A
+    cut = torch.randint(1, length, (n, 1), generator=generator)
+    position = torch.arange(length)
+    body = torch.where((position >= cut) & (labels[:, None] == 0), other, text)
+    tokens = torch.cat([torch.full((n, 1), cls_id, dtype=torch.long), body], dim=1)
+    inputs, targets, masked_positions = mask_tokens(tokens, masking, generator)
+    # Positions after A move one right, to make room for the <sep> at cut + 1.
+    moved = torch.arange(length + 1).expand(n, -1)
+    moved = moved + (moved > cut).long()
+    rows_out = torch.full((n, length + 3), sep_id, dtype=torch.long).scatter(1, moved, inputs)
+    token_types = (torch.arange(length + 3) > cut + 1).long()
+    return {"inputs": rows_out, "token_types": token_types, "ns_labels": labels,
+            "targets": targets, "masked_positions": masked_positions + (masked_positions > cut).long()}
+
+
 ###############################################################################
 # Next-sentence pairs
 ###############################################################################

@@ -3,6 +3,7 @@
     python mlm_task.py            # WikiText-2, BERT-base size -> mlm_bert.pt
 """
 
+import argparse
 import functools
 
 import bertkit.cpu_threads  # noqa: F401 (OpenMP's wait policy, before torch loads)
@@ -16,7 +17,7 @@ from bertkit.files import UserError
 from bertkit.text import corpus
 from bertkit.text.tokenizer import TokenizerSpec
 from bertkit.training import distributed, logs, trainer
-from model import BertConfig, MLMTask
+from model import BertConfig, MLMTask, PreTrainingTask
 
 # The architecture of a model pretrained from scratch (BERT-base), flags left out.
 FRESH_MODEL = dict(emsize=768, nhid=3072, nlayers=12, nhead=12, dropout=0.2)
@@ -43,6 +44,11 @@ def get_parser():
     parser.add_argument("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
                         help="mask: every masked token becomes <MASK> (the old example); bert: "
                              "80%% <MASK>, 10%% random word, 10%% unchanged (default mask)")
+    parser.add_argument("--next-sentence", action=argparse.BooleanOptionalAction, default=False,
+                        help="also train BERT's next-sentence head: each sequence becomes "
+                             "<cls> A <sep> B <sep>, B the rest of A's text or, for half, "
+                             "text from elsewhere; the pooler it trains goes into the saved "
+                             "models, for fine-tuning (default off: MLM alone)")
     flags.add_dataset_flag(parser, default="WikiText2")
     flags.add_evaluate_only_flag(parser)
     parser.add_argument("--min-freq", type=int, default=1,
@@ -72,6 +78,7 @@ class MLM:
         self.masking = flags.settings(data.Masking, args, mask_id=vocab.mask_id,
                                       word_ids=vocab.word_ids)
         self.windows = {s: data.mlm_windows(splits[s], args.bptt) for s in data.SPLITS}
+        self.ns_sums = logs.PretrainingSums(device, args.next_sentence)
         needed = args.batch_size * info.world_size
         if len(self.windows["train"]) < needed:
             raise UserError(
@@ -82,10 +89,15 @@ class MLM:
                 raise UserError(f"the {split} split of {args.dataset} has fewer than "
                                 f"{args.bptt - 1} tokens: not one sequence")
 
-    def _batches(self, windows, order, epoch, masking):
+    def _batches(self, windows, order, epoch, masking, pairs=False):
         a = self.args
-        make_batch = functools.partial(data.mlm_batch, windows, self.vocab.cls_id, masking,
-                                       a.seed, epoch)
+        if pairs:  # --next-sentence's training batches
+            make_batch = functools.partial(data.mlm_pair_batch, windows,
+                                           (self.vocab.cls_id, self.vocab.sep_id), masking,
+                                           a.seed, epoch)
+        else:
+            make_batch = functools.partial(data.mlm_batch, windows, self.vocab.cls_id,
+                                           masking, a.seed, epoch)
         return data.Batches(make_batch, order, a.batch_size)
 
     def train_batches(self, epoch):
@@ -93,7 +105,8 @@ class MLM:
         order = data.epoch_order(len(self.windows["train"]), a.seed, epoch, shuffle=True,
                                  rank=self.info.rank, world_size=self.info.world_size,
                                  batch_size=a.batch_size)
-        return self._batches(self.windows["train"], order, epoch, self.masking)
+        return self._batches(self.windows["train"], order, epoch, self.masking,
+                             pairs=self.args.next_sentence)
 
     def eval_batches(self, split):
         """The sequences of a split (all, or --eval-batches' sample), masked the same way
@@ -106,9 +119,20 @@ class MLM:
         return self._batches(windows, order, f"eval-{split}", masking)
 
     @staticmethod
-    def loss(model, batch, reduction="mean"):
+    def mlm_loss(model, batch, reduction="mean"):
         logits = model(batch["inputs"], batch["masked_positions"])  # MLM batches have no padding
         return F.cross_entropy(logits.float(), batch["targets"], reduction=reduction)
+
+    def loss(self, model, batch):
+        """The MLM loss; with --next-sentence, plus the next-sentence loss (BERT's sum)."""
+        if "ns_labels" not in batch:
+            return self.mlm_loss(model, batch)
+        logits, ns_logits = model(batch["inputs"], batch["masked_positions"],
+                                  batch["token_types"], next_sentence=True)
+        mlm_loss = F.cross_entropy(logits.float(), batch["targets"])
+        self.ns_sums.add_mlm(mlm_loss)
+        self.ns_sums.add_ns(ns_logits.float(), batch["ns_labels"])
+        return mlm_loss + F.cross_entropy(ns_logits.float(), batch["ns_labels"])
 
     def evaluate(self, model, split):
         """Mean loss over the masked tokens of eval_batches, on their fixed masks; and how
@@ -120,16 +144,24 @@ class MLM:
         return {"loss": loss, "ppl": logs.perplexity(loss), "tokens": int(n_targets)}
 
     def _sums(self, model, batch):
-        loss_sum = self.loss(model, batch, reduction="sum").double()
+        loss_sum = self.mlm_loss(model, batch, reduction="sum").double()
         return torch.stack([loss_sum, loss_sum.new_tensor(batch["targets"].numel())])
 
-    @staticmethod
-    def training_metrics(loss):
-        return {"ppl": logs.perplexity(loss)}
+    def training_metrics(self, loss):
+        """The perplexity of the training loss; with --next-sentence, of its MLM part, and
+        the next-sentence accuracy."""
+        return self.ns_sums.read_and_reset(loss)
 
     def save_best(self, model):
-        checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path,
-                              run=self.run)
+        """full_mlm_model.pt: the MLM model; with --next-sentence, the MLM model and the
+        trained pooler (the next-sentence classifier is left out: no task uses it)."""
+        if isinstance(model, PreTrainingTask):
+            checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path,
+                                  state=model.mlm_state_dict(), pooler=model.pooler.state_dict(),
+                                  run=self.run)
+        else:
+            checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path,
+                                  run=self.run)
 
     def write_outputs(self, model):
         checkpoint.save_encoder(model, self.config, self.vocab, self.outputs["--save"][0],
@@ -168,9 +200,27 @@ def fresh_config(args, vocab=None):
         raise UserError(f"the model flags do not make a BERT: {e}") from None
 
 
+def build_model(args, config, weights, device):
+    """MLMTask, or with --next-sentence PreTrainingTask, new or of --bert-model's weights
+    (an MLM model's; an encoder's, with its pooler where it has one)."""
+    if not args.next_sentence:
+        return (checkpoint.task_model(MLMTask, config, weights, args.bert_model, device)
+                if weights is not None else MLMTask(config).to(device))
+    model = PreTrainingTask(config)
+    if weights is not None:
+        mlm = checkpoint.task_model(MLMTask, config, weights, args.bert_model, "cpu")
+        model.load_state_dict(mlm.state_dict(), strict=False)  # all but the new heads
+        if weights.pooler is not None:
+            checkpoint.load_into(model.pooler, weights.pooler, "--bert-model", args.bert_model)
+    return model.to(device)
+
+
 def main(args, info):
     log, device = mains.start(args, info)
     recipes.split_global_batch(args, info.world_size)
+    if args.next_sentence and args.bptt < 5:
+        raise UserError(f"--next-sentence: --bptt {args.bptt} has no room for <cls> A <sep> B "
+                        "<sep>; give --bptt 5 or more")
     spec = flags.settings(TokenizerSpec, args)
     if args.bert_model is None:
         if args.evaluate_only:
@@ -193,8 +243,7 @@ def main(args, info):
     if args.recipe:
         log(recipes.recipe_summary(args, info.world_size, config.dropout))
     task = MLM(args, vocab, splits, config, info, device)
-    model = (checkpoint.task_model(MLMTask, config, weights, args.bert_model, device)
-             if weights is not None else MLMTask(config).to(device))
+    model = build_model(args, config, weights, device)
     start = f"from {args.bert_model}" if args.bert_model else "new"
     trainer.run(task, model, train_config, info, device, log,
                 start=f"{start}, {len(splits['train'].ids)} train tokens", flags=vars(args))

@@ -269,11 +269,49 @@ class MLMTask(nn.Module):
 
         Gathering a fixed number of positions per row keeps shapes static: no host-device
         sync, unlike boolean-mask indexing, whose output size depends on the data."""
-        output = self.bert_model(src, token_type_input, padding_mask)
+        return self.mlm_logits(self.bert_model(src, token_type_input, padding_mask),
+                               masked_positions)
+
+    def mlm_logits(self, output, masked_positions):
+        """The MLM head on the encoder's `output` (batch, seq, hidden), as forward."""
         if masked_positions is not None:
             index = masked_positions[:, :, None].expand(-1, -1, output.size(-1))
             output = output.gather(1, index).flatten(0, 1)
         return self.mlm_head(self.norm_layer(F.gelu(self.mlm_span(output))))
+
+
+class PreTrainingTask(MLMTask):
+    """BERT's two pretraining heads (transformers' BertForPreTraining): the MLM head, and
+    the next-sentence head on <cls>: BERT's pooler (dense + tanh), then 2 logits (label
+    1: B follows A, as NextSentenceTask). mlm_task.py --next-sentence trains it; its
+    checkpoints keep the MLM model and the pooler (mlm_state_dict), which a classifier
+    fine-tuned from them starts from."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.pooler = nn.Linear(config.emsize, config.emsize)
+        self.ns_head = nn.Linear(config.emsize, 2)
+        init_head(self.pooler, self.ns_head)
+
+    def forward(self, src, masked_positions=None, token_type_input=None, padding_mask=None,
+                next_sentence=False):
+        """MLMTask's logits; with next_sentence, (those, the next-sentence logits)."""
+        output = self.bert_model(src, token_type_input, padding_mask)
+        mlm_logits = self.mlm_logits(output, masked_positions)
+        if not next_sentence:
+            return mlm_logits
+        return mlm_logits, self.ns_head(torch.tanh(self.pooler(output[:, 0])))
+
+    def mlm_state_dict(self):
+        """The state dict of the MLMTask inside: the model without its next-sentence head."""
+        heads = ("pooler.", "ns_head.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(heads)}
+
+    def state_with(self, mlm_state, pooler_state):
+        """A whole state dict of an MLM model's state and a pooler's (what mlm_state_dict
+        and the pooler save), the next-sentence classifier kept as it is."""
+        return {**mlm_state, **{f"pooler.{k}": v for k, v in pooler_state.items()},
+                **{k: v for k, v in self.state_dict().items() if k.startswith("ns_head.")}}
 
 
 class SequenceClassificationTask(nn.Module):

@@ -32,15 +32,17 @@ from bertkit.training.distributed import unwrap
 from model import BertConfig
 
 
-def model_checkpoint(kind, model, config, vocab, **extra):
-    """A weights_only-loadable dict: state dict, architecture config, the tokenizer (its
-    word list, and its state: the tokenizer.json content for WordPiece)."""
-    return {"kind": kind, "model": unwrap(model).state_dict(), "config": config.to_dict(),
+def model_checkpoint(kind, model, config, vocab, state=None, **extra):
+    """A weights_only-loadable dict: state dict (the model's, or `state`), architecture
+    config, the tokenizer (its word list, and its state: the tokenizer.json content for
+    WordPiece)."""
+    state = unwrap(model).state_dict() if state is None else state
+    return {"kind": kind, "model": state, "config": config.to_dict(),
             "vocab": list(vocab.itos), "tokenizer": vocab.state(), **extra}
 
 
-def save_model(kind, model, config, vocab, path, **extra):
-    atomic_save(model_checkpoint(kind, model, config, vocab, **extra), path)
+def save_model(kind, model, config, vocab, path, state=None, **extra):
+    atomic_save(model_checkpoint(kind, model, config, vocab, state, **extra), path)
 
 
 def save_encoder(model, config, vocab, path, **extra):
@@ -203,7 +205,7 @@ def starting_weights(ckpt, kind, path, evaluate_only=False):
     that a checkpoint without an encoder is refused at once."""
     refuse_state_file(ckpt, "--bert-model", path)
     if ckpt.get("kind") == kind:
-        return Start("task", ckpt["model"], labels=ckpt.get("labels"))
+        return Start("task", ckpt["model"], pooler_state(ckpt), labels=ckpt.get("labels"))
     if evaluate_only:
         wanted = TASK_MODELS.get(kind, f"a {kind} model")
         raise UserError(f"--evaluate-only: --bert-model {path} is a checkpoint of kind "

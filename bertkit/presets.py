@@ -13,6 +13,14 @@ SIZES = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 51
 FRESH_ONLY = ("size", "tokenizer", "vocab_size")
 
 
+def shown_flag(name, value):
+    """'--lr 0.001', '--next-sentence' (a switch on), '--no-next-sentence' (off)."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {shown_value(name, value)}"
+
+
 def shown_value(name, value):
     if name == "time_budget":
         return budget.shown(value)

@@ -31,7 +31,8 @@ RECIPES = {
         "mlm_task.py": dict(size="mini", tokenizer="wordpiece", vocab_size=8192,
                             lr=1e-3, betas=(0.9, 0.98), eps=1e-6, warmup=0.06, clip=0.5,
                             mask_frac=0.25, mask_mode="bert", global_batch=32, bptt=128,
-                            dropout=0.0, eval_batches=40, epochs=1000, time_budget=3600.0),
+                            dropout=0.0, eval_batches=40, epochs=1000, time_budget=3600.0,
+                            next_sentence=True),
         "qa_task.py": dict(epochs=3, bptt=384, doc_stride=128, span_loss="bert"),
         "ns_task.py": dict(epochs=3, bptt=128),
         "glue_task.py": dict(epochs=5, bptt=128, dropout=0.1),
@@ -102,7 +103,7 @@ def recipe_summary(args, world_size, dropout):
     """The effective settings of a --recipe run, for its first log line; `dropout` is the
     model's (--dropout, else --bert-model's)."""
     settings = recipe_settings(args.recipe, args.script)
-    shown = [f"--{name.replace('_', '-')} {presets.shown_value(name, getattr(args, name))}"
+    shown = [presets.shown_flag(name, getattr(args, name))
              for name in settings if name != "global_batch" and hasattr(args, name)
              and getattr(args, name) is not None]
     given = sorted(set(getattr(args, "given_flags", ())) & {*settings, *BATCH_FLAGS, "dropout"})

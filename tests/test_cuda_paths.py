@@ -88,7 +88,7 @@ def _split(n_lines=20, length=12):
 def _args(**overrides):
     fields = dict(bptt=8, batch_size=2, mask_frac=0.25, mask_mode="mask", seed=1, dtype="fp32",
                   dataset="toy", min_sentence_len=4, frac_ns=0.5, save="e.pt", save_vocab="v.pt",
-                  eval_batches=0)
+                  eval_batches=0, next_sentence=False)
     return argparse.Namespace(**{**fields, **overrides})
 
 

@@ -249,6 +249,43 @@ def test_masks_depend_only_on_seed_epoch_batch():
     assert "padding_mask" not in a  # MLM rows are never padded
 
 
+def test_next_sentence_batches_are_bert_pairs_masked_off_the_specials():
+    """--next-sentence: <cls> A <sep> B <sep>, B the window's own continuation (label 1)
+    or another window's text at the same positions (label 0), about half each; token
+    types 1 from B on; masks never on <cls> or <sep>, their targets the original tokens;
+    the same batch for the same (seed, epoch, batch)."""
+    windows = torch.randint(len(SPECIALS), 500, (4096, 31), dtype=torch.int32,
+                            generator=torch.Generator().manual_seed(0))
+    sep_id = SEP_ID
+    make_batch = functools.partial(data.mlm_pair_batch, windows, (CLS_ID, sep_id),
+                                   masking(0.25, 500), 7, 1)
+    rows = torch.arange(256)
+    batch = make_batch(3, rows)
+    assert all(torch.equal(v, make_batch(3, rows)[k]) for k, v in batch.items())
+    inputs, types, labels = batch["inputs"], batch["token_types"], batch["ns_labels"]
+    assert inputs.shape == types.shape == (256, 32) and labels.shape == (256,)
+    assert 0.4 < labels.float().mean() < 0.6
+    n_mask = round(0.25 * 29)  # of the bptt - 3 text tokens
+    assert batch["masked_positions"].shape == (256, n_mask)
+    unmasked = inputs.scatter(1, batch["masked_positions"], batch["targets"].view(256, -1))
+    for row in range(256):
+        seps = (unmasked[row] == sep_id).nonzero().flatten().tolist()
+        assert inputs[row, 0] == CLS_ID and seps[-1] == 31 and len(seps) == 2, seps
+        cut = seps[0] - 1  # A's length
+        assert 1 <= cut <= 28
+        assert types[row].tolist() == [0] * (cut + 2) + [1] * (30 - cut)
+        a, b = unmasked[row, 1:cut + 1], unmasked[row, cut + 2:31]
+        assert torch.equal(a, windows[row, :cut].long())
+        if labels[row] == 1:
+            assert torch.equal(b, windows[row, cut:29].long())
+        else:  # another window's text at the same positions
+            assert not torch.equal(b, windows[row, cut:29].long())
+            assert (windows[:, cut:29].long() == b).all(1).any()
+        masked = batch["masked_positions"][row]
+        assert not (unmasked[row, masked] == sep_id).any() and not (masked == 0).any()
+    assert not torch.equal(inputs, make_batch(4, rows)["inputs"])
+
+
 def test_mlm_windows():
     split = data.TokenizedSplit(torch.arange(100, dtype=torch.int32), torch.tensor([0, 100]))
     windows = data.mlm_windows(split, bptt=11)

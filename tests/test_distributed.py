@@ -119,7 +119,7 @@ def _ddp_grads(rank, world_size, port, out):
                             world_size=world_size)
     model = DDP(_tiny_model())
     rows = slice(rank * 4, (rank + 1) * 4)
-    MLM.loss(model, _batch(rows)).backward()
+    MLM.mlm_loss(model, _batch(rows)).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
     dist.destroy_process_group()
@@ -130,7 +130,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     mp.spawn(_ddp_grads, args=(2, distributed._free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     model = _tiny_model()
-    MLM.loss(model, _batch(slice(0, 8))).backward()
+    MLM.mlm_loss(model, _batch(slice(0, 8))).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp[name], p.grad, atol=1e-6, rtol=0, msg=name)
 

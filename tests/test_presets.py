@@ -50,10 +50,15 @@ def test_recipe_laptop_sets_the_pretraining_settings():
     assert (args.schedule, args.warmup, args.clip) == ("linear", 0.06, 0.5)
     assert (args.mask_frac, args.mask_mode, args.bptt, args.dropout) == (0.25, "bert", 128, 0.0)
     assert (args.eval_batches, args.epochs, args.time_budget) == (40, 1000, 3600)
+    assert args.next_sentence is True
     recipes.split_global_batch(args, 1)
     assert (args.batch_size, args.grad_accum) == (32, 1)
     summary = recipes.recipe_summary(args, 1, 0.0)
     assert "--time-budget 60m" in summary and "--betas 0.9 0.98" in summary
+    assert " --next-sentence " in summary
+    off = parse(mlm_task, "--recipe", "laptop", "--no-next-sentence")
+    assert off.next_sentence is False
+    assert " --no-next-sentence " in recipes.recipe_summary(off, 1, 0.0)
 
 
 def test_recipe_laptop_flags_given_win():

@@ -360,7 +360,7 @@ class FixedBatch:
     def train_batches(self, epoch):
         return [self.batch]
 
-    loss = staticmethod(mlm_task.MLM.loss)
+    loss = staticmethod(mlm_task.MLM.mlm_loss)
 
 
 def test_mlm_training_equals_transformers_step_for_step(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """mlm_task.py and ns_task.py end to end, as a user runs them: a tiny mlm -> ns run on a
 small WikiText-layout folder, the checkpoints it writes, and one clear line for bad input."""
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -26,6 +27,7 @@ DATA = ["--data-dir", "D", "--dataset", "WikiText2"]
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP's
 # spinning threads make each step 10-100x slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CPU = torch.device("cpu")
 
 
 def run(script, *flags, cwd):
@@ -158,6 +160,8 @@ BAD_INPUTS = {
         None, [*NS, "--bert-model", "mlm_bert.pt", "--emsize", "48", "--overwrite"],
         "--emsize 48"),
     "unknown --dataset": (None, [*MLM, "--dataset", "NoSuchSet"], "NoSuchSet"),
+    "--next-sentence without room for a pair": (
+        None, [*MLM, "--next-sentence", "--bptt", "4"], "--next-sentence: --bptt 4"),
     "fewer tokens than one batch": (_tiny_corpus, MLM, "fewer than one batch"),
     "non-UTF-8 data file": (_non_utf8, MLM, "wiki.train.tokens is not UTF-8"),
     "--checkpoint is a model, not a state file": (
@@ -316,3 +320,79 @@ def test_evaluate_only_writes_the_metrics_log_and_nothing_else(runs):
     assert [row.get("valid_pairs", row.get("test_pairs")) for row in rows] == [8, 8]
     assert "| evaluation | valid loss" in out and "| evaluation | test loss" in out
     assert sorted(set(files_in(work)) - set(after)) == ["runs/eval/ns_metrics.jsonl"]
+
+
+###############################################################################
+# --next-sentence: BERT's two pretraining tasks at once
+###############################################################################
+
+
+def topic_lines(n_lines, seed, n_topics=6, words_per_topic=5, block=5):
+    """Lines whose words come from one topic's own words, a topic for `block` lines in a
+    row: a continuation shares its first part's topic, text from elsewhere mostly does
+    not, so the next-sentence task can be learned."""
+    rng = random.Random(seed)
+    lines = []
+    for start in range(0, n_lines, block):
+        topic = rng.randrange(n_topics)
+        words = [f"t{topic}w{k}" for k in range(words_per_topic)]
+        lines += [" ".join(rng.choices(words, k=30)) for _ in range(min(block, n_lines - start))]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory):
+    """mlm_task.py --next-sentence on topic text: (folder, stdout)."""
+    work = tmp_path_factory.mktemp("pairs")
+    write_wikitext(work / "D", topic_lines(600, 0), topic_lines(60, 1), topic_lines(60, 2))
+    out = run_here("mlm_task.py", [*SMALL, "--bptt", 24, "--next-sentence", "--optimizer",
+                                   "adamw", "--lr", "3e-3", "--epochs", 6, "--log-interval", 10,
+                                   "--output-dir", "pairs"], work)
+    return work, out
+
+
+def test_next_sentence_is_learned_beside_mlm(pair_run):
+    """The log shows the MLM part's perplexity and the next-sentence accuracy, which rises
+    from chance; the metrics log records both."""
+    work, out = pair_run
+    accuracies = [float(a) for a in re.findall(r"\| ns_accuracy +([\d.]+)%", out)]
+    assert len(accuracies) >= 5 and "| ppl " in out
+    # Chance is 50%; on text whose continuation shares its topic it climbs well above.
+    assert max(accuracies[:2]) < 60 and sum(accuracies[-3:]) / 3 > 62, accuracies
+    rows = [json.loads(line) for line in (work / "pairs/mlm_metrics.jsonl").open()]
+    trained = [row for row in rows if "ns_accuracy" in row]
+    assert all(row["loss"] > row["mlm_loss"] > 0 for row in trained)
+    assert "test_ppl" in rows[-1]  # the MLM test on plain windows, as without the flag
+
+
+def test_next_sentence_models_carry_the_trained_pooler(pair_run):
+    """mlm_bert.pt and full_mlm_model.pt hold the pooler the next-sentence head trained;
+    full_mlm_model.pt is still an MLM model (MLMTask loads it strictly), and a GLUE
+    classifier or a continued pretraining starts from its pooler."""
+    from bertkit import checkpoint
+    from mlm_task import build_model
+    from model import PreTrainingTask, SequenceClassificationTask
+
+    work, _ = pair_run
+    encoder = torch.load(work / "pairs/mlm_bert.pt", weights_only=True)
+    full = torch.load(work / "pairs/full_mlm_model.pt", weights_only=True)
+    state = torch.load(work / "pairs/mlm_state.pt", weights_only=True)
+    config = BertConfig.from_dict(full["config"])
+    MLMTask(config).load_state_dict(full["model"], strict=True)
+    PreTrainingTask(config).load_state_dict(state["model"], strict=True)
+    assert sorted(encoder["pooler"]) == ["bias", "weight"]
+    for name, tensor in encoder["pooler"].items():
+        assert torch.equal(tensor, full["pooler"][name])
+    fresh = PreTrainingTask(config).pooler.weight
+    assert not torch.equal(encoder["pooler"]["weight"], fresh)
+    for path in ("pairs/mlm_bert.pt", "pairs/full_mlm_model.pt"):
+        ckpt = checkpoint.load_checkpoint(str(work / path), "--bert-model")
+        weights = checkpoint.starting_weights(ckpt, "glue", path)
+        classifier = checkpoint.task_model(SequenceClassificationTask, config, weights, path,
+                                           CPU, n_labels=2)
+        assert torch.equal(classifier.pooler.weight, encoder["pooler"]["weight"]), path
+    ckpt = checkpoint.load_checkpoint(str(work / "pairs/full_mlm_model.pt"), "--bert-model")
+    args = argparse.Namespace(next_sentence=True, bert_model="full_mlm_model.pt")
+    model = build_model(args, config, checkpoint.starting_weights(ckpt, "mlm", "f"), CPU)
+    assert torch.equal(model.pooler.weight, encoder["pooler"]["weight"])
+    assert torch.equal(model.mlm_head.weight, full["model"]["mlm_head.weight"])

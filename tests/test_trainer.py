@@ -454,20 +454,24 @@ def test_plot_writes_plain_numbers_and_shows_a_single_valid_point():
         plt.close(fig)
 
 
-def resume_and_load_best_models(full, part):
+def resume_and_load_best_models(full, part, model="MLMTask"):
     """Resume the stopped run in `part`: its "resumed from" line comes first, then the model
     line (no longer a "new" model before it); the best models of both runs' weights."""
     resumed = run_mlm("--checkpoint", "mlm_state.pt", cwd=part)
     assert resumed.returncode == 0, resumed.stderr
     lines = resumed.stdout.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("resumed from"))
-    assert lines[first + 1].startswith("MLMTask "), lines[:first + 2]
+    assert lines[first + 1].startswith(f"{model} "), lines[:first + 2]
     return (torch.load(full / "full_mlm_model.pt", weights_only=True)["model"],
             torch.load(part / "full_mlm_model.pt", weights_only=True)["model"])
 
 
-def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_path):
-    flags = [*TINY, *MODERN, "--epochs", "4", "--dropout", "0.1", "--log-interval", "2"]
+@pytest.mark.parametrize("extra, model", [([], "MLMTask"),
+                                          (["--next-sentence"], "PreTrainingTask")])
+def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_path, extra,
+                                                                         model):
+    """Also with --next-sentence: its pairs, next-sentence head and pooler."""
+    flags = [*TINY, *MODERN, "--epochs", "4", "--dropout", "0.1", "--log-interval", "2", *extra]
     full, part = tmp_path / "full", tmp_path / "part"
     for folder in (full, part):
         write_wikitext(folder / "D", zipf_lines(60, 0), zipf_lines(20, 1), zipf_lines(20, 2))
@@ -484,12 +488,17 @@ def test_resume_is_bitwise_with_adamw_and_a_linear_schedule_across_epochs(tmp_pa
     state = torch.load(part / "mlm_state.pt", weights_only=True)
     assert state["train_state"]["global_step"] < 30  # at least one epoch boundary to cross
     assert state["scheduler"]["last_epoch"] == state["train_state"]["global_step"]
-    a, b = resume_and_load_best_models(full, part)
+    a, b = resume_and_load_best_models(full, part, model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full_state = torch.load(full / "mlm_state.pt", weights_only=True)
     part_state = torch.load(part / "mlm_state.pt", weights_only=True)
     assert full_state["train_state"]["global_step"] == part_state["train_state"]["global_step"] == 40
-    assert all(torch.equal(full_state["model"][k], part_state["model"][k]) for k in a)
+    assert full_state["model"].keys() == part_state["model"].keys()
+    assert all(torch.equal(v, part_state["model"][k]) for k, v in full_state["model"].items())
+    if extra:  # the pooler the next-sentence head trained, in the best model too
+        pooler = torch.load(part / "full_mlm_model.pt", weights_only=True)["pooler"]
+        full_pooler = torch.load(full / "full_mlm_model.pt", weights_only=True)["pooler"]
+        assert all(torch.equal(pooler[k], full_pooler[k]) for k in pooler)
 
 
 # -- evaluation during an epoch ----------------------------------------------------

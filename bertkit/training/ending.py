@@ -42,8 +42,11 @@ def load_best(model, path, info):
     returns the plain module (no DDP, no compile wrapper) for the final evaluation."""
     distributed.barrier(info)
     model = distributed.unwrap(model)
-    best = checkpoint.load_checkpoint(path, "best model")["model"]
-    checkpoint.load_into(model, best, "best model", path)
+    best = checkpoint.load_checkpoint(path, "best model")
+    state = best["model"]
+    if hasattr(model, "state_with"):  # mlm_task.py --next-sentence: the MLM model + pooler
+        state = model.state_with(state, best.get("pooler", {}))
+    checkpoint.load_into(model, state, "best model", path)
     return model
 
 

@@ -291,6 +291,35 @@ class TrainingAccuracy:
         return {"accuracy": 100 * right / seen} if seen else {}
 
 
+class PretrainingSums:
+    """mlm_task.py's training measures since the last log line: the perplexity of the
+    loss, and with --next-sentence that of its MLM part and the next-sentence accuracy
+    (summed on the device until read)."""
+
+    def __init__(self, device, next_sentence):
+        self.next_sentence = next_sentence
+        self.mlm = torch.zeros((), device=device)
+        self.steps = torch.zeros((), device=device)
+        self.accuracy = TrainingAccuracy(device)
+
+    def add_mlm(self, loss):
+        if self.next_sentence:
+            self.mlm += loss.detach()
+            self.steps += 1
+
+    def add_ns(self, logits, labels):
+        self.accuracy.add(logits, labels)
+
+    def read_and_reset(self, loss):
+        if not self.next_sentence:
+            return {"ppl": perplexity(loss)}
+        mlm_loss = (self.mlm / self.steps.clamp(min=1)).item()
+        self.mlm.zero_()
+        self.steps.zero_()
+        accuracy = self.accuracy.read_and_reset().get("accuracy", float("nan"))
+        return {"mlm_loss": mlm_loss, "ppl": perplexity(mlm_loss), "ns_accuracy": accuracy}
+
+
 def epoch_end(epoch, step, complete, seconds):
     """The validation line's start after an epoch's training: the old example's "end of
     epoch", or where --max-steps stopped it within the epoch."""
@@ -306,7 +335,8 @@ def lr_text(lr, peak):
 
 
 # How each metric is shown in a log line; "%" marks a percentage. Unknown names: general.
-DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%",
+DISPLAY = {"loss": "8.5f", "ppl": "8.2f", "accuracy": "5.2f%", "mlm_loss": "5.2f",
+           "ns_accuracy": "5.2f%", "exact": ".2f%", "f1": ".2f%",
            "matthews_correlation": ".2f", "pearson": ".2f", "spearmanr": ".2f"}
 # The counts of what an evaluation scored, and what each counts: shown as "scored N ...".
 COUNTS = {"tokens": "masked tokens", "pairs": "pairs", "questions": "questions",

@@ -159,7 +159,7 @@ RUN_FLAGS = {
     "data": ("dataset", "train_file", "dev_file", "text_columns", "label_column",
              "regression", "tokenizer", "vocab_size", "min_freq"),
     "architecture": ("bert_model", "from_scratch", "size", "emsize", "nhid", "nlayers",
-                     "nhead", "qa_gelu"),
+                     "nhead", "qa_gelu", "next_sentence"),
 }
 SIZES = ("emsize", "nhid", "nlayers", "nhead")  # compared with the state's model config
 
