@@ -155,13 +155,10 @@ class MLM:
     def save_best(self, model):
         """full_mlm_model.pt: the MLM model; with --next-sentence, the MLM model and the
         trained pooler (the next-sentence classifier is left out: no task uses it)."""
-        if isinstance(model, PreTrainingTask):
-            checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path,
-                                  state=model.mlm_state_dict(), pooler=model.pooler.state_dict(),
-                                  run=self.run)
-        else:
-            checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path,
-                                  run=self.run)
+        parts = ({"state": model.mlm_state_dict(), "pooler": model.pooler.state_dict()}
+                 if isinstance(model, PreTrainingTask) else {})
+        checkpoint.save_model("mlm", model, self.config, self.vocab, self.best_model_path,
+                              run=self.run, **parts)
 
     def write_outputs(self, model):
         checkpoint.save_encoder(model, self.config, self.vocab, self.outputs["--save"][0],
@@ -203,16 +200,10 @@ def fresh_config(args, vocab=None):
 def build_model(args, config, weights, device):
     """MLMTask, or with --next-sentence PreTrainingTask, new or of --bert-model's weights
     (an MLM model's; an encoder's, with its pooler where it has one)."""
-    if not args.next_sentence:
-        return (checkpoint.task_model(MLMTask, config, weights, args.bert_model, device)
-                if weights is not None else MLMTask(config).to(device))
-    model = PreTrainingTask(config)
-    if weights is not None:
-        mlm = checkpoint.task_model(MLMTask, config, weights, args.bert_model, "cpu")
-        model.load_state_dict(mlm.state_dict(), strict=False)  # all but the new heads
-        if weights.pooler is not None:
-            checkpoint.load_into(model.pooler, weights.pooler, "--bert-model", args.bert_model)
-    return model.to(device)
+    task_class = PreTrainingTask if args.next_sentence else MLMTask
+    if weights is None:
+        return task_class(config).to(device)
+    return checkpoint.task_model(task_class, config, weights, args.bert_model, device)
 
 
 def main(args, info):

@@ -307,11 +307,16 @@ class PreTrainingTask(MLMTask):
         heads = ("pooler.", "ns_head.")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(heads)}
 
-    def state_with(self, mlm_state, pooler_state):
+    def state_with(self, mlm_state, pooler_state=None):
         """A whole state dict of an MLM model's state and a pooler's (what mlm_state_dict
-        and the pooler save), the next-sentence classifier kept as it is."""
-        return {**mlm_state, **{f"pooler.{k}": v for k, v in pooler_state.items()},
-                **{k: v for k, v in self.state_dict().items() if k.startswith("ns_head.")}}
+        and the pooler save; None: this model's own pooler), the next-sentence classifier
+        kept as it is."""
+        own = self.state_dict()
+        if pooler_state is None:
+            pooler = {k: v for k, v in own.items() if k.startswith("pooler.")}
+        else:
+            pooler = {f"pooler.{k}": v for k, v in pooler_state.items()}
+        return {**mlm_state, **pooler, **{k: v for k, v in own.items() if k.startswith("ns_head.")}}
 
 
 class SequenceClassificationTask(nn.Module):

@@ -247,12 +247,18 @@ def task_model(task_class, config, weights, path, device, **head):
     if weights is None:  # --from-scratch: the model's own fresh weights
         pass
     elif weights.part == "task":
-        load_into(model, weights.state, "--bert-model", path)
+        load_into(model, whole_state(model, weights.state, weights.pooler), "--bert-model", path)
     else:
         load_into(model.bert_model, weights.state, "--bert-model", path)
         if weights.pooler is not None and hasattr(model, "pooler"):
             load_into(model.pooler, weights.pooler, "--bert-model", path)
     return model.to(device)
+
+
+def whole_state(model, state, pooler):
+    """A saved model's `state` as `model` loads it: a PreTrainingTask's file holds the MLM
+    model and the pooler apart (its state_with joins them); any other model's as it is."""
+    return model.state_with(state, pooler) if hasattr(model, "state_with") else state
 
 
 def load_task_model(task_class, kind, path, flag, what):

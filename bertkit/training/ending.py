@@ -43,9 +43,7 @@ def load_best(model, path, info):
     distributed.barrier(info)
     model = distributed.unwrap(model)
     best = checkpoint.load_checkpoint(path, "best model")
-    state = best["model"]
-    if hasattr(model, "state_with"):  # mlm_task.py --next-sentence: the MLM model + pooler
-        state = model.state_with(state, best.get("pooler", {}))
+    state = checkpoint.whole_state(model, best["model"], best.get("pooler"))
     checkpoint.load_into(model, state, "best model", path)
     return model
 

@@ -299,13 +299,12 @@ class PretrainingSums:
     def __init__(self, device, next_sentence):
         self.next_sentence = next_sentence
         self.mlm = torch.zeros((), device=device)
-        self.steps = torch.zeros((), device=device)
+        self.steps = 0
         self.accuracy = TrainingAccuracy(device)
 
     def add_mlm(self, loss):
-        if self.next_sentence:
-            self.mlm += loss.detach()
-            self.steps += 1
+        self.mlm += loss.detach()
+        self.steps += 1
 
     def add_ns(self, logits, labels):
         self.accuracy.add(logits, labels)
@@ -313,9 +312,9 @@ class PretrainingSums:
     def read_and_reset(self, loss):
         if not self.next_sentence:
             return {"ppl": perplexity(loss)}
-        mlm_loss = (self.mlm / self.steps.clamp(min=1)).item()
+        mlm_loss = self.mlm.item() / max(self.steps, 1)
         self.mlm.zero_()
-        self.steps.zero_()
+        self.steps = 0
         accuracy = self.accuracy.read_and_reset().get("accuracy", float("nan"))
         return {"mlm_loss": mlm_loss, "ppl": perplexity(mlm_loss), "ns_accuracy": accuracy}
 
