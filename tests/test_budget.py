@@ -78,6 +78,18 @@ def test_the_steps_that_fit_leave_room_for_every_validation_save_and_the_test():
         assert f"80 optimizer steps fit; {flag} ends it first, at {fixed}" in lines[0]
 
 
+def test_the_steps_are_timed_for_a_share_of_the_budget():
+    """An hour times its steps for 18 s (at least 5 steps, at most 50), so one slow step
+    does not fix the schedule; 90 s times 5 steps."""
+    config, _ = stub()
+    hour, short = a_budget(config, 3600, 0, []), a_budget(config, 90, 0, [])
+    cpu = torch.device("cpu")
+    assert not hour._timed_enough([1.0] * 17, cpu) and hour._timed_enough([1.0] * 18, cpu)
+    assert not hour._timed_enough([10.0] * 4, cpu) and hour._timed_enough([10.0] * 5, cpu)
+    assert not hour._timed_enough([0.01] * 49, cpu) and hour._timed_enough([0.01] * 50, cpu)
+    assert short._timed_enough([0.5] * 5, cpu) and not short._timed_enough([0.5] * 4, cpu)
+
+
 def test_a_budget_shorter_than_one_step_is_an_error():
     config, trainer = stub()
     with pytest.raises(UserError, match=r"^--time-budget 12s: shorter than one step of this "

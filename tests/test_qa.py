@@ -318,6 +318,7 @@ def _ddp_eval_rank(rank, port, questions, vocab, windowing, state, out_dir):
                                                          torch.device("cpu"), "fp32", info)
     torch.save({"answers": answers, "null_scores": null_scores, "loss": loss},
                Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.barrier()  # no rank tears the group down while the other uses it
     torch.distributed.destroy_process_group()
 
 

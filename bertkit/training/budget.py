@@ -2,9 +2,13 @@
 budget, its warmup and decay spanning them (as Cramming's and academic-budget-bert's
 --total_training_time).
 
-The run measures its first steps before training (WARMUP_STEPS untimed, then TIMED_STEPS
-timed, on a throwaway optimizer; the weights and random streams are put back, so the
-training that follows is the one `--max-steps N` would give), one validation, and the
+The run measures its first steps before training (WARMUP_STEPS untimed, then at least
+TIMED_STEPS timed, for MEASURE_SHARE of the budget, at most MAX_TIMED_STEPS), as the
+training loop runs them: its loader, and its prefetch thread building the next batches
+beside the step (on 2 cores the two compete: steps timed with the batches built in line
+ran 12% faster than the hour's loop). A throwaway optimizer takes them; the weights and
+random streams are put back, so the training that follows is the one `--max-steps N`
+would give. Then one validation, and the
 write of a state; fixes the number of steps N that fits in what is left of the budget
 once every validation, the test and every save are reserved (those count inside the
 budget); says so in one line; and records N in the state file (TrainState.budget). A
@@ -32,6 +36,7 @@ import time
 
 import torch
 
+import data
 import utils
 from bertkit.files import UserError
 from bertkit.training import distributed
@@ -39,7 +44,9 @@ from bertkit.training.optimizer import make_optimizer, make_scheduler
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
 WARMUP_STEPS = 2  # untimed: the first steps allocate, compile, fill caches
-TIMED_STEPS = 5
+TIMED_STEPS = 5  # at least
+MAX_TIMED_STEPS = 50
+MEASURE_SHARE = 0.005  # of the budget, spent timing steps (an hour: 18 s)
 MARGIN = 0.01  # of the budget, left unplanned
 
 
@@ -98,6 +105,7 @@ class TimeBudget:
         saved = ((ckpt or {}).get("train_state") or {}).get("budget") or {}
         self.steps, self.final = saved.get("steps"), saved.get("final", 0.0)
         self.spent_before, self.stop = saved.get("spent", 0.0), saved.get("stop")
+        self.timed_steps = TIMED_STEPS  # measure() sets how many it timed
         if self.seconds and self.steps:  # a resume: the schedule of the state file
             config.max_steps = self.steps
         elif self.seconds and ckpt is not None:
@@ -136,8 +144,9 @@ class TimeBudget:
 
     def measure(self, trainer):
         """(seconds of an optimizer step, of a validation, of a state write), the slowest
-        rank's: WARMUP_STEPS + TIMED_STEPS steps on a throwaway optimizer, then one
-        validation; the model's weights and the random streams put back."""
+        rank's: WARMUP_STEPS steps, then the timed ones (_timed_enough) on a throwaway
+        optimizer, then one validation; the model's weights and the random streams put
+        back."""
         config, device = self.config, trainer.device
         model = distributed.unwrap(trainer.model)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -145,21 +154,25 @@ class TimeBudget:
         kept = trainer.optimizer, trainer.scheduler
         trainer.optimizer = make_optimizer(model, config, device)
         trainer.scheduler = make_scheduler(trainer.optimizer, config, 1 << 30)
+        groups = _loop_groups(trainer)
         try:
-            batches = trainer.task.train_batches(1)
-            steps = []
-            for n in range(WARMUP_STEPS + TIMED_STEPS):
-                started = time.perf_counter()
-                group = [utils.to_device(batches[(n * config.grad_accum + i) % len(batches)],
-                                         device) for i in range(config.grad_accum)]
-                trainer.step(group).item()  # the item: the step's work done (a GPU's too)
-                steps.append(time.perf_counter() - started)
+            steps, last = [], time.perf_counter()
+            for group in groups:  # from one step's end to the next's: the loop's pace
+                # The item: the step's work done (a GPU's too).
+                trainer.step([utils.to_device(batch, device) for batch in group]).item()
+                now = time.perf_counter()
+                steps.append(now - last)
+                last = now
+                if self._timed_enough(steps[WARMUP_STEPS:], device):
+                    break
+            groups.close()  # stops the prefetch thread before the validation
             started = time.perf_counter()
             trainer.task.evaluate(model, "valid")
             evaluation = time.perf_counter() - started
             save = timed_write({"model": model.state_dict(),
                                 "optimizer": trainer.optimizer.state_dict()}, config.state_file)
         finally:
+            groups.close()
             trainer.optimizer, trainer.scheduler = kept
             model.load_state_dict(weights)
             utils.set_rng_state(rng, device)
@@ -168,9 +181,21 @@ class TimeBudget:
             # Read and reset: a classifier's first training line counts no measured step.
             trainer.run_log.training_metrics(0.0)
             model.train()
-        times = torch.tensor([sum(steps[WARMUP_STEPS:]) / TIMED_STEPS, evaluation, save],
+        self.timed_steps = len(steps) - WARMUP_STEPS
+        if self.timed_steps < 1:
+            raise UserError(f"--time-budget {shown(self.seconds)}: the training split has "
+                            "no batch to time a step on")
+        times = torch.tensor([sum(steps[WARMUP_STEPS:]) / self.timed_steps, evaluation, save],
                              dtype=torch.float64, device=device)
         return distributed.all_reduce_max(times, self.info).tolist()
+
+    def _timed_enough(self, timed, device):
+        """Whether the steps timed so far (seconds each) measure the pace: at least
+        TIMED_STEPS of them over MEASURE_SHARE of the budget, or MAX_TIMED_STEPS. Every
+        rank stops measuring at the same step (their steps are collectives)."""
+        enough = len(timed) >= MAX_TIMED_STEPS or (
+            len(timed) >= TIMED_STEPS and sum(timed) >= MEASURE_SHARE * self.seconds)
+        return distributed.any_rank(enough, self.info, device)
 
     def fit(self, trainer, step, evaluation, save):
         """The most optimizer steps N such that N steps, the validations and state writes
@@ -202,7 +227,7 @@ class TimeBudget:
         fixed, why = min(capped) if capped else (low, None)
         ends = f"; {why} ends it first, at {fixed}" if why else ""
         self.log(f"{budget}: {low} optimizer steps fit{ends}, the warmup and decay span "
-                 f"{fixed} steps ({step:.3f} s a step, measured over {TIMED_STEPS} steps "
+                 f"{fixed} steps ({step:.3f} s a step, measured over {self.timed_steps} steps "
                  f"after {WARMUP_STEPS}; {self.spent():.0f} s spent before training; "
                  f"{reserved(fixed):.0f} s reserved for validations, the test and saves)")
         return fixed
@@ -226,3 +251,15 @@ class TimeBudget:
                  f"validation, test and saves inside the budget")
         self.config.max_steps = self.stop = step
         return True
+
+
+def _loop_groups(trainer):
+    """The first epoch's optimizer-step groups of batches as the training loop gets them
+    (its loader and prefetch thread), from the start again should a small epoch run out;
+    close() stops the thread."""
+    config, batches = trainer.config, trainer.task.train_batches(1)
+    while len(batches):
+        loader = data.batch_loader(batches, 0, config.num_workers,
+                                   trainer.device.type == "cuda")
+        with data.Prefetch(loader) as ready:
+            yield from data.micro_batch_groups(ready, config.grad_accum)
