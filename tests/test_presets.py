@@ -56,6 +56,13 @@ def test_recipe_laptop_sets_the_pretraining_settings():
     summary = recipes.recipe_summary(args, 1, 0.0)
     assert "--time-budget 60m" in summary and "--betas 0.9 0.98" in summary
     assert " --next-sentence " in summary
+    # The line's flags are the script's own: given back, they make the same settings.
+    shown = summary.split(": ", 1)[1].split(" (a global batch")[0].split()
+    again = parse(mlm_task, *shown)
+    for name in ("mask_frac", "lr", "betas", "bptt", "time_budget", "next_sentence",
+                 "batch_size", "grad_accum", "vocab_size", "nlayers", "emsize"):
+        value = getattr(args, name)
+        assert getattr(again, name) == (list(value) if name == "betas" else value), name
     off = parse(mlm_task, "--recipe", "laptop", "--no-next-sentence")
     assert off.next_sentence is False
     assert " --no-next-sentence " in recipes.recipe_summary(off, 1, 0.0)
