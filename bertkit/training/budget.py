@@ -36,7 +36,6 @@ import time
 
 import torch
 
-import data
 import utils
 from bertkit.files import UserError
 from bertkit.training import distributed
@@ -255,11 +254,9 @@ class TimeBudget:
 
 def _loop_groups(trainer):
     """The first epoch's optimizer-step groups of batches as the training loop gets them
-    (its loader and prefetch thread), from the start again should a small epoch run out;
-    close() stops the thread."""
-    config, batches = trainer.config, trainer.task.train_batches(1)
+    (Trainer.step_groups: its loader and prefetch thread), from the start again should a
+    small epoch run out; close() stops the thread."""
+    batches = trainer.task.train_batches(1)
     while len(batches):
-        loader = data.batch_loader(batches, 0, config.num_workers,
-                                   trainer.device.type == "cuda")
-        with data.Prefetch(loader) as ready:
-            yield from data.micro_batch_groups(ready, config.grad_accum)
+        with trainer.step_groups(batches, 0) as groups:
+            yield from groups

@@ -29,6 +29,7 @@ The Trainer reads its settings from a TrainConfig, checked once when it is made
 (bertkit/flags.py makes it of the flags: flags.train_config).
 """
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -201,6 +202,15 @@ class Trainer:
     def steps_per_epoch(self, n_batches):
         return -(-n_batches // self.config.grad_accum)
 
+    @contextlib.contextmanager
+    def step_groups(self, batches, start):
+        """The optimizer steps' groups of `batches` from batch `start`, built ahead by a
+        prefetch thread, which stops on leaving (train_epoch; budget.py times these)."""
+        loader = data.batch_loader(batches, start, self.config.num_workers,
+                                   self.device.type == "cuda")
+        with data.Prefetch(loader) as ready:
+            yield data.micro_batch_groups(ready, self.config.grad_accum)
+
     def total_steps(self):
         """Optimizer steps of the whole run: --epochs of them, or --max-steps if fewer."""
         total = self.config.epochs * self.steps_per_epoch(len(self.task.train_batches(1)))
@@ -316,15 +326,12 @@ class Trainer:
         window = logs.LogWindow(self.device, len(batches), self.steps_per_epoch(len(batches)))
         self.epoch_loss.fill_(st.epoch_loss_sum)
         first_bad_step = torch.full((), -1, device=self.device)
-        loader = data.batch_loader(batches, st.step_in_epoch, config.num_workers,
-                                   self.device.type == "cuda")
         self.bar = logs.progress(total=len(batches), initial=st.step_in_epoch, unit="batch",
                                   desc=f"epoch {st.epoch}")
         stopped = None
-        with data.Prefetch(loader) as ready:
+        with self.step_groups(batches, st.step_in_epoch) as groups:
             # Resumed from a state written at --max-steps (stopped there): no more steps.
-            for group in () if self.max_steps_done() else data.micro_batch_groups(
-                    ready, config.grad_accum):
+            for group in () if self.max_steps_done() else groups:
                 stopped = self.train_step(group, window, first_bad_step)
                 if stopped:
                     break
