@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import end_spawned_rank
 
 import data
 import mlm_task
@@ -159,8 +160,7 @@ def _two_rank_state(rank, port, folder):
                            info, torch.device("cpu"), lambda *a: None, flags=vars(args))
     torch.save(torch.rand(4), folder / f"draw{rank}.pt")  # each rank's next random numbers
     loop.save_state()
-    dist.barrier()
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def test_each_rank_has_its_own_rng_and_the_state_keeps_each(tmp_path):

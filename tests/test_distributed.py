@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import end_spawned_rank
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -122,15 +123,7 @@ def _ddp_grads(rank, world_size, port, out):
     MLM.mlm_loss(model, _batch(rows)).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
-    dist.barrier()  # neither rank tears the group down while the other still uses it
-    dist.destroy_process_group()
-    # Skip the interpreter's shutdown. A gloo worker thread may still be releasing the
-    # gradient all-reduces that backward() started, whose thread-local state holds a
-    # Python object: when that happens after shutdown has begun, the thread cannot take
-    # the GIL and the process aborts ("terminate called without an active exception",
-    # about 1 run in 40 on 2 cores). The scripts' last collective comes long after
-    # their last backward(), so they do not meet this.
-    os._exit(0)
+    end_spawned_rank()
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

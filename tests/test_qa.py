@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NORMANS, NOTRE_DAME, needs_real, one_thread
+from conftest import NORMANS, NOTRE_DAME, end_spawned_rank, needs_real, one_thread
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -318,8 +318,7 @@ def _ddp_eval_rank(rank, port, questions, vocab, windowing, state, out_dir):
                                                          torch.device("cpu"), "fp32", info)
     torch.save({"answers": answers, "null_scores": null_scores, "loss": loss},
                Path(out_dir) / f"rank{rank}.pt")
-    torch.distributed.barrier()  # no rank tears the group down while the other uses it
-    torch.distributed.destroy_process_group()
+    end_spawned_rank()
 
 
 def answered_questions(seed, n, longest):
